@@ -1,0 +1,1 @@
+"""Reference MES simulator, CRM traffic generator and an OTLP sink: shared by demo, tests and bench."""
