@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# mes-trace-proxy image: a venv built in one stage, copied alone into a slim runtime that
+# runs as uid 10001 and writes only to /var/lib/mes-trace-proxy (read-only root works).
+# Build:  docker build -t mes-trace-proxy:dev .
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# constraints.txt pins every dependency, so two builds of one commit get the same versions.
+COPY constraints.txt pyproject.toml README.md ./
+COPY mes_trace_proxy ./mes_trace_proxy
+# pip byte-compiles into the venv here, so the read-only runtime never needs to write .pyc.
+RUN pip install -c constraints.txt .
+
+FROM ${PYTHON_IMAGE} AS runtime
+ARG VERSION=0.0.0-dev
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="mes-trace-proxy" \
+      org.opencontainers.image.description="Tracing sidecar reverse proxy for a MES API: order-aware OpenTelemetry spans and a stuck-order watchdog" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Proprietary" \
+      org.opencontainers.image.base.name="python:3.11-slim"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# uid/gid 10001: above every distribution's system range, and what k8s/base pins in
+# runAsUser, so the image and the manifests agree without a name lookup.
+RUN groupadd --system --gid 10001 mesproxy \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin mesproxy \
+    && mkdir -p /var/lib/mes-trace-proxy \
+    && chown 10001:10001 /var/lib/mes-trace-proxy
+COPY --from=builder /opt/venv /opt/venv
+# The default state URL (sqlite:///./mes-trace-proxy-orders.db) is relative to the working
+# directory, so it lands in the volume, the only writable path.
+WORKDIR /var/lib/mes-trace-proxy
+VOLUME ["/var/lib/mes-trace-proxy"]
+USER 10001:10001
+# 8080 ingress, 8090 egress, 9901 admin (health, metrics, orders page).
+EXPOSE 8080 8090 9901
+STOPSIGNAL SIGTERM
+# Exec form with the venv's python: needs no shell or curl. It probes the admin listener's
+# default port 9901 on loopback, which answers whether admin binds 127.0.0.1 or 0.0.0.0;
+# a different admin port needs a matching --health-cmd at run time.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]
+ENTRYPOINT ["mes-trace-proxy"]
+CMD ["serve"]
