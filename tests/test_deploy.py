@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
@@ -449,6 +450,17 @@ def test_proxy_config_uses_only_documented_keys() -> None:
     assert list(_undocumented_keys(_proxy_config(), _documented_config_keys(), "config")) == []
 
 
+def test_proxy_config_loads_with_the_real_loader() -> None:
+    """The ConfigMap's config passes mes_trace_proxy.config.load_config with the default rules."""
+    # Imported here so a broken config module fails this test, not the whole file's collection.
+    from mes_trace_proxy.config import load_config
+
+    rules = yaml.safe_load(resources.files("mes_trace_proxy").joinpath("defaults/rules.yaml").read_text())
+    config = load_config(flags={}, environ={}, file_doc=_proxy_config(), defaults=rules)
+    assert [listener.name for listener in config.listeners] == ["ingress", "egress"]
+    assert config.server.grace_period == _seconds(_proxy_config()["server"]["grace_period"])
+
+
 DOWNWARD_API: Final = (
     ("K8S_POD_NAME", "metadata.name"),
     ("K8S_NAMESPACE_NAME", "metadata.namespace"),
@@ -550,6 +562,52 @@ def test_env_names_are_documented(names: Callable[[], set[str]]) -> None:
     used = names()
     assert used
     assert {n for n in used if n not in documented and not n.startswith(tuple(prefixes))} == set()
+
+
+def _our_commands() -> Iterator[tuple[str, list[str]]]:
+    """(id, argv) of every command our image runs in compose.yaml and the k8s manifests."""
+    for name, service in _load_one(COMPOSE)["services"].items():
+        if "build" in service:
+            yield f"compose:{name}", [str(arg) for arg in service["command"]]
+    seen: set[tuple[str, ...]] = set()
+    for directory in _kustomization_dirs():
+        # An overlay repeats its base's objects; each distinct command is checked once.
+        docs = (*_objects(directory), *_patch_docs(_kustomization(directory)))
+        for container in _containers(docs):
+            # MES's container runs our image only where an overlay gives it our arguments;
+            # a patch that only adds variables to our container has no command to check.
+            ours = container["name"] in OUR_CONTAINERS | {MES} and "args" in container
+            argv = tuple(str(arg) for arg in container.get("args", ()))
+            if ours and argv not in seen:
+                seen.add(argv)
+                yield f"{_rel(directory)}:{container['name']}", list(argv)
+
+
+COMMANDS: Final = tuple(_our_commands())
+
+
+@pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[i for i, _ in COMMANDS])
+def test_commands_parse_with_the_real_cli(argv: list[str]) -> None:
+    """Every command our image runs in compose and k8s is accepted by the real argument parser."""
+    from mes_trace_proxy.cli import build_parser
+
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        reason = f"{argv} rejected (exit {exit_.code})"
+    else:
+        return
+    pytest.fail(reason)
+
+
+def test_compose_proxy_environment_loads() -> None:
+    """The compose proxy's MES_PROXY_* variables and command form a valid config."""
+    from mes_trace_proxy.cli import build_parser, load_from_args
+
+    proxy = _load_one(COMPOSE)["services"]["proxy"]
+    environ = {name: str(value) for name, value in proxy["environment"].items()}
+    config = load_from_args(build_parser().parse_args(proxy["command"]), environ)
+    assert len(config.listeners) == 2
 
 
 # ── compose ─────────────────────────────────────────────────────────────────────────────────
