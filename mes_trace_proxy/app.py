@@ -1,0 +1,175 @@
+"""Composition root: builds the shared objects and the aiohttp applications from one Config.
+
+Nothing here runs anything; :mod:`mes_trace_proxy.server` owns the order in which things
+start and stop. Every resource built here comes with the coroutine that closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+
+from mes_trace_proxy.config import Config, ListenerConfig
+from mes_trace_proxy.forwarding import ForwardPolicy
+from mes_trace_proxy.metrics import ProxyMetrics
+from mes_trace_proxy.orders import OrderBook
+from mes_trace_proxy.proxy import LISTENER_STATE, ListenerState, Observer, handle
+from mes_trace_proxy.redact import Redactor
+from mes_trace_proxy.tracecontext import TrustPolicy
+from mes_trace_proxy.tracing import Tracing
+
+__all__ = ["Readiness", "Shared", "build_proxy_app", "make_session"]
+
+log = logging.getLogger("mes_trace_proxy.app")
+
+# Upstream connection pool per listener: MES is one host behind a sidecar, so the per-host
+# limit is the pool. 256 covers a busy dashboard's polling without letting one listener
+# open thousands of sockets to MES when it slows down.
+UPSTREAM_POOL_SIZE: Final = 256
+# Keep idle upstream connections a little under common server keep-alive timeouts
+# (nginx 75 s, Tomcat/Spring 60 s) so we rarely reuse a socket the server is closing.
+UPSTREAM_KEEPALIVE: Final = 30.0
+# A socket read buffer that lets 256 MiB uploads and downloads move in large pieces.
+READ_BUFFER: Final = 256 * 1024
+
+
+@dataclass(slots=True)
+class Readiness:
+    """What ``/readyz`` reports: listeners bound, upstreams answering lately."""
+
+    listeners_bound: bool = False
+    draining: bool = False
+    #: listener name → time.monotonic() of the last upstream answer of any status
+    last_upstream_answer: dict[str, float] = field(default_factory=dict)
+
+
+class _ReadinessObserver(Observer):
+    """Notes upstream answers for readiness, then hands every event to the metrics."""
+
+    def __init__(self, readiness: Readiness, inner: Observer) -> None:
+        self._readiness = readiness
+        self._inner = inner
+        self.order_findings = inner.order_findings  # type: ignore[method-assign]
+
+    def request_done(
+        self,
+        *,
+        listener: str,
+        route: str,
+        method: str,
+        status: int,
+        duration: float,
+        upstream_duration: float | None,
+        error_type: str | None,
+    ) -> None:
+        if upstream_duration is not None:
+            self._readiness.last_upstream_answer[listener] = time.monotonic()
+        self._inner.request_done(
+            listener=listener,
+            route=route,
+            method=method,
+            status=status,
+            duration=duration,
+            upstream_duration=upstream_duration,
+            error_type=error_type,
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class Shared:
+    """Process-wide objects every listener and the admin app share."""
+
+    config: Config
+    tracing: Tracing
+    metrics: ProxyMetrics
+    redactor: Redactor
+    orders: OrderBook | None
+    access_log: Callable[[dict[str, object]], None] | None = None
+    readiness: Readiness = field(default_factory=Readiness)
+    clock: Callable[[], float] = time.time
+    #: called when an order's state changed, so the store can write it behind the hot path
+    on_order_changed: Callable[[str], None] | None = None
+
+
+def make_session(listener: ListenerConfig) -> aiohttp.ClientSession:
+    """The one upstream session of a listener: pooled, transparent, no cookies, no redirects."""
+    timeouts = listener.timeouts
+    connector = aiohttp.TCPConnector(
+        limit=UPSTREAM_POOL_SIZE,
+        limit_per_host=UPSTREAM_POOL_SIZE,
+        keepalive_timeout=UPSTREAM_KEEPALIVE,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+        ),
+        # The proxy is transparent: a cookie jar would replay one caller's cookies to
+        # another, and decompression would change the bytes the caller receives.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        read_bufsize=READ_BUFFER,
+        raise_for_status=False,
+        trust_env=False,
+    )
+
+
+class _OrderObserver(Observer):
+    """Tells the store about changed orders after the metrics have seen the findings."""
+
+    def __init__(self, inner: Observer, on_changed: Callable[[str], None]) -> None:
+        self._inner = inner
+        self._on_changed = on_changed
+        self.request_done = inner.request_done  # type: ignore[method-assign]
+
+
+def build_proxy_app(listener: ListenerConfig, shared: Shared) -> web.Application:
+    """Build one listener's application; call inside a running event loop.
+
+    The upstream session is created here and closed by the app's cleanup context, so it
+    lives exactly as long as the listener.
+    """
+    # auto_decompress=False: a gzip request body must reach MES as the gzip bytes it was.
+    app = web.Application(handler_args={"auto_decompress": False})
+    session = make_session(listener)
+    config = shared.config
+    observer: Observer = _ReadinessObserver(shared.readiness, shared.metrics)
+    state = ListenerState(
+        config=listener,
+        session=session,
+        tracing=shared.tracing,
+        redactor=shared.redactor,
+        trust=TrustPolicy(),
+        forward_policy=ForwardPolicy(
+            upstream_host=listener.upstream.host_header,
+            preserve_host=listener.preserve_host,
+            forwarded_headers=listener.forwarded_headers,
+        ),
+        user_id_header=config.privacy.user_id_header,
+        user_id_key=config.privacy.user_id_key,
+        orders=shared.orders,
+        observer=observer,
+        access_log=shared.access_log,
+        clock=shared.clock,
+        correlation=config.watchdog.correlation,
+    )
+    app[LISTENER_STATE] = state
+
+    async def session_ctx(_app: web.Application) -> AsyncIterator[None]:
+        yield
+        await session.close()
+        # aiohttp closes connector transports on the next loop iterations; give them one
+        # so no "unclosed transport" warning fires at interpreter exit.
+        await asyncio.sleep(0)
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

@@ -1,0 +1,231 @@
+"""Command line: ``serve``, ``check-config``, ``explain``, ``simulate-mes``, ``simulate-crm``.
+
+Only this module prints and exits. It reads the config file, the default rules and secret
+files, hands them to the pure :func:`~mes_trace_proxy.config.load_config`, and turns a
+:class:`~mes_trace_proxy.config.ConfigError` into exit status 2 with the key named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Final
+
+import yaml
+
+from mes_trace_proxy import __version__
+from mes_trace_proxy.config import ENV_CONFIG, FLAG_DWELL_LIMIT, OPTIONS, Config, ConfigError, load_config
+
+__all__ = ["build_parser", "load_from_args", "main"]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+_HELP: Final = {
+    "listen": "ingress listener HOST:PORT (CRM and dashboard → MES) [default 127.0.0.1:8080]",
+    "upstream": "MES base URL, http:// or https:// (required)",
+    "egress_listen": "egress listener HOST:PORT (MES → CRM)",
+    "egress_upstream": "CRM base URL for the egress listener",
+    "admin_listen": "admin listener HOST:PORT: /healthz /readyz /metrics [default 127.0.0.1:9901]",
+    "workers": "processes sharing the listen sockets (SO_REUSEPORT) [default 1]",
+    "grace_period": "drain time on SIGTERM, e.g. 20s [default 20s]",
+    "log_level": "debug, info, warning or error [default info]",
+    "access_log": "do not write the JSON access log",
+    "user_id_key_file": "file holding the HMAC key for enduser.id (no key: no user id recorded)",
+    "state": "order state: memory, sqlite:///PATH or redis://HOST:PORT/DB",
+    "check_interval": "how often the watchdog looks for stuck orders, e.g. 10s",
+    "jaeger_url": "Jaeger UI base URL for links on the admin page",
+    "correlation": "link, trace-per-order or off",
+}
+
+
+def read_default_rules() -> dict[str, object]:
+    """The packaged default rule sets (``defaults/rules.yaml``)."""
+    text = resources.files("mes_trace_proxy").joinpath("defaults/rules.yaml").read_text(encoding="utf-8")
+    doc = yaml.safe_load(text)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _read_config_file(path: str, origin: str) -> dict[str, object]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(origin, f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(origin, f"{path} is not valid YAML{where}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(origin, f"{path}: the top level must be a mapping")
+    return doc
+
+
+def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Read files named by flags or env, then build the Config.
+
+    Raises:
+        ConfigError: naming the flag, variable or key at fault.
+    """
+    if args.config:
+        file_doc: dict[str, object] | None = _read_config_file(args.config, "--config")
+    elif environ.get(ENV_CONFIG):
+        file_doc = _read_config_file(environ[ENV_CONFIG], ENV_CONFIG)
+    else:
+        file_doc = None
+    flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
+    flags["dwell_limit"] = getattr(args, "dwell_limit", None)
+    return load_config(
+        flags=flags,
+        environ=environ,
+        file_doc=file_doc,
+        defaults=read_default_rules(),
+        read_file=lambda path: Path(path).read_bytes(),
+    )
+
+
+def _add_proxy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help=f"YAML config file (env {ENV_CONFIG})")
+    for option in OPTIONS:
+        env_help = f" (env {option.env})"
+        if option.dest == "access_log":
+            parser.add_argument(
+                option.flag,
+                dest="access_log",
+                action="store_const",
+                const=False,
+                default=None,
+                help=_HELP[option.dest] + env_help,
+            )
+        else:
+            parser.add_argument(
+                option.flag, dest=option.dest, default=None, help=_HELP[option.dest] + env_help
+            )
+    parser.add_argument(
+        FLAG_DWELL_LIMIT,
+        dest="dwell_limit",
+        action="append",
+        metavar="STATUS=DURATION",
+        help="dwell limit for a status, repeatable, e.g. SUBMITTED=15m (env MES_PROXY_DWELL_LIMITS)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    from mes_trace_proxy.sim import crm, mes
+
+    parser = argparse.ArgumentParser(
+        prog="mes-trace-proxy",
+        description="Tracing sidecar reverse proxy for the MES API: order-aware OpenTelemetry spans.",
+    )
+    parser.add_argument("--version", action="version", version=f"mes-trace-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    _add_proxy_flags(serve)
+
+    check = sub.add_parser("check-config", help="validate and print the effective configuration")
+    _add_proxy_flags(check)
+
+    explain = sub.add_parser("explain", help="show the rule, span name and attributes for a request")
+    explain.add_argument("method", help="HTTP method, e.g. PUT")
+    explain.add_argument("target", help="path and query, e.g. /api/v1/orders/A-1/status")
+    explain.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE")
+    explain.add_argument("--body", metavar="FILE", help="request body file (JSON is inspected)")
+    explain.add_argument(
+        "--response-body", metavar="FILE", help="response body file, to show observed status"
+    )
+    explain.add_argument("--listener", default=None, help="listener name [default: the first]")
+    _add_proxy_flags(explain)
+
+    sim_mes = sub.add_parser("simulate-mes", help="run the reference MES simulator")
+    mes.add_arguments(sim_mes)
+    sim_crm = sub.add_parser("simulate-crm", help="drive CRM and dashboard traffic through the proxy")
+    crm.add_arguments(sim_crm)
+    return parser
+
+
+def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mes_trace_proxy.logs import configure_logging
+    from mes_trace_proxy.server import run
+
+    config = load_from_args(args, environ)
+    configure_logging(config.server.log_level)
+    return run(config)
+
+
+def _cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    config = load_from_args(args, environ)
+    json.dump(config.describe(), sys.stdout, indent=2)
+    sys.stdout.write("\nconfiguration OK\n")
+    return EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mes_trace_proxy.explain import explain
+
+    if args.upstream is None and not environ.get("MES_PROXY_UPSTREAM"):
+        # explain never connects anywhere; any upstream satisfies the validator.
+        args.upstream = "http://upstream.invalid"
+    config = load_from_args(args, environ)
+    headers: list[tuple[str, str]] = []
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError("--header", f"{item!r}: expected NAME:VALUE")
+        headers.append((name.strip(), value.strip()))
+
+    def read(path: str | None, flag: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(flag, f"cannot read {path}: {exc.strerror or exc}") from None
+
+    report = explain(
+        config,
+        method=args.method.upper(),
+        target=args.target,
+        headers=headers,
+        body=read(args.body, "--body"),
+        response_body=read(args.response_body, "--response-body"),
+        listener=args.listener,
+    )
+    json.dump(report, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    env = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace, Mapping[str, str]], int]] = {
+        "serve": _cmd_serve,
+        "check-config": _cmd_check_config,
+        "explain": _cmd_explain,
+    }
+    try:
+        if args.command in commands:
+            return commands[args.command](args, env)
+        from mes_trace_proxy.sim import crm, mes
+
+        runner = mes.main if args.command == "simulate-mes" else crm.main
+        return runner(args)
+    except ConfigError as exc:
+        print(f"mes-trace-proxy: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if args.command != "check-config" else EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK

@@ -1,0 +1,532 @@
+"""The request handler: wires the pure core to aiohttp, the upstream session and the spans.
+
+How one request flows (docs/architecture.md has the long form):
+view → ``rules.match`` → (capped JSON body) ``extract.request_facts`` → redaction → SERVER
+span (parent per the trust policy) → forwarded headers + CLIENT span injected → body
+streamed upstream → response streamed back (teed when the rule reads it) →
+``extract.response_facts`` → order book → spans end → access log and metrics.
+
+Nothing here alters what is forwarded beyond what a proxy must: hop-by-hop headers,
+forwarding headers and trace headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+from yarl import URL
+
+from mes_trace_proxy import attributes as A
+from mes_trace_proxy.config import ListenerConfig
+from mes_trace_proxy.extract import NO_FACTS, OrderFacts, is_json_content_type, request_facts, response_facts
+from mes_trace_proxy.forwarding import (
+    ForwardPolicy,
+    check_host_headers,
+    check_target,
+    downstream_response_headers,
+    upstream_request_headers,
+)
+from mes_trace_proxy.orders import Findings, OrderBook, SpanRef
+from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, Rejection, UpstreamFailure, failure_response
+from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
+from mes_trace_proxy.rules import RouteMatch
+from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
+from mes_trace_proxy.tracing import Tracing
+
+__all__ = ["ListenerState", "Observer", "classify_failure", "handle"]
+
+log = logging.getLogger("mes_trace_proxy.proxy")
+
+# 64 KiB reads: large enough that a 256 MiB model moves in ~4k writes, small enough that a
+# slow client never makes us hold more than a few of them per connection.
+CHUNK_SIZE: Final = 64 * 1024
+_TRACE_HEADERS: Final = ("traceparent", "tracestate")
+
+
+class Observer:
+    """Receives every finished exchange (metrics, order book side effects); a no-op by default."""
+
+    def request_done(
+        self,
+        *,
+        listener: str,
+        route: str,
+        method: str,
+        status: int,
+        duration: float,
+        upstream_duration: float | None,
+        error_type: str | None,
+    ) -> None:
+        """Called once per proxied request, after the response was sent."""
+
+    def order_findings(self, *, listener: str, findings: Findings) -> None:
+        """Called when a call told the order book something (transitions, anomalies)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerState:
+    """Everything one listener's handler needs, built once by ``app.py``."""
+
+    config: ListenerConfig
+    session: aiohttp.ClientSession
+    tracing: Tracing
+    redactor: Redactor
+    trust: TrustPolicy
+    forward_policy: ForwardPolicy
+    user_id_header: str
+    user_id_key: bytes | None
+    orders: OrderBook | None
+    observer: Observer
+    access_log: Callable[[dict[str, object]], None] | None
+    clock: Callable[[], float] = time.time
+    correlation: str = "link"
+
+
+LISTENER_STATE: Final = web.AppKey("listener_state", ListenerState)
+
+
+def classify_failure(exc: BaseException) -> UpstreamFailure:
+    """Map an aiohttp client exception onto the upstream-failure table (most specific first)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return UpstreamFailure.TLS_ERROR
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return UpstreamFailure.DNS_FAILURE
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamFailure.CONNECT_TIMEOUT
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure.CONNECT_REFUSED
+    if isinstance(exc, aiohttp.SocketTimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamFailure.READ_TIMEOUT
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamFailure.TOTAL_TIMEOUT
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamFailure.DISCONNECTED
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamFailure.PAYLOAD_ERROR
+    return UpstreamFailure.INVALID_RESPONSE
+
+
+def _rejection_response(rejection: Rejection, trace_id: str | None) -> web.Response:
+    from mes_trace_proxy.problems import problem_body
+
+    body = problem_body(
+        status=rejection.status,
+        title=rejection.title,
+        detail=rejection.detail,
+        type_=rejection.problem_type,
+        trace_id=trace_id,
+    )
+    response = web.Response(status=rejection.status, body=body, content_type=PROBLEM_CONTENT_TYPE)
+    for name, value in rejection.headers:
+        response.headers.add(name, value)
+    return response
+
+
+async def _prefixed(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The bytes already read for inspection, then the rest of the stream, unchanged."""
+    yield prefix
+    while True:
+        chunk = await rest.read(CHUNK_SIZE)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _request_body(
+    request: web.Request, match: RouteMatch | None, limit: int
+) -> tuple[bytes | None, object]:
+    """Decide how the body goes upstream, reading it only when a rule needs it and it is small.
+
+    Returns:
+        (the bytes to inspect or ``None``, the ``data`` argument for the upstream request).
+    """
+    if not request.body_exists:
+        return None, None
+    if match is None or not match.rule.needs_request_body or not is_json_content_type(request.content_type):
+        return None, request.content
+    length = request.content_length
+    if length is not None and length <= limit:
+        body = await request.content.readexactly(length) if length else b""
+        return body, body
+    if length is not None:
+        return None, request.content
+    # Chunked and of unknown size: read up to the cap; past it, forward what we read and
+    # stream the rest, and do not inspect (a half-read JSON body names nothing reliably).
+    buffer = bytearray()
+    while len(buffer) <= limit:
+        chunk = await request.content.read(CHUNK_SIZE)
+        if not chunk:
+            return bytes(buffer), bytes(buffer)
+        buffer += chunk
+    return None, _prefixed(bytes(buffer), request.content)
+
+
+def _server_attributes(
+    state: ListenerState,
+    request: web.Request,
+    match: RouteMatch | None,
+    path: str,
+    query: str,
+    facts: OrderFacts,
+) -> dict[str, AttributeValue]:
+    redactor = state.redactor
+    user: str | None = None
+    if state.user_id_key is not None:
+        user_id = user_id_from_headers(request.headers, header_name=state.user_id_header)
+        if user_id:
+            user = pseudonymize(state.user_id_key, user_id)
+    attrs = A.request_attributes(
+        method=request.method,
+        path=path,
+        query=query,
+        route=match.rule.route if match is not None else None,
+        rule_name=match.rule.name if match is not None else None,
+        listener=state.config.name,
+        facts=facts,
+        redactor=redactor,
+        user_pseudonym=user,
+    )
+    attrs[A.URL_SCHEME] = request.scheme
+    attrs[A.NETWORK_PROTOCOL_VERSION] = f"{request.version.major}.{request.version.minor}"
+    host = request.host
+    if host:
+        name, sep, port = host.rpartition(":")
+        if sep and port.isdigit() and not host.endswith("]"):
+            attrs[A.SERVER_ADDRESS] = redactor.value(name.strip("[]"))
+            attrs[A.SERVER_PORT] = int(port)
+        else:
+            attrs[A.SERVER_ADDRESS] = redactor.value(host.strip("[]"))
+    peer = request.remote
+    if peer:
+        attrs[A.CLIENT_ADDRESS] = peer
+        attrs[A.NETWORK_PEER_ADDRESS] = peer
+    agent = request.headers.get("User-Agent")
+    if agent:
+        attrs[A.USER_AGENT_ORIGINAL] = redactor.value(agent[:256])
+    return attrs
+
+
+def _parent_context(state: ListenerState, request: web.Request) -> tuple[Context | None, tuple[Link, ...]]:
+    """The parent context per the trust policy: continue, or a new root linked to the caller."""
+    headers = request.headers
+    if "traceparent" not in headers:
+        return None, ()
+    context = state.tracing.propagator.extract(headers)
+    if state.trust.trusts(request.remote):
+        return context, ()
+    caller = trace_api.get_current_span(context).get_span_context()
+    # Untrusted callers' baggage and sampling are dropped; the relation survives as a link.
+    return None, ((Link(caller),) if caller.is_valid else ())
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Proxy one request to the listener's upstream and trace it."""
+    state = request.app[LISTENER_STATE]
+    started = time.perf_counter()
+    method = request.method
+    raw = request.raw_path
+    path, _, query = raw.partition("?")
+
+    rejection = check_target(method, raw) or check_host_headers(tuple(request.headers.items()))
+    if rejection is not None:
+        refused = _rejection_response(rejection, None)
+        state.observer.request_done(
+            listener=state.config.name,
+            route="",
+            method=A.method_attribute(method),
+            status=rejection.status,
+            duration=time.perf_counter() - started,
+            upstream_duration=None,
+            error_type=rejection.problem_type,
+        )
+        return refused
+
+    match = state.config.rules.match(method, path)
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket" and method == "GET"
+    if upgrade:
+        from mes_trace_proxy.websocket import proxy_websocket
+
+        return await proxy_websocket(request, state, match, started)
+
+    body, data = await _request_body(request, match, state.config.inspect_body_limit)
+    facts = (
+        request_facts(match, raw_query=query, headers=request.headers, body=body)
+        if match is not None
+        else NO_FACTS
+    )
+
+    tracing = state.tracing
+    tracer = tracing.tracer
+    route = match.rule.route if match is not None else None
+    parent, links = _parent_context(state, request)
+    attrs = _server_attributes(state, request, match, path, query, facts)
+    server_span = tracer.start_span(
+        A.span_name(method, route),
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=attrs,
+        links=links,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+    server_ctx = trace_api.set_span_in_context(server_span)
+    upstream = state.config.upstream
+    url_text = f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}"
+    client_span = tracer.start_span(
+        A.span_name(method, route),
+        context=server_ctx,
+        kind=SpanKind.CLIENT,
+        attributes={
+            A.HTTP_REQUEST_METHOD: attrs[A.HTTP_REQUEST_METHOD],
+            A.SERVER_ADDRESS: upstream.host,
+            A.SERVER_PORT: upstream.port,
+            A.URL_FULL: f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}"
+            + str(attrs[A.URL_PATH])
+            + (f"?{attrs[A.URL_QUERY]!s}" if A.URL_QUERY in attrs else ""),
+        },
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+    out_headers = upstream_request_headers(
+        tuple(request.headers.items()),
+        policy=state.forward_policy,
+        client_ip=request.remote or "unknown",
+        scheme=request.scheme,
+        host=request.host,
+        drop_trace_headers=True,
+    )
+    carrier: dict[str, str] = {}
+    tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, server_ctx))
+    out = CIMultiDict(out_headers)
+    for name in _TRACE_HEADERS:
+        value = carrier.get(name)
+        if value is not None:
+            out[name] = value
+    if "baggage" in carrier and "baggage" not in out:
+        out["baggage"] = carrier["baggage"]
+
+    server_sc = server_span.get_span_context()
+    trace_id_hex = format_trace_id(server_sc.trace_id)
+    status_code = 0
+    error_type: str | None = None
+    upstream_duration: float | None = None
+    response_body: bytes | None = None
+    response_headers: CIMultiDict[str] | None = None
+    response: web.StreamResponse | None = None
+    sent = 0
+    try:
+        upstream_started = time.perf_counter()
+        try:
+            async with state.session.request(
+                method,
+                URL(url_text, encoded=True),
+                headers=out,
+                data=data,
+                allow_redirects=False,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+            ) as upstream_response:
+                status_code = upstream_response.status
+                response = web.StreamResponse(status=status_code, reason=upstream_response.reason)
+                headers = response.headers
+                for name, value in downstream_response_headers(tuple(upstream_response.headers.items())):
+                    headers.add(name, value)
+                if state.config.traceresponse:
+                    headers["traceresponse"] = traceresponse(
+                        server_sc.trace_id, server_sc.span_id, server_sc.trace_flags.sampled
+                    )
+                if state.config.trace_id_header:
+                    headers[state.config.trace_id_header] = trace_id_hex
+                tee = (
+                    match is not None
+                    and match.rule.needs_response_body
+                    and is_json_content_type(upstream_response.headers.get("Content-Type"))
+                )
+                limit = state.config.inspect_body_limit
+                captured = bytearray() if tee else None
+                await response.prepare(request)
+                async for chunk in upstream_response.content.iter_chunked(CHUNK_SIZE):
+                    if captured is not None:
+                        if len(captured) + len(chunk) <= limit:
+                            captured += chunk
+                        else:
+                            captured = None
+                    await response.write(chunk)
+                    sent += len(chunk)
+                await response.write_eof()
+                upstream_duration = time.perf_counter() - upstream_started
+                response_headers = CIMultiDict(upstream_response.headers)
+                response_body = bytes(captured) if captured is not None else None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = classify_failure(exc)
+            error_type = failure.value
+            client_span.set_attribute(A.ERROR_TYPE, error_type)
+            client_span.set_status(Status(StatusCode.ERROR, error_type))
+            if response is not None and response.prepared:
+                # Headers already went out: the only honest signal left is to cut the
+                # connection, so the caller sees a truncated body, not a complete one.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            status_code, body_bytes = failure_response(failure, trace_id=trace_id_hex)
+            problem = web.Response(status=status_code, body=body_bytes, content_type=PROBLEM_CONTENT_TYPE)
+            if state.config.trace_id_header:
+                problem.headers[state.config.trace_id_header] = trace_id_hex
+            if state.config.traceresponse:
+                problem.headers["traceresponse"] = traceresponse(
+                    server_sc.trace_id, server_sc.span_id, server_sc.trace_flags.sampled
+                )
+            return problem
+        return response
+    except asyncio.CancelledError:
+        # The caller went away (or we cut a broken stream): the upstream request was
+        # cancelled with the `async with` above; record it and let cancellation go on.
+        error_type = error_type or "client_aborted"
+        raise
+    finally:
+        try:
+            now = state.clock()
+            findings = None
+            logged_order_id = attrs.get(A.MES_ORDER_ID)
+            if match is not None and status_code and error_type is None:
+                facts = response_facts(
+                    match,
+                    facts,
+                    raw_query=query,
+                    request_headers=request.headers,
+                    response_headers=response_headers if response_headers is not None else CIMultiDict(),
+                    response_body=response_body,
+                )
+                if facts.observed_status is not None:
+                    server_span.set_attribute(
+                        A.MES_ORDER_STATUS_OBSERVED, state.redactor.value(facts.observed_status)
+                    )
+                if facts.order_id is not None and A.MES_ORDER_ID not in attrs:
+                    logged_order_id = state.redactor.value(facts.order_id)
+                    server_span.set_attribute(A.MES_ORDER_ID, logged_order_id)
+                if facts.status is not None and A.MES_ORDER_STATUS not in attrs:
+                    server_span.set_attribute(A.MES_ORDER_STATUS, state.redactor.value(facts.status))
+                findings = _record_order(state, server_span, facts, status_code, now)
+            if status_code:
+                client_span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, status_code)
+                server_span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, status_code)
+                if status_code >= 400 and error_type is None:
+                    client_span.set_attribute(A.ERROR_TYPE, str(status_code))
+                    client_span.set_status(Status(StatusCode.ERROR))
+                if status_code >= 500:
+                    server_span.set_attribute(A.ERROR_TYPE, error_type or str(status_code))
+                    server_span.set_status(Status(StatusCode.ERROR))
+            elif error_type is not None:
+                server_span.set_attribute(A.ERROR_TYPE, error_type)
+                server_span.set_status(Status(StatusCode.ERROR, error_type))
+            length = request.content_length
+            if length is not None:
+                server_span.set_attribute(A.HTTP_REQUEST_BODY_SIZE, length)
+            if sent or status_code:
+                server_span.set_attribute(A.HTTP_RESPONSE_BODY_SIZE, sent)
+            client_span.end()
+            server_span.end()
+            duration = time.perf_counter() - started
+            state.observer.request_done(
+                listener=state.config.name,
+                route=route or "",
+                method=str(attrs[A.HTTP_REQUEST_METHOD]),
+                status=status_code,
+                duration=duration,
+                upstream_duration=upstream_duration,
+                error_type=error_type,
+            )
+            if findings is not None:
+                state.observer.order_findings(listener=state.config.name, findings=findings)
+            if state.access_log is not None:
+                state.access_log(
+                    {
+                        "listener": state.config.name,
+                        "method": attrs[A.HTTP_REQUEST_METHOD],
+                        "route": route or "",
+                        "status": status_code,
+                        "duration_ms": round(duration * 1000, 3),
+                        "bytes_sent": sent,
+                        "trace_id": trace_id_hex,
+                        "span_id": format_span_id(server_sc.span_id),
+                        "order_id": logged_order_id,
+                        "error_type": error_type,
+                    }
+                )
+
+        except Exception:
+            # Recording must never fail a request whose answer is already out; the spans
+            # are ended so nothing leaks, and the failure is logged without request data.
+            log.exception("recording the exchange failed")
+            client_span.end()
+            server_span.end()
+
+
+_SKIP_AUTO_HEADERS: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+def _record_order(
+    state: ListenerState, span: trace_api.Span, facts: OrderFacts, status_code: int, now: float
+) -> Findings | None:
+    """Tell the order book what this call did, and put its verdict on the span."""
+    if facts.order_id is None or (facts.status is None and facts.observed_status is None):
+        return None
+    # A call MES refused did not change the order; only its observed status (if any) counts.
+    status = facts.status if status_code < 400 else None
+    if status is None and facts.observed_status is None:
+        return None
+    order_id = state.redactor.value(facts.order_id)
+    context = span.get_span_context()
+    ref = SpanRef(trace_id=context.trace_id, span_id=context.span_id)
+    if state.orders is None:
+        if status is not None:
+            span.add_event(A.EVENT_STATUS_CHANGE, {A.MES_ORDER_STATUS: state.redactor.value(status)})
+        return None
+    findings = state.orders.apply(
+        order_id=order_id,
+        status=state.redactor.value(status) if status is not None else None,
+        observed=state.redactor.value(facts.observed_status) if facts.observed_status is not None else None,
+        now=now,
+        span=ref,
+        source=state.config.name,
+    )
+    transition = findings.transition
+    if status is not None:
+        event: dict[str, str | bool] = {A.MES_ORDER_STATUS: state.redactor.value(status)}
+        if transition is not None:
+            if transition.prev is not None:
+                event[A.MES_ORDER_STATUS_PREVIOUS] = transition.prev
+            event[A.MES_ORDER_TRANSITION] = transition.kind.value
+        span.add_event(A.EVENT_STATUS_CHANGE, event)
+    if transition is not None:
+        span.set_attribute(A.MES_ORDER_TRANSITION, transition.kind.value)
+        if transition.prev is not None:
+            span.set_attribute(A.MES_ORDER_STATUS_PREVIOUS, transition.prev)
+    if findings.anomaly or findings.observed_mismatch:
+        kind = (
+            "observed_mismatch"
+            if findings.observed_mismatch
+            else transition.kind.value
+            if transition
+            else "unknown"
+        )
+        span.set_attribute(A.MES_ORDER_ANOMALY, kind)
+        span.add_event(A.EVENT_ANOMALY, {A.MES_ORDER_ANOMALY: kind})
+    first = findings.first_span
+    if state.correlation == "link" and first is not None and first != ref:
+        span.add_link(
+            trace_api.SpanContext(first.trace_id, first.span_id, is_remote=False),
+            {"mes.link.kind": "order.first_span"},
+        )
+    return findings

@@ -1,0 +1,230 @@
+"""Lifecycle in one place: start everything in order, serve, and on a signal drain and flush.
+
+Start: tracing → order book and its store → metrics → one runner and site per listener →
+admin → watchdog. Stop (SIGTERM/SIGINT): mark not ready, stop accepting, let in-flight
+requests finish within the grace period, stop the watchdog, flush the store, flush spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+
+from mes_trace_proxy.admin import build_admin_app
+from mes_trace_proxy.app import Shared, build_proxy_app
+from mes_trace_proxy.config import Config, HostPort
+from mes_trace_proxy.logs import access_logger
+from mes_trace_proxy.metrics import ProxyMetrics
+from mes_trace_proxy.orders import OrderBook
+from mes_trace_proxy.redact import Redactor
+from mes_trace_proxy.tracing import build_tracing
+
+__all__ = ["BindError", "RunningProxy", "run", "running"]
+
+log = logging.getLogger("mes_trace_proxy.server")
+
+#: Sent by Ctrl+C (SIGINT) and by `kill`/Kubernetes (SIGTERM): both mean "drain and exit".
+HANDLED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+
+class BindError(Exception):
+    """A listen address could not be bound (port busy, no permission)."""
+
+
+@dataclass(slots=True)
+class RunningProxy:
+    """A started proxy: its bound addresses and shared objects (used by tests and the demo)."""
+
+    shared: Shared
+    listeners: dict[str, tuple[str, int]]
+    admin: tuple[str, int]
+
+    def url(self, listener: str) -> str:
+        """``http://host:port`` of a listener."""
+        host, port = self.listeners[listener]
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+    @property
+    def admin_url(self) -> str:
+        """``http://host:port`` of the admin listener."""
+        host, port = self.admin
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+
+async def _start_site(
+    runner: web.AppRunner, address: HostPort, reuse_port: bool, what: str
+) -> tuple[str, int]:
+    site = web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port or None, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise BindError(f"{what}: cannot listen on {address}: {exc.strerror or exc}") from None
+    # One site per runner: its first address is this site's, with the real port (port 0 in tests).
+    bound = runner.addresses[0]
+    return str(bound[0]), int(bound[1])
+
+
+@contextlib.asynccontextmanager
+async def running(
+    config: Config,
+    *,
+    environ: Mapping[str, str] | None = None,
+    reuse_port: bool = False,
+    clock: Callable[[], float] | None = None,
+) -> AsyncIterator[RunningProxy]:
+    """Start the whole proxy inside the running loop; on exit, drain and flush it all.
+
+    Args:
+        config: the validated configuration.
+        environ: where ``OTEL_*`` and Kubernetes variables are read (default ``os.environ``).
+        reuse_port: share the listen sockets with sibling worker processes.
+        clock: wall clock for order state (tests pass a controllable one).
+
+    Yields:
+        The running proxy with its bound addresses.
+
+    Raises:
+        BindError: a listen address is busy or not allowed.
+    """
+    env = os.environ if environ is None else environ
+    tracing = build_tracing(config, env)
+    metrics = ProxyMetrics(known_statuses=config.lifecycle.statuses)
+    shared = Shared(
+        config=config,
+        tracing=tracing,
+        metrics=metrics,
+        redactor=Redactor(),
+        orders=OrderBook(config.lifecycle),
+        access_log=access_logger() if config.server.access_log else None,
+    )
+    if clock is not None:
+        shared.clock = clock
+    metrics.bind(
+        export_stats=tracing.export_stats, order_counts=shared.orders.counts if shared.orders else None
+    )
+    runners: list[web.AppRunner] = []
+    listeners: dict[str, tuple[str, int]] = {}
+    try:
+        for listener in config.listeners:
+            app = build_proxy_app(listener, shared)
+            runner = web.AppRunner(
+                app,
+                handle_signals=False,
+                access_log=None,
+                handler_cancellation=True,
+                shutdown_timeout=config.server.grace_period,
+            )
+            await runner.setup()
+            runners.append(runner)
+            listeners[listener.name] = await _start_site(
+                runner, listener.listen, reuse_port, f"listener {listener.name}"
+            )
+        admin_runner = web.AppRunner(build_admin_app(shared), handle_signals=False, access_log=None)
+        await admin_runner.setup()
+        runners.append(admin_runner)
+        admin = await _start_site(admin_runner, config.admin.listen, reuse_port, "admin listener")
+        shared.readiness.listeners_bound = True
+        log.info(
+            "mes-trace-proxy ready",
+            extra={
+                "listeners": {k: f"{h}:{p}" for k, (h, p) in listeners.items()},
+                "admin": f"{admin[0]}:{admin[1]}",
+            },
+        )
+        yield RunningProxy(shared=shared, listeners=listeners, admin=admin)
+    finally:
+        shared.readiness.draining = True
+        shared.readiness.listeners_bound = False
+        # Every listener drains at once: stop accepting, wait for in-flight requests up to
+        # the grace period, cancel what is left, then close the upstream sessions.
+        await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
+        # Flushing spans blocks on the exporter; do it off the loop so nothing else stalls.
+        await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
+        log.info("mes-trace-proxy stopped")
+
+
+async def _serve_until_signal(config: Config, reuse_port: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with running(config, reuse_port=reuse_port):
+            await stop.wait()
+            log.info("signal received: draining", extra={"grace_period_s": config.server.grace_period})
+    finally:
+        for sig in HANDLED_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _worker(config: Config) -> None:
+    _install_uvloop()
+    asyncio.run(_serve_until_signal(config, reuse_port=True))
+
+
+def run(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; with ``workers > 1``, as that many processes sharing the sockets.
+
+    Returns:
+        The process exit status: 0 after a clean drain, 1 when a listener cannot bind.
+    """
+    if config.server.workers == 1:
+        _install_uvloop()
+        try:
+            asyncio.run(_serve_until_signal(config, reuse_port=False))
+        except BindError as exc:
+            print(f"mes-trace-proxy: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    return _run_workers(config)
+
+
+def _run_workers(config: Config) -> int:
+    """Fork the workers; forward signals; exit with the worst worker status."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("mes-trace-proxy: --workers > 1 needs SO_REUSEPORT (Linux, macOS)", file=sys.stderr)
+        return 2
+    children: list[int] = []
+    for _ in range(config.server.workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                _worker(config)
+            except BindError as exc:
+                print(f"mes-trace-proxy: {exc}", file=sys.stderr)
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, forward)
+    worst = 0
+    for child in children:
+        _pid, status = os.waitpid(child, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+    return worst

@@ -1,0 +1,102 @@
+"""Incoming trace context: whom to trust, and the ids sent back to the caller.
+
+Parsing ``traceparent``/``tracestate``/``baggage`` is the OpenTelemetry API propagators' job
+(W3C Trace Context Level 1/2 and W3C Baggage); this module decides what to do with the
+result and formats the values the proxy returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "TrustPolicy",
+    "format_span_id",
+    "format_trace_id",
+    "order_trace_id",
+    "traceresponse",
+]
+
+# W3C Trace Context Level 2 §"traceresponse": version-traceid-childid-flags; we answer with
+# the proxy's SERVER span so the caller can jump straight to it.
+_VERSION: Final = "00"
+
+
+def format_trace_id(trace_id: int) -> str:
+    """32 lower-case hex digits (W3C Trace Context §3.2.2.3)."""
+    return f"{trace_id:032x}"
+
+
+def format_span_id(span_id: int) -> str:
+    """16 lower-case hex digits (W3C Trace Context §3.2.2.4)."""
+    return f"{span_id:016x}"
+
+
+def traceresponse(trace_id: int, span_id: int, sampled: bool) -> str:
+    """The ``traceresponse`` header value for a span."""
+    return f"{_VERSION}-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+
+
+def order_trace_id(order_id: str, *, salt: str = "mes-trace-proxy") -> int:
+    """A trace id derived from an order id, for the ``trace-per-order`` correlation mode.
+
+    The same order always gets the same trace, so Jaeger shows its whole life as one trace.
+    The id is a hash, so the order id itself is not readable from it; it is never zero
+    (W3C §3.2.2.3 forbids the all-zero id).
+    """
+    digest = hashlib.sha256(f"{salt}\x00{order_id}".encode()).digest()
+    value = int.from_bytes(digest[:16], "big")
+    return value or 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrustPolicy:
+    """Which callers' trace context is continued; others start a new trace with a link.
+
+    OpenTelemetry's guidance for public edges: do not let an untrusted caller choose your
+    trace id or sampling, but keep the relation as a span link. ``trust_all`` is the
+    default because a sidecar normally sits on a private network.
+    """
+
+    trust_all: bool = True
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_cidrs(cls, cidrs: Iterable[str]) -> TrustPolicy:
+        """Build a policy from CIDRs and addresses; ``*`` (or no list) trusts everyone.
+
+        Raises:
+            ValueError: an entry is not an address or network.
+        """
+        items = [c.strip() for c in cidrs if c.strip()]
+        if not items or "*" in items:
+            return cls(trust_all=True)
+        networks = []
+        hosts = set()
+        for item in items:
+            net = ipaddress.ip_network(item, strict=False)
+            # Single addresses go to a set: a set lookup is cheaper than a walk over networks.
+            if net.num_addresses == 1:
+                hosts.add(str(net.network_address))
+            else:
+                networks.append(net)
+        return cls(trust_all=False, networks=tuple(networks), hosts=frozenset(hosts))
+
+    def trusts(self, address: str | None) -> bool:
+        """Whether context from ``address`` may be continued."""
+        if self.trust_all:
+            return True
+        if not address:
+            return False
+        if address in self.hosts:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)

@@ -1,0 +1,341 @@
+"""The tracer provider, built from the Config and the SDK's ``OTEL_*`` variables, and its export path.
+
+The provider is returned to the composition root, never installed globally, so two proxies
+can live in one process (tests) and nothing else in the process can swap it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.propagate import get_global_textmap
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+    _get_from_env_or_default,
+)
+from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import Attributes
+
+from mes_trace_proxy import __version__
+from mes_trace_proxy.attributes import HTTP_ROUTE
+from mes_trace_proxy.config import Config
+
+__all__ = [
+    "BatchExportProcessor",
+    "ExportStats",
+    "RouteSampler",
+    "Tracing",
+    "build_tracing",
+    "resource_attributes",
+]
+
+log = logging.getLogger("mes_trace_proxy.tracing")
+
+# Resource keys not in the stable semconv module yet (incubating names, stable strings).
+_SERVICE_NAMESPACE: Final = "service.namespace"
+_SERVICE_INSTANCE_ID: Final = "service.instance.id"
+_DEPLOYMENT_ENVIRONMENT: Final = "deployment.environment.name"
+_HOST_NAME: Final = "host.name"
+#: Kubernetes downward-API variables → resource attributes (the design note's "node").
+K8S_ENV: Final = (
+    ("K8S_POD_NAME", "k8s.pod.name"),
+    ("K8S_NAMESPACE_NAME", "k8s.namespace.name"),
+    ("K8S_NODE_NAME", "k8s.node.name"),
+)
+
+# The SDK's own defaults for OTEL_BSP_* (specification §Batching processor): 2048 spans
+# queued, 512 per export, every 5 s. We keep them and let the variables override.
+_BSP_DEFAULTS: Final = {
+    "OTEL_BSP_MAX_QUEUE_SIZE": 2048,
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512,
+    "OTEL_BSP_SCHEDULE_DELAY": 5000,
+    "OTEL_BSP_EXPORT_TIMEOUT": 30000,
+}
+
+
+def resource_attributes(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
+    """The resource attributes we set; ``OTEL_RESOURCE_ATTRIBUTES``/``OTEL_SERVICE_NAME`` win."""
+    attrs = {
+        SERVICE_NAME: config.service.name,
+        SERVICE_VERSION: __version__,
+        _SERVICE_INSTANCE_ID: str(uuid.uuid4()),
+        _HOST_NAME: socket.gethostname(),
+    }
+    if config.service.namespace:
+        attrs[_SERVICE_NAMESPACE] = config.service.namespace
+    if config.service.environment:
+        attrs[_DEPLOYMENT_ENVIRONMENT] = config.service.environment
+    for env, key in K8S_ENV:
+        if environ.get(env):
+            attrs[key] = environ[env]
+    return attrs
+
+
+class RouteSampler(Sampler):
+    """The SDK's sampler, overridden per rule: polling at 1 %, every status change always.
+
+    The decision is keyed by the ``http.route`` attribute the proxy passes when it starts
+    the SERVER span, so the override costs one dict lookup. Per-rule ratios are explicit
+    (not parent-based): the operator asked for exactly that share of that route.
+    """
+
+    def __init__(self, default: Sampler, per_route: Mapping[str, Sampler]) -> None:
+        self._default = default
+        self._per_route = dict(per_route)
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace_api.TraceState | None = None,
+    ) -> SamplingResult:
+        sampler = self._default
+        if kind is SpanKind.SERVER and attributes:
+            route = attributes.get(HTTP_ROUTE)
+            if route is not None:
+                sampler = self._per_route.get(str(route), self._default)
+        return sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"RouteSampler{{default={self._default.get_description()},routes={len(self._per_route)}}}"
+
+
+@dataclass(slots=True)
+class ExportStats:
+    """Counters of the export path, read by ``/metrics``."""
+
+    queued: int = 0
+    exported: int = 0
+    dropped_queue_full: int = 0
+    failed: int = 0
+
+
+class BatchExportProcessor(SpanProcessor):
+    """A bounded batch processor that counts what it drops.
+
+    Like the SDK's ``BatchSpanProcessor`` (one worker thread, a bounded deque, batches by
+    size or delay) but every lost span is counted, so a dead collector shows up in
+    ``/metrics`` instead of in silence. ``on_end`` is O(1) and never blocks the event loop.
+    """
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        max_queue_size: int,
+        max_batch: int,
+        delay_seconds: float,
+        export_timeout_seconds: float,
+    ) -> None:
+        self._exporter = exporter
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._max_queue = max_queue_size
+        self._max_batch = max_batch
+        self._delay = delay_seconds
+        self._timeout = export_timeout_seconds
+        self._wake = threading.Event()
+        self._flush_done = threading.Condition()
+        self._flush_requested = 0
+        self._flush_served = 0
+        self._stopping = False
+        self.stats = ExportStats()
+        self._thread = threading.Thread(target=self._run, name="mes-trace-proxy-export", daemon=True)
+        self._thread.start()
+
+    def on_start(self, span: object, parent_context: Context | None = None) -> None:
+        """Nothing to do at start."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """Queue a finished sampled span; count it as dropped when the queue is full."""
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        if len(self._queue) >= self._max_queue:
+            self.stats.dropped_queue_full += 1
+            return
+        self._queue.append(span)
+        self.stats.queued += 1
+        if len(self._queue) >= self._max_batch:
+            self._wake.set()
+
+    def _export_batch(self) -> None:
+        batch: list[ReadableSpan] = []
+        while self._queue and len(batch) < self._max_batch:
+            batch.append(self._queue.popleft())
+        if not batch:
+            return
+        try:
+            result = self._exporter.export(batch)
+        except Exception:
+            # An exporter must not raise, but a broken one must not kill the worker either.
+            log.exception("span exporter raised; %d spans lost", len(batch))
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.stats.exported += len(batch)
+        else:
+            self.stats.failed += len(batch)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            while self._queue:
+                self._export_batch()
+                if self._stopping and not self._queue:
+                    break
+            with self._flush_done:
+                self._flush_served = self._flush_requested
+                self._flush_done.notify_all()
+            if self._stopping:
+                return
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export everything queued now; wait at most ``timeout_millis``."""
+        with self._flush_done:
+            self._flush_requested += 1
+            ticket = self._flush_requested
+            self._wake.set()
+            return self._flush_done.wait_for(lambda: self._flush_served >= ticket, timeout_millis / 1000)
+
+    def shutdown(self) -> None:
+        """Flush what is queued, then stop the worker and the exporter."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(self._timeout)
+        self._exporter.shutdown()
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return _BSP_DEFAULTS[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
+    exporters: list[SpanExporter] = []
+    for name in names:
+        if name == "none":
+            continue
+        if name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name == "otlp":
+            protocol = environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            )
+            # The exporters read OTEL_EXPORTER_OTLP_* (endpoint, headers, certificate,
+            # compression, timeout) themselves, exactly as the SDK documents them.
+            if protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter as GrpcExporter,
+                )
+
+                exporters.append(GrpcExporter())
+            elif protocol == "http/protobuf":
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter as HttpExporter,
+                )
+
+                exporters.append(HttpExporter())
+            else:
+                raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+        else:
+            raise ValueError(f"OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none")
+    return exporters
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tracing:
+    """What the request path needs from tracing, built once."""
+
+    provider: TracerProvider
+    tracer: trace_api.Tracer
+    propagator: TextMapPropagator
+    processors: tuple[BatchExportProcessor, ...]
+
+    def export_stats(self) -> ExportStats:
+        """Counters summed over every exporter."""
+        total = ExportStats()
+        for processor in self.processors:
+            total.queued += processor.stats.queued
+            total.exported += processor.stats.exported
+            total.dropped_queue_full += processor.stats.dropped_queue_full
+            total.failed += processor.stats.failed
+        return total
+
+    def shutdown(self) -> None:
+        """Flush every queued span and stop the exporters."""
+        self.provider.shutdown()
+
+
+def build_tracing(config: Config, environ: Mapping[str, str] | None = None) -> Tracing:
+    """Build the provider, samplers, processors and exporters.
+
+    Args:
+        config: the proxy configuration (service facts, rules with per-rule sampling).
+        environ: the environment to read ``OTEL_*`` from (default ``os.environ``).
+
+    Returns:
+        The tracing bundle; call :meth:`Tracing.shutdown` on exit.
+
+    Raises:
+        ValueError: an ``OTEL_*`` variable has a value the SDK would not accept.
+    """
+    env = os.environ if environ is None else environ
+    per_route: dict[str, Sampler] = {}
+    for listener in config.listeners:
+        for rule in listener.rules.rules:
+            if rule.sample is not None and rule.route not in per_route:
+                per_route[rule.route] = TraceIdRatioBased(rule.sample)
+            elif rule.status is not None and rule.route not in per_route:
+                # Every status change is recorded whatever the default ratio: it is what the
+                # watchdog links stuck orders to.
+                per_route[rule.route] = ALWAYS_ON
+    sampler = RouteSampler(_get_from_env_or_default(), per_route)
+    resource = Resource.create(resource_attributes(config, env))
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    processors = []
+    for exporter in _exporters(env):
+        processor = BatchExportProcessor(
+            exporter,
+            max_queue_size=_env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE"),
+            max_batch=_env_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
+            delay_seconds=_env_int(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000,
+            export_timeout_seconds=_env_int(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000,
+        )
+        provider.add_span_processor(processor)
+        processors.append(processor)
+    tracer = provider.get_tracer("mes_trace_proxy", __version__)
+    return Tracing(
+        provider=provider, tracer=tracer, propagator=get_global_textmap(), processors=tuple(processors)
+    )
