@@ -17,7 +17,7 @@ import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
@@ -103,37 +103,21 @@ class ReceivedSpan:
     transport: Transport
 
     def to_json_dict(self) -> dict[str, object]:
-        """Return the span as JSON-ready data: the field names as keys, tuples as lists, bytes as hex.
+        """Return the span as JSON-ready data: field names as keys, tuples as lists, bytes as hex.
 
         Returns:
             A dict that `json.dumps` accepts as is.
         """
-        return {
-            "name": self.name,
-            "trace_id": self.trace_id,
-            "span_id": self.span_id,
-            "parent_span_id": self.parent_span_id,
-            "kind": self.kind,
-            "start_ns": self.start_ns,
-            "end_ns": self.end_ns,
-            "attributes": _jsonable(self.attributes),
-            "events": [
-                {"name": e.name, "time_ns": e.time_ns, "attributes": _jsonable(e.attributes)}
-                for e in self.events
-            ],
-            "links": [
-                {"trace_id": li.trace_id, "span_id": li.span_id, "attributes": _jsonable(li.attributes)}
-                for li in self.links
-            ],
-            "status_code": self.status_code,
-            "status_message": self.status_message,
-            "resource": _jsonable(self.resource),
-            "scope_name": self.scope_name,
-            "transport": self.transport,
-        }
+        return _fields_as_json(self)
+
+
+def _fields_as_json(value: ReceivedSpan | ReceivedEvent | ReceivedLink) -> dict[str, object]:
+    return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
 
 
 def _jsonable(value: object) -> object:
+    if isinstance(value, ReceivedEvent | ReceivedLink):
+        return _fields_as_json(value)
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, tuple):
