@@ -141,7 +141,9 @@ class CrmSimConfig:
     duration: float = 120.0
     # 32 requests in flight: enough to load the proxy, below aiohttp's 100-connection default.
     concurrency: int = 32
+    # Seed 0: two runs with the same flags make the same orders, plans and ids.
     seed: int = 0
+    # 1.0: simulated delays as written; 0.1 runs the lifecycle ten times faster.
     time_scale: float = 1.0
     otlp_endpoint: str | None = None
     otlp_protocol: str = "http/protobuf"
