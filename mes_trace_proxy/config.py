@@ -578,7 +578,8 @@ def _listener(doc: _Doc, index: int, raw: object, rule_sets: Mapping[str, Compil
     listen_default = DEFAULT_LISTEN if index == 0 else None
     if raw.get("listen") in (None, "") and listen_default is None:
         raise ConfigError(doc.key(*base, "listen"), "is required for every listener after the first")
-    listen = _get(doc, raw, (*base, "listen"), _parse_hostport, _parse_hostport(listen_default or ""))
+    # Later listeners have no default (checked above), so the fallback is only ever the first's.
+    listen = _get(doc, raw, (*base, "listen"), _parse_hostport, _parse_hostport(listen_default or DEFAULT_LISTEN))
     upstream = _get(doc, raw, (*base, "upstream"), _parse_upstream, _parse_upstream("http://unset"))
     rules_raw = raw.get("rules")
     if rules_raw is None:

@@ -253,20 +253,31 @@ def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                 environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             )
-            # The exporters read OTEL_EXPORTER_OTLP_* (endpoint, headers, certificate,
-            # compression, timeout) themselves, exactly as the SDK documents them.
+            # The exporters read OTEL_EXPORTER_OTLP_* (headers, certificate, compression,
+            # timeout) from the process environment themselves, exactly as the SDK documents
+            # them; the endpoint is passed from `environ` so tests and embedders can aim it.
             if protocol == "grpc":
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
                     OTLPSpanExporter as GrpcExporter,
                 )
 
-                exporters.append(GrpcExporter())
+                endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT"
+                )
+                insecure = None
+                if endpoint and endpoint.startswith("http://"):
+                    insecure = True
+                exporters.append(GrpcExporter(endpoint=endpoint, insecure=insecure))
             elif protocol == "http/protobuf":
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                     OTLPSpanExporter as HttpExporter,
                 )
 
-                exporters.append(HttpExporter())
+                endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                if not endpoint and environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+                    # OTLP spec: the signal path is appended to the generic endpoint only.
+                    endpoint = environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
+                exporters.append(HttpExporter(endpoint=endpoint))
             else:
                 raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
         else:
