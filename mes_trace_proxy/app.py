@@ -6,10 +6,9 @@ start and stop. Every resource built here comes with the coroutine that closes i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -20,12 +19,12 @@ from mes_trace_proxy.config import Config, ListenerConfig
 from mes_trace_proxy.forwarding import ForwardPolicy
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
-from mes_trace_proxy.proxy import LISTENER_STATE, ListenerState, Observer, handle
+from mes_trace_proxy.proxy import ListenerState, Observer, make_handler
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tracecontext import TrustPolicy
 from mes_trace_proxy.tracing import Tracing
 
-__all__ = ["Readiness", "Shared", "build_proxy_app", "make_session"]
+__all__ = ["Readiness", "Shared", "build_proxy_server", "make_session"]
 
 log = logging.getLogger("mes_trace_proxy.app")
 
@@ -122,23 +121,11 @@ def make_session(listener: ListenerConfig) -> aiohttp.ClientSession:
     )
 
 
-class _OrderObserver(Observer):
-    """Tells the store about changed orders after the metrics have seen the findings."""
+def build_proxy_server(listener: ListenerConfig, shared: Shared) -> tuple[web.Server, aiohttp.ClientSession]:
+    """Build one listener's low-level server and its upstream session; call inside a running loop.
 
-    def __init__(self, inner: Observer, on_changed: Callable[[str], None]) -> None:
-        self._inner = inner
-        self._on_changed = on_changed
-        self.request_done = inner.request_done  # type: ignore[method-assign]
-
-
-def build_proxy_app(listener: ListenerConfig, shared: Shared) -> web.Application:
-    """Build one listener's application; call inside a running event loop.
-
-    The upstream session is created here and closed by the app's cleanup context, so it
-    lives exactly as long as the listener.
+    The caller (``server.py``) owns both: it closes the session after the server drained.
     """
-    # auto_decompress=False: a gzip request body must reach MES as the gzip bytes it was.
-    app = web.Application(handler_args={"auto_decompress": False})
     session = make_session(listener)
     config = shared.config
     observer: Observer = _ReadinessObserver(shared.readiness, shared.metrics)
@@ -161,15 +148,12 @@ def build_proxy_app(listener: ListenerConfig, shared: Shared) -> web.Application
         clock=shared.clock,
         correlation=config.watchdog.correlation,
     )
-    app[LISTENER_STATE] = state
-
-    async def session_ctx(_app: web.Application) -> AsyncIterator[None]:
-        yield
-        await session.close()
-        # aiohttp closes connector transports on the next loop iterations; give them one
-        # so no "unclosed transport" warning fires at interpreter exit.
-        await asyncio.sleep(0)
-
-    app.cleanup_ctx.append(session_ctx)
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+    server = web.Server(
+        make_handler(state),
+        # A caller that goes away cancels its handler, and with it the upstream call.
+        handler_cancellation=True,
+        # A gzip request body must reach MES as the gzip bytes it was.
+        auto_decompress=False,
+        access_log=None,
+    )
+    return server, session

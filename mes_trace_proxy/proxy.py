@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -45,7 +45,7 @@ from mes_trace_proxy.rules import RouteMatch
 from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
 from mes_trace_proxy.tracing import Tracing
 
-__all__ = ["ListenerState", "Observer", "classify_failure", "handle"]
+__all__ = ["ListenerState", "Observer", "classify_failure", "handle", "make_handler"]
 
 log = logging.getLogger("mes_trace_proxy.proxy")
 
@@ -92,9 +92,6 @@ class ListenerState:
     access_log: Callable[[dict[str, object]], None] | None
     clock: Callable[[], float] = time.time
     correlation: str = "link"
-
-
-LISTENER_STATE: Final = web.AppKey("listener_state", ListenerState)
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
@@ -145,7 +142,7 @@ async def _prefixed(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[
 
 
 async def _request_body(
-    request: web.Request, match: RouteMatch | None, limit: int
+    request: web.BaseRequest, match: RouteMatch | None, limit: int
 ) -> tuple[bytes | None, object]:
     """Decide how the body goes upstream, reading it only when a rule needs it and it is small.
 
@@ -175,7 +172,7 @@ async def _request_body(
 
 def _server_attributes(
     state: ListenerState,
-    request: web.Request,
+    request: web.BaseRequest,
     match: RouteMatch | None,
     path: str,
     query: str,
@@ -218,7 +215,9 @@ def _server_attributes(
     return attrs
 
 
-def _parent_context(state: ListenerState, request: web.Request) -> tuple[Context | None, tuple[Link, ...]]:
+def _parent_context(
+    state: ListenerState, request: web.BaseRequest
+) -> tuple[Context | None, tuple[Link, ...]]:
     """The parent context per the trust policy: continue, or a new root linked to the caller."""
     headers = request.headers
     if "traceparent" not in headers:
@@ -231,9 +230,22 @@ def _parent_context(state: ListenerState, request: web.Request) -> tuple[Context
     return None, ((Link(caller),) if caller.is_valid else ())
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+def make_handler(state: ListenerState) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The low-level request handler of one listener (for ``aiohttp.web.Server``).
+
+    The proxy has a single handler for every target, so it sits on aiohttp's low-level
+    server: no router to resolve, no middleware chain, and targets that are not paths
+    (CONNECT's authority-form) still reach :func:`handle` to be refused properly.
+    """
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return await handle(state, request)
+
+    return handler
+
+
+async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamResponse:
     """Proxy one request to the listener's upstream and trace it."""
-    state = request.app[LISTENER_STATE]
     started = time.perf_counter()
     method = request.method
     raw = request.raw_path

@@ -21,7 +21,7 @@ from typing import Final
 from aiohttp import web
 
 from mes_trace_proxy.admin import build_admin_app
-from mes_trace_proxy.app import Shared, build_proxy_app
+from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.config import Config, HostPort
 from mes_trace_proxy.logs import access_logger
 from mes_trace_proxy.metrics import ProxyMetrics
@@ -62,7 +62,7 @@ class RunningProxy:
 
 
 async def _start_site(
-    runner: web.AppRunner, address: HostPort, reuse_port: bool, what: str
+    runner: web.BaseRunner, address: HostPort, reuse_port: bool, what: str
 ) -> tuple[str, int]:
     site = web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port or None, backlog=1024)
     try:
@@ -112,17 +112,15 @@ async def running(
     metrics.bind(
         export_stats=tracing.export_stats, order_counts=shared.orders.counts if shared.orders else None
     )
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
+    sessions = []
     listeners: dict[str, tuple[str, int]] = {}
     try:
         for listener in config.listeners:
-            app = build_proxy_app(listener, shared)
-            runner = web.AppRunner(
-                app,
-                handle_signals=False,
-                access_log=None,
-                handler_cancellation=True,
-                shutdown_timeout=config.server.grace_period,
+            proxy_server, session = build_proxy_server(listener, shared)
+            sessions.append(session)
+            runner = web.ServerRunner(
+                proxy_server, handle_signals=False, shutdown_timeout=config.server.grace_period
             )
             await runner.setup()
             runners.append(runner)
@@ -148,6 +146,8 @@ async def running(
         # Every listener drains at once: stop accepting, wait for in-flight requests up to
         # the grace period, cancel what is left, then close the upstream sessions.
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
+        for session in sessions:
+            await session.close()
         # Flushing spans blocks on the exporter; do it off the loop so nothing else stalls.
         await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
         log.info("mes-trace-proxy stopped")

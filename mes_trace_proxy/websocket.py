@@ -58,7 +58,7 @@ async def _pump(
 
 
 async def proxy_websocket(
-    request: web.Request, state: ListenerState, match: RouteMatch | None, started: float
+    request: web.BaseRequest, state: ListenerState, match: RouteMatch | None, started: float
 ) -> web.StreamResponse:
     """Relay one WebSocket connection; the SERVER span covers the connection's life."""
     from mes_trace_proxy.proxy import classify_failure
