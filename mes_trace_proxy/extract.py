@@ -8,6 +8,7 @@ forwarded is never what was parsed, but the bytes as received.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Final, Protocol
 from urllib.parse import parse_qsl
@@ -27,6 +28,9 @@ __all__ = [
 # Ids and status names are short tokens; anything longer is not an id and would only bloat
 # spans (and could smuggle a body fragment into telemetry).
 MAX_VALUE_LENGTH: Final = 128
+
+# RFC 6901 §4: array-index = %x30 / ( %x31-39 *(%x30-39) )
+_ARRAY_INDEX: Final = re.compile(r"0|[1-9][0-9]*")
 
 
 class HeaderLookup(Protocol):
@@ -78,8 +82,10 @@ def read_pointer(document: object, pointer: tuple[str, ...]) -> object:
                 return None
             current = current[token]
         elif isinstance(current, list):
-            # §4: array indexes are decimal without leading zeros; '-' names no element.
-            if not token.isdigit() or (len(token) > 1 and token.startswith("0")):
+            # §4: array indexes are ASCII decimal without leading zeros; '-' names no element.
+            # str.isdigit() would also accept superscript and Arabic-Indic digits. An index
+            # longer than the length's digits is out of range, and int() of 5000 digits raises.
+            if _ARRAY_INDEX.fullmatch(token) is None or len(token) > len(str(len(current))):
                 return None
             index = int(token)
             if index >= len(current):
