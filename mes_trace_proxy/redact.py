@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import product
 from types import MappingProxyType
 from typing import Final
 from urllib.parse import unquote, unquote_plus
@@ -123,11 +124,13 @@ _NATIONAL_PHONE_SHAPES: Final[Mapping[tuple[int, ...], str]] = MappingProxyType(
 # Payment card numbers (ISO/IEC 7812 PANs as issued by card networks) are 13 to 19 digits.
 _CARD_MIN_DIGITS: Final = 13
 _CARD_MAX_DIGITS: Final = 19
-# Cards are printed in groups of 4-6 (4-4-4-4, 4-6-5, 4-4-4-4-3) or unbroken, with single
-# spaces or dashes. Groups of 3+ digits only keep dates ("2026-01-15 2026-01-16"), lists of
-# small numbers and dotted versions from ever forming a 13-19 digit window.
+# Cards are printed unbroken or in groups of 4-6 digits (4-4-4-4, 4-6-5, 4-4-4-4-3) joined by
+# spaces or dashes; dots and parentheses mean something else (versions, prices, phones).
+# Requiring groups of 3+ digits keeps dates ("2026-01-15 2026-01-16") and lists of small
+# numbers from ever forming a 13-19 digit window.
 _CARD_MIN_GROUP: Final = 3
-_CARD_SEPARATORS: Final = frozenset({" ", "-"})
+# Every separator _SEP admits that is made of spaces and dashes only ("4111  1111", "4111 - 1111").
+_CARD_SEPARATORS: Final = frozenset("".join(p) for n in (1, 2, 3) for p in product(" -", repeat=n))
 # Major industry identifier 0 is not issued to card networks; excluding it keeps zero-padded ids
 # ("0000000000001234", Luhn-valid by accident) out of the card check.
 _CARD_FIRST_DIGITS: Final = "123456789"
@@ -204,9 +207,11 @@ class Redactor:
 
     Detected in free text: e-mail addresses (also with '%40'), phone numbers ('+' followed by
     7+ digits in any grouping; Russian national shapes, see _NATIONAL_PHONE_SHAPES) and
-    Luhn-valid 13-19 digit card numbers (single spaces or dashes between groups). UUIDs and ISO
-    timestamps are shielded. Names and addresses have no pattern: they are caught only by key
-    (json_scalar) or by never being recorded (dropped query parameters and headers).
+    Luhn-valid 13-19 digit card numbers (see _CARD_MIN_GROUP). Kept: UUIDs (shielded
+    explicitly), ISO timestamps, prices, versions and ids such as ORD-2026-000123 (no shape
+    above fits them). Only ASCII digits count, so fullwidth or Arabic-Indic digits pass.
+    Names and addresses have no pattern: they are caught only by key (json_scalar) or by
+    never being recorded (dropped query parameters and headers).
     """
 
     __slots__ = (
@@ -363,9 +368,10 @@ class Redactor:
         Returns:
             The scrubbed path.
         """
-        cut = min((i for i in (raw_path.find("?"), raw_path.find("#")) if i >= 0), default=-1)
-        if cut >= 0:
-            raw_path = raw_path[:cut]
+        for delimiter in "?#":
+            cut = raw_path.find(delimiter)
+            if cut >= 0:
+                raw_path = raw_path[:cut]
         if self._plain.fullmatch(raw_path) is not None:
             return raw_path
         # No pattern crosses a '/', so one clean scan of an undecoded path clears every segment.
@@ -445,7 +451,7 @@ def _holds_card(groups: list[str], separators: list[str]) -> bool:
 
     Returns:
         True when a window of 13-19 digits, starting with 1-9, made of 3+ digit groups joined by
-        single spaces or dashes, passes the Luhn check.
+        spaces or dashes, passes the Luhn check.
     """
     sizes = tuple(map(len, groups))
     if sum(sizes) < _CARD_MIN_DIGITS:
