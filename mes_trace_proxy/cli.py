@@ -58,6 +58,8 @@ def _read_config_file(path: str, origin: str) -> dict[str, object]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(origin, f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(origin, f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:

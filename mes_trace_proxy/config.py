@@ -330,9 +330,14 @@ def _parse_upstream(value: object) -> Upstream:
     if parts.username or parts.password:
         raise ValueError("credentials in the upstream URL would leak into logs; use a header instead")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError:
         raise ValueError(f"{text!r} has an invalid port") from None
+    if port == 0:
+        # "or default" would quietly turn ":0" into 80; nothing can be reached on port 0.
+        raise ValueError(f"{text!r} has an invalid port")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
     return Upstream(
         url=text, scheme=parts.scheme, host=parts.hostname, port=port, base_path=parts.path.rstrip("/")
     )

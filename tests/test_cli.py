@@ -158,6 +158,14 @@ def test_config_file_shape_errors(
     assert message in capsys.readouterr().err
 
 
+def test_config_file_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config file that is not UTF-8 text is a configuration error, not a traceback."""
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes(b"listeners:\n  - upstream: http://mes\xff\n")
+    assert main(["check-config", "--config", str(config)], environ={}) == 1
+    assert f"--config: {config} is not UTF-8 text" in capsys.readouterr().err
+
+
 def test_empty_config_file_is_no_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An empty config file means defaults, not an error."""
     config = tmp_path / "empty.yaml"

@@ -341,6 +341,7 @@ UPSTREAM_ERRORS: tuple[tuple[str, str, str], ...] = (
     ("query", "http://mes.internal/?x=1", "no query"),
     ("fragment", "http://mes.internal/#x", "no query"),
     ("bad-port", "http://mes.internal:99999", "invalid port"),
+    ("port-zero", "http://mes.internal:0", "invalid port"),
 )
 
 
