@@ -322,8 +322,8 @@ class StoreWriter:
                     del self._pending[order_id]
             self.written_total += len(saves)
             self.deleted_total += len(deletes)
+            self._recovered()
         self._empty.set()
-        self._recovered()
         return True
 
     def _failed(self, exc: Exception) -> None:
