@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mes_trace_proxy.cli import read_default_rules
 from mes_trace_proxy.config import Config, ConfigError, load_config
@@ -256,3 +258,25 @@ def test_unknown_listener_names_the_flag() -> None:
         explain(CONFIG, method="GET", target="/", headers=[], body=None, listener="erp")
     assert info.value.key == "--listener"
     assert "ingress, egress" in info.value.message
+
+
+_SEGMENTS = st.one_of(
+    st.sampled_from(["api", "v1", "orders", "A-1", "status", "model", "health", "", "%2F", "%zz", ".."]),
+    st.text(max_size=6),
+)
+
+
+# 200 examples keep the property under a second while still mixing odd segments, bytes and queries.
+@settings(max_examples=200, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "PUT", "POST", "PATCH", "PURGE", "get"]),
+    segments=st.lists(_SEGMENTS, max_size=6),
+    query=st.text(max_size=20),
+    body=st.binary(max_size=64) | st.text(max_size=40).map(str.encode),
+)
+def test_explain_never_raises(method: str, segments: list[str], query: str, body: bytes) -> None:
+    """Any method, path, query and body gives a JSON-ready report (matched, unmatched or refused)."""
+    target = "/" + "/".join(segments) + (f"?{query}" if query else "")
+    report = explain(CONFIG, method=method, target=target, headers=[JSON], body=body, response_body=body)
+    assert json.loads(json.dumps(report)) == report
+    assert ("refused" in report) != ("span_name" in report)
