@@ -436,7 +436,9 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                 if status_code >= 400 and error_type is None:
                     client_span.set_attribute(A.ERROR_TYPE, str(status_code))
                     client_span.set_status(Status(StatusCode.ERROR))
-                if status_code >= 500:
+                # A stream cut after its status line went out failed the caller as surely
+                # as a 502 would have: the SERVER span says so, whatever the status line.
+                if status_code >= 500 or error_type is not None:
                     server_span.set_attribute(A.ERROR_TYPE, error_type or str(status_code))
                     server_span.set_status(Status(StatusCode.ERROR))
             elif error_type is not None:
