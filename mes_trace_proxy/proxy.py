@@ -53,6 +53,8 @@ log = logging.getLogger("mes_trace_proxy.proxy")
 # slow client never makes us hold more than a few of them per connection.
 CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
+#: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
+CLIENT_ABORTED: Final = "client_aborted"
 
 
 class Observer:
@@ -381,6 +383,12 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                 response_headers = CIMultiDict(upstream_response.headers)
                 response_body = bytes(captured) if captured is not None else None
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if isinstance(exc, ConnectionResetError) and response is not None and response.prepared:
+                # Writing to the caller failed: it hung up mid-download. aiohttp raises that
+                # as ClientConnectionResetError, a ClientError too, but MES did nothing wrong;
+                # leaving the `async with` above has already dropped the upstream call.
+                error_type = CLIENT_ABORTED
+                return response
             failure = classify_failure(exc)
             error_type = failure.value
             client_span.set_attribute(A.ERROR_TYPE, error_type)
@@ -404,7 +412,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     except asyncio.CancelledError:
         # The caller went away (or we cut a broken stream): the upstream request was
         # cancelled with the `async with` above; record it and let cancellation go on.
-        error_type = error_type or "client_aborted"
+        error_type = error_type or CLIENT_ABORTED
         raise
     finally:
         try:

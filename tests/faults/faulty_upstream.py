@@ -150,6 +150,7 @@ class FaultyUpstream:
                 request_id = arrival.header(REQUEST_ID)
                 if request_id is not None:
                     self.ids[request_id.decode("latin-1")] += 1
+                await self._notify()
                 handler = BEHAVIOURS[behaviour]
                 try:
                     keep = await handler(self, arrival, framing, reader, writer)

@@ -155,7 +155,7 @@ def open_fds(pid: int) -> int:
 
 
 async def settle(
-    read: Callable[[], Awaitable[float]] | Callable[[], float],
+    read: Callable[[], Awaitable[float]],
     bound: float,
     *,
     timeout: float = STEP_TIMEOUT,  # noqa: ASYNC109
@@ -167,8 +167,7 @@ async def settle(
     """
     deadline = time.monotonic() + timeout
     while True:
-        value = read()
-        current = await value if isinstance(value, Awaitable) else value
+        current = await read()
         if current <= bound or time.monotonic() > deadline:
             return current
         await asyncio.sleep(0.05)
