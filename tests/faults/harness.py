@@ -23,15 +23,19 @@ from tests.proxy_process import ProxyProcess
 
 __all__ = [
     "LOOPBACK_ARGS",
+    "STEP_TIMEOUT",
     "Outcome",
     "Scrape",
+    "access_lines",
+    "assert_all_echoed",
+    "body_for",
     "drive",
     "echo_request",
     "latency",
     "open_fds",
+    "poll",
     "report",
     "scrape",
-    "settle",
     "write_config",
 ]
 
@@ -154,21 +158,21 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def settle(
+async def poll(
     read: Callable[[], Awaitable[float]],
-    bound: float,
+    done: Callable[[float], bool],
     *,
     timeout: float = STEP_TIMEOUT,  # noqa: ASYNC109
 ) -> float:
-    """Poll ``read()`` until it is at most ``bound``; return the last value (which may be above).
+    """Read until ``done(value)`` or the bounded wait ends; return the last value read.
 
     Descriptor and task counts have no event to wait on: connections close asynchronously
-    on both sides, so the count is read until it drops back or the bounded wait ends.
+    on both sides, so the count is read until it reaches the expected level.
     """
     deadline = time.monotonic() + timeout
     while True:
         current = await read()
-        if current <= bound or time.monotonic() > deadline:
+        if done(current) or time.monotonic() > deadline:
             return current
         await asyncio.sleep(0.05)
 
