@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, TypeAlias
@@ -21,6 +21,7 @@ __all__ = [
     "ForwardPolicy",
     "HeaderList",
     "Headers",
+    "check_header_values",
     "check_host_headers",
     "check_target",
     "downstream_response_headers",
@@ -148,6 +149,15 @@ _REJECT_NO_HOST: Final = rejection(
     ClientRejection.BAD_REQUEST, detail="The request has no Host header field."
 )
 _REJECT_BAD_HOST: Final = rejection(ClientRejection.BAD_REQUEST, detail="The Host header field is not valid.")
+_REJECT_NOT_UTF8: Final = rejection(
+    ClientRejection.BAD_REQUEST,
+    detail="A header field value holds bytes that are not UTF-8; they cannot be forwarded unchanged.",
+)
+
+# aiohttp decodes field values as UTF-8 with "surrogateescape": a byte that is not UTF-8
+# (RFC 9110 §5.5 obs-text, a Latin-1 "é" say) becomes a lone surrogate U+DC80..U+DCFF, and
+# aiohttp's header writer drops those silently when the request is forwarded.
+_UNDECODED_BYTE: Final = re.compile("[\udc80-\udcff]")
 
 
 class _Action(enum.Enum):
@@ -482,6 +492,25 @@ def check_host_headers(headers: Headers, *, require: bool = False) -> Rejection 
         return _REJECT_NO_HOST if require else None
     if not _HOST_VALUE.match(value.strip(" \t")):
         return _REJECT_BAD_HOST
+    return None
+
+
+def check_header_values(values: Iterable[str]) -> Rejection | None:
+    """Refuse a request whose header values hold bytes that were not UTF-8.
+
+    They are legal obs-text (RFC 9110 §5.5), but the client library that forwards the
+    request would drop them, so the upstream would get other values than were sent; a
+    clear 400 loses nothing, a silently altered header might.
+
+    Args:
+        values: the request's field values as aiohttp decoded them (UTF-8, surrogateescape).
+
+    Returns:
+        ``None`` when every value can be forwarded byte for byte, else a 400 rejection.
+    """
+    for value in values:
+        if not value.isascii() and _UNDECODED_BYTE.search(value):
+            return _REJECT_NOT_UTF8
     return None
 
 

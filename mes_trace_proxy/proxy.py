@@ -33,6 +33,7 @@ from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.extract import NO_FACTS, OrderFacts, is_json_content_type, request_facts, response_facts
 from mes_trace_proxy.forwarding import (
     ForwardPolicy,
+    check_header_values,
     check_host_headers,
     check_target,
     downstream_response_headers,
@@ -253,7 +254,11 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     raw = request.raw_path
     path, _, query = raw.partition("?")
 
-    rejection = check_target(method, raw) or check_host_headers(tuple(request.headers.items()))
+    rejection = (
+        check_target(method, raw)
+        or check_host_headers(tuple(request.headers.items()))
+        or check_header_values(request.headers.values())
+    )
     if rejection is not None:
         refused = _rejection_response(rejection, None)
         state.observer.request_done(
