@@ -17,6 +17,7 @@ from urllib.parse import unquote
 from mes_trace_proxy.problems import ClientRejection, Rejection, rejection
 
 __all__ = [
+    "ALLOWED_METHODS",
     "HOP_BY_HOP",
     "ForwardPolicy",
     "HeaderList",
@@ -114,7 +115,7 @@ _MAX_PORT: Final = 65535  # RFC 793 §3.1: ports are 16-bit.
 
 # RFC 9110 §15.5.6: a 405 must list what is allowed. These are the methods the proxy
 # forwards; CONNECT is refused and TRACE deliberately not advertised.
-_ALLOW: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 _NO_NAMES: Final[frozenset[str]] = frozenset()
 
@@ -127,7 +128,7 @@ def _bad_target(detail: str) -> Rejection:
 _REJECT_CONNECT: Final = rejection(
     ClientRejection.METHOD_NOT_ALLOWED,
     detail="CONNECT is not accepted: this is a reverse proxy, not a tunnel.",
-    headers=(("Allow", _ALLOW),),
+    headers=(("Allow", ALLOWED_METHODS),),
 )
 _REJECT_ABSOLUTE: Final = _bad_target("Absolute-form request targets are not accepted; send a path.")
 _REJECT_AUTHORITY: Final = _bad_target("Authority-form request targets are only for CONNECT.")

@@ -32,6 +32,7 @@ from mes_trace_proxy import attributes as A
 from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.extract import NO_FACTS, OrderFacts, is_json_content_type, request_facts, response_facts
 from mes_trace_proxy.forwarding import (
+    ALLOWED_METHODS,
     ForwardPolicy,
     check_header_values,
     check_host_headers,
@@ -271,6 +272,20 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
             error_type=rejection.problem_type,
         )
         return refused
+    if raw == "*":
+        # OPTIONS * (RFC 9110 §9.3.7) asks about the server, not a resource, and the client
+        # library can only send origin-form targets upstream: the proxy answers it itself,
+        # as load balancers that ping with it expect.
+        state.observer.request_done(
+            listener=state.config.name,
+            route="",
+            method=method,
+            status=200,
+            duration=time.perf_counter() - started,
+            upstream_duration=None,
+            error_type=None,
+        )
+        return web.Response(status=200, headers={"Allow": ALLOWED_METHODS})
 
     match = state.config.rules.match(method, path)
     upgrade = request.headers.get("Upgrade", "").lower() == "websocket" and method == "GET"
