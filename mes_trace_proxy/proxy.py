@@ -47,7 +47,7 @@ from mes_trace_proxy.rules import RouteMatch
 from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
 from mes_trace_proxy.tracing import Tracing
 
-__all__ = ["ListenerState", "Observer", "classify_failure", "handle", "make_handler"]
+__all__ = ["ListenerState", "Observer", "classify_failure", "handle", "make_handler", "one_spelling"]
 
 log = logging.getLogger("mes_trace_proxy.proxy")
 
@@ -117,6 +117,24 @@ def classify_failure(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamFailure.PAYLOAD_ERROR
     return UpstreamFailure.INVALID_RESPONSE
+
+
+def one_spelling(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Spell every repetition of a field name as its first occurrence was spelled.
+
+    aiohttp's ``ClientSession`` merges request headers with a case-sensitive set of names
+    seen, so ``X-A: 1`` then ``x-a: 2`` becomes ``x-a: 2`` alone: a value lost. Field names
+    are case-insensitive (RFC 9110 §5.1), values are not, so the name's spelling gives way.
+    """
+    first: dict[str, str] = {}
+    fixed: list[tuple[str, str]] | None = None
+    for index, (name, value) in enumerate(headers):
+        spelled = first.setdefault(name.lower(), name)
+        if spelled != name:
+            if fixed is None:
+                fixed = list(headers)
+            fixed[index] = (spelled, value)
+    return headers if fixed is None else fixed
 
 
 def _rejection_response(rejection: Rejection, trace_id: str | None) -> web.Response:
@@ -343,7 +361,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     )
     carrier: dict[str, str] = {}
     tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, server_ctx))
-    out = CIMultiDict(out_headers)
+    out = CIMultiDict(one_spelling(out_headers))
     for name in _TRACE_HEADERS:
         value = carrier.get(name)
         if value is not None:
