@@ -25,6 +25,7 @@ from aiohttp import web
 from mes_trace_proxy.admin import TOKENS, build_admin_app
 from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
+from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.logs import access_logger
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
@@ -54,6 +55,8 @@ class RunningProxy:
     #: listener name → its certificate reloader, for listeners that serve TLS
     certificates: dict[str, CertReloader] = field(default_factory=dict)
     admin_app: web.Application | None = None
+    #: listener name → its server, whose counters show connections open and refused
+    servers: dict[str, GuardedServer] = field(default_factory=dict)
 
     def url(self, listener: str) -> str:
         """``http://host:port`` (``https://`` when it serves TLS) of a listener."""
@@ -144,11 +147,13 @@ async def running(
     sessions = []
     listeners: dict[str, tuple[str, int]] = {}
     certificates: dict[str, CertReloader] = {}
+    servers: dict[str, GuardedServer] = {}
     try:
         for listener in config.listeners:
             if listener.tls is not None:
                 certificates[listener.name] = CertReloader(listener.name, listener.tls)
             proxy_server, session = build_proxy_server(listener, shared)
+            servers[listener.name] = proxy_server
             sessions.append(session)
             runner = web.ServerRunner(
                 proxy_server, handle_signals=False, shutdown_timeout=config.server.grace_period
@@ -180,7 +185,12 @@ async def running(
             },
         )
         yield RunningProxy(
-            shared=shared, listeners=listeners, admin=admin, certificates=certificates, admin_app=admin_app
+            shared=shared,
+            listeners=listeners,
+            admin=admin,
+            certificates=certificates,
+            admin_app=admin_app,
+            servers=servers,
         )
     finally:
         for reloader in certificates.values():
