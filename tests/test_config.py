@@ -90,7 +90,9 @@ KEYS = {
     "/tls/not-pem": b"hello",
     "/tokens/file": b"viewer:file-token-0123456789\n",
     "/tokens/env": b"# two\nviewer:env-token-0123456789\nadmin:env-token-abcdefghij\n",
-    "/tokens/flag": b"viewer:flag-token-0123456789\nadmin:flag-token-abcdefghij\nadmin:flag-token-0000000000\n",
+    "/tokens/flag": (
+        b"viewer:flag-token-0123456789\nadmin:flag-token-abcdefghij\nadmin:flag-token-0000000000\n"
+    ),
     "/tokens/bad": b"root:flag-token-0123456789\n",
 }
 _HTTPS_MES = "https://mes.internal:8443"
