@@ -1113,6 +1113,12 @@ def _mapping(
     return value
 
 
+def _section_source(doc: _Doc, path: tuple[str | int, ...], section: Mapping[str, object]) -> str:
+    """Whom to blame for a whole section: the flags or variables that set its members, else its key."""
+    origins = [doc.origins[(*path, item)] for item in section if (*path, item) in doc.origins]
+    return ", ".join(dict.fromkeys(origins)) if origins else doc.key(*path)
+
+
 def _pem_file(
     doc: _Doc,
     section: Mapping[str, object],
@@ -1165,7 +1171,7 @@ def _server_tls(
         raise ConfigError(doc.key(*path, "cert_file"), "is required to serve TLS (with key_file)")
     if key is None:
         raise ConfigError(doc.key(*path, "key_file"), "is required to serve TLS (with cert_file)")
-    return ServerTls(cert_file=cert, key_file=key, source=doc.key(*path))
+    return ServerTls(cert_file=cert, key_file=key, source=_section_source(doc, path, section))
 
 
 def _upstream_tls(
@@ -1180,7 +1186,9 @@ def _upstream_tls(
     if section is None:
         return None
     if upstream.scheme != "https":
-        raise ConfigError(doc.key(*path), f"needs an https:// upstream, not {upstream.url}")
+        raise ConfigError(
+            _section_source(doc, path, section), f"needs an https:// upstream, not {upstream.url}"
+        )
     ca = _pem_file(doc, section, (*path, "ca_file"), "certificate", read_file)
     cert = _pem_file(doc, section, (*path, "cert_file"), "certificate", read_file)
     key = _pem_file(doc, section, (*path, "key_file"), "key", read_file)
@@ -1188,7 +1196,9 @@ def _upstream_tls(
         missing = "key_file" if key is None else "cert_file"
         raise ConfigError(doc.key(*path, missing), "a client certificate needs both cert_file and key_file")
     verify = _get(doc, section, (*path, "verify"), _parse_bool, True)
-    return UpstreamTls(ca_file=ca, cert_file=cert, key_file=key, verify=verify, source=doc.key(*path))
+    return UpstreamTls(
+        ca_file=ca, cert_file=cert, key_file=key, verify=verify, source=_section_source(doc, path, section)
+    )
 
 
 def _count(value: object) -> int:
