@@ -26,8 +26,9 @@ from mes_trace_proxy.redact import (
     DEFAULT_REDACT_KEYS,
     PrivacyPolicy,
     Redactor,
+    is_never_header,
 )
-from mes_trace_proxy.rules import CompiledRules, RuleError, compile_rules
+from mes_trace_proxy.rules import CompiledRules, RuleError, SourceKind, compile_rules, format_pointer
 
 __all__ = [
     "AdminConfig",
@@ -1033,6 +1034,8 @@ def load_config(
             raise ConfigError(doc.key(*path), "expected a string")
         return str(value)
 
+    privacy_config = _privacy(doc, privacy, user_header, secret, key_source)
+    _check_rule_sources(doc, listeners, privacy_config)
     return Config(
         listeners=listeners,
         admin=_admin(doc, admin, admin_listen, read_file),
@@ -1041,7 +1044,7 @@ def load_config(
             namespace=opt_str(service, ("service", "namespace")),
             environment=opt_str(service, ("service", "environment")),
         ),
-        privacy=_privacy(doc, privacy, user_header, secret, key_source),
+        privacy=privacy_config,
         watchdog=WatchdogConfig(
             state=_get(doc, watchdog, ("watchdog", "state"), _parse_state, DEFAULT_STATE),
             check_interval=_positive(doc, watchdog, ("watchdog", "check_interval"), DEFAULT_CHECK_INTERVAL),
@@ -1317,3 +1320,44 @@ def _privacy(
         key = field_name if field_name in ("header_allow", "query_allow", "redact_keys") else "header_allow"
         raise ConfigError(doc.key("privacy", key), str(exc).partition(": ")[2] or str(exc)) from None
     return config
+
+
+def _check_rule_sources(doc: _Doc, listeners: Sequence[ListenerConfig], privacy: PrivacyConfig) -> None:
+    """Refuse a rule that would export a personal value as an order id or status.
+
+    ``privacy.redact_keys`` names personal JSON members, query parameters, path parameters and
+    headers; credential headers and the user-id header are personal too. A rule reading one
+    would put a name or an e-mail address into ``mes.order.id``, the order book and the admin
+    pages, so it is a configuration error rather than something to redact per request.
+
+    Raises:
+        ConfigError: naming the rule's source key.
+    """
+    redactor = Redactor(privacy.policy())
+    user_header = privacy.user_id_header.lower()
+    for index, listener in enumerate(listeners):
+        if listener.rule_set == "inline":
+            base = doc.key("listeners", index, "rules")
+        elif listener.rule_set == "none":
+            continue
+        else:
+            base = f"rule_sets.{listener.rule_set}"
+        for position, rule in enumerate(listener.rules.rules):
+            for field_name in ("order_id", "status", "observed_status"):
+                source = getattr(rule, field_name)
+                if source is None or source.kind is SourceKind.CONST:
+                    continue
+                if source.kind in (SourceKind.BODY, SourceKind.RESPONSE):
+                    personal = redactor.key_is_personal(format_pointer(source.pointer))
+                else:
+                    personal = redactor.key_is_personal(source.name)
+                    if source.kind in (SourceKind.HEADER, SourceKind.RESPONSE_HEADER):
+                        personal = (
+                            personal or is_never_header(source.name) or source.name.lower() == user_header
+                        )
+                if personal:
+                    raise ConfigError(
+                        f"{base}[{position}].{field_name}",
+                        f"{source.spec} is personal data or a credential (privacy.redact_keys); "
+                        "it cannot be an order id or a status",
+                    )

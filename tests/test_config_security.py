@@ -332,3 +332,50 @@ def test_describe_shows_security_settings_without_secrets(tmp_path: object) -> N
     listener = described["listeners"][0]  # type: ignore[index]
     assert listener["tls"] == {"cert_file": "/tls/proxy.crt", "key_file": "/tls/proxy.key"}
     assert listener["limits"]["max_body_size"] == 1024**3
+
+
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        ({"order_id": "body:/customer/id", "status": "body:/status"}, "order_id"),
+        ({"order_id": "path:id", "status": "body:/buyer/email"}, "status"),
+        ({"order_id": "path:id", "observed_status": "response:/fullName"}, "observed_status"),
+        ({"order_id": "query:phone"}, "order_id"),
+        ({"order_id": "header:Authorization"}, "order_id"),
+        ({"order_id": "header:X-User-Id"}, "order_id"),
+        ({"order_id": "response_header:Set-Cookie"}, "order_id"),
+    ],
+    ids=[
+        "body-customer",
+        "body-email",
+        "response-name",
+        "query-phone",
+        "authorization",
+        "user-id",
+        "set-cookie",
+    ],
+)
+def test_rules_may_not_read_personal_sources(rule: dict[str, str], field: str) -> None:
+    """A rule that would export a personal key, a credential or the raw user id fails naming the rule."""
+    doc = {"rule_sets": {"mine": [{"name": "r", "method": "PUT", "route": "/o/{id}", **rule}]}}
+    with pytest.raises(ConfigError) as info:
+        _load({**doc, **_listener_doc(rules="mine")})
+    assert info.value.key == f"rule_sets.mine[0].{field}"
+    inline = {"listeners": [{"upstream": MES, "rules": [{"name": "r", "route": "/o/{id}", **rule}]}]}
+    with pytest.raises(ConfigError) as inline_info:
+        _load(inline)
+    assert inline_info.value.key == f"listeners[0].rules[0].{field}"
+
+
+def test_custom_redact_keys_govern_rule_sources() -> None:
+    """With redact_keys changed, a source is judged by the configured keys, not the defaults."""
+    doc = {
+        "privacy": {"redact_keys": ["engraving*"]},
+        "listeners": [
+            {"upstream": MES, "rules": [{"name": "r", "route": "/o/{id}", "order_id": "body:/customerRef"}]}
+        ],
+    }
+    assert _load(doc).listeners[0].rules.rules[0].order_id is not None
+    doc["privacy"] = {"redact_keys": ["customer*"]}
+    with pytest.raises(ConfigError):
+        _load(doc)
