@@ -26,6 +26,7 @@ __all__ = ["build_parser", "load_from_args", "main"]
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130  # the shell's convention for a run ended by Ctrl+C (128 + SIGINT)
 
 _HELP: Final = {
     "listen": "ingress listener HOST:PORT (CRM and dashboard → MES) [default 127.0.0.1:8080]",
@@ -244,4 +245,4 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"mes-trace-proxy: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE if args.command != "check-config" else EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED

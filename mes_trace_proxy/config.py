@@ -889,9 +889,15 @@ def _lifecycle(doc: _Doc) -> Lifecycle:
     if cancel is not None and not isinstance(cancel, str):
         raise ConfigError(doc.key("lifecycle", "cancel"), "expected a status name")
     all_statuses = [*statuses, *([cancel] if cancel and cancel not in statuses else [])]
-    terminal = section.get("terminal", sorted(base.terminal))
-    entry = section.get("entry", sorted(base.entry_statuses))
+    custom = "statuses" in section
+    # With a lifecycle of their own, users get the reference terminal statuses that exist in
+    # it, and the Lifecycle's own default entry (its first two statuses).
+    terminal = section.get("terminal", sorted(s for s in base.terminal if s in all_statuses))
+    entry_default: list[str] | None = None if custom else sorted(base.entry_statuses)
+    entry = section.get("entry", entry_default)
     for name, value in (("terminal", terminal), ("entry", entry)):
+        if value is None:
+            continue
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise ConfigError(doc.key("lifecycle", name), "expected a list of status names")
         unknown = [s for s in value if s not in all_statuses]
@@ -921,13 +927,13 @@ def _lifecycle(doc: _Doc) -> Lifecycle:
                 raise ConfigError(key, "a dwell limit must be longer than zero")
             limits[status] = seconds
     assert isinstance(terminal, list)
-    assert isinstance(entry, list)
+    assert entry is None or isinstance(entry, list)
     try:
         return Lifecycle(
             statuses=tuple(statuses),
             cancel=cancel,
             terminal=frozenset(terminal),
-            entry=frozenset(entry),
+            entry=None if entry is None else frozenset(entry),
             dwell_limits=MappingProxyType(limits),
         )
     except ValueError as exc:

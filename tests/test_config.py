@@ -882,3 +882,15 @@ def test_parse_size_rejects(value: object) -> None:
     """Anything else is a ValueError."""
     with pytest.raises(ValueError, match="size"):
         parse_size(value)
+
+
+def test_custom_lifecycle_without_entry_uses_its_own_first_statuses(default_rules: dict[str, object]) -> None:
+    """A lifecycle of the user's own needs no 'entry' or 'terminal': sensible defaults follow from it."""
+    config = load_config(
+        flags={"upstream": "http://mes:8080"},
+        environ={},
+        file_doc={"lifecycle": {"statuses": ["NEW", "MADE", "SENT"], "cancel": "VOID"}},
+        defaults=default_rules,
+    )
+    assert config.lifecycle.entry_statuses == frozenset({"NEW", "MADE"})
+    assert config.lifecycle.terminal == frozenset()
