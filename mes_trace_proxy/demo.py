@@ -93,7 +93,10 @@ KILL_TIMEOUT: Final = 5.0
 HTTP_TIMEOUT: Final = 2.0
 # Ten export periods of 0.5 s for the last spans to leave the proxy.
 DRAIN_TIMEOUT: Final = 5.0
-DRAIN_POLL: Final = 0.2
+DRAIN_POLL: Final = 0.2  # five scrapes a second of a loopback endpoint cost nothing
+# One order's simulated life from submit to CLOSED with the simulators' defaults: 1 s price,
+# 0.5 s confirm, 0.5 s dashboard poll, four more 0.5 s operator steps.
+LIFECYCLE_SECONDS: Final = 4.0
 # A terminal gets one line redrawn every second; a log (CI, a pipe) a line every 5 s.
 PROGRESS_TTY_EVERY: Final = 1.0
 PROGRESS_LOG_EVERY: Final = 5.0
@@ -286,8 +289,13 @@ class DemoConfig:
 
     @property
     def orders(self) -> int:
-        """Orders the CRM starts: ``rate`` a second for the whole run."""
-        return max(1, math.ceil(self.rate * self.seconds))
+        """Orders the CRM starts: ``rate`` a second, all early enough to finish within the run.
+
+        The last one starts one order lifetime before the end (at most halfway through), so
+        every order left behind at the end was left behind by a MES fault, not by the clock.
+        """
+        launch_window = max(self.seconds - LIFECYCLE_SECONDS * self.time_scale, self.seconds / 2)
+        return max(1, math.ceil(self.rate * launch_window))
 
     @property
     def dwell_limits(self) -> Mapping[str, float]:
