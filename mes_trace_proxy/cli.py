@@ -26,6 +26,7 @@ __all__ = ["build_parser", "load_from_args", "main"]
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130  # the shell's convention for a run ended by Ctrl+C (128 + SIGINT)
 
 _HELP: Final = {
     "listen": "ingress listener HOST:PORT (CRM and dashboard → MES) [default 127.0.0.1:8080]",
@@ -58,6 +59,8 @@ def _read_config_file(path: str, origin: str) -> dict[str, object]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(origin, f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(origin, f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -174,10 +177,15 @@ def _cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> i
 def _cmd_explain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from mes_trace_proxy.explain import explain
 
-    if args.upstream is None and not environ.get("MES_PROXY_UPSTREAM"):
-        # explain never connects anywhere; any upstream satisfies the validator.
+    try:
+        config = load_from_args(args, environ)
+    except ConfigError as exc:
+        # explain never connects anywhere, so a missing upstream gets a placeholder; one set by
+        # the config file must not be overridden by it (a flag would beat the file).
+        if args.upstream is not None or not exc.key.startswith("--upstream /"):
+            raise
         args.upstream = "http://upstream.invalid"
-    config = load_from_args(args, environ)
+        config = load_from_args(args, environ)
     headers: list[tuple[str, str]] = []
     for item in args.header:
         name, sep, value = item.partition(":")
@@ -228,4 +236,4 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"mes-trace-proxy: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE if args.command != "check-config" else EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED

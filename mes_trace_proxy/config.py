@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -205,7 +206,7 @@ class Config:
             "watchdog": {
                 "state": _mask_url(self.watchdog.state),
                 "check_interval": self.watchdog.check_interval,
-                "jaeger_url": self.watchdog.jaeger_url,
+                "jaeger_url": _mask_url(self.watchdog.jaeger_url),
                 "correlation": self.watchdog.correlation,
                 "retention": self.watchdog.retention,
             },
@@ -224,9 +225,15 @@ class Config:
         }
 
 
+# The userinfo password runs to the last '@' of the authority (urlsplit reads it so, and
+# so does redis-py); redis-py also takes ``?password=``.
+_URL_PASSWORD: Final = re.compile(r"(://[^:/?#@]*:)[^/?#]*@")
+_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def _mask_url(url: str) -> str:
-    """Hide a password in ``redis://user:secret@host``."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    """Hide a password in ``redis://user:secret@host`` or ``redis://host?password=secret``."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
 # ── scalar parsers ──────────────────────────────────────────────────────────────────────
@@ -255,13 +262,18 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 10s, 15m, 2h, 7d)")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"{value!r} is negative")
-        return float(value)
-    found = _DURATION.match(str(value))
-    if found is None:
-        raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 10s, 15m, 2h, 7d)")
-    return float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+        seconds = float(value)
+    else:
+        found = _DURATION.match(str(value))
+        if found is None:
+            raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 10s, 15m, 2h, 7d)")
+        seconds = float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+    # YAML's .nan and .inf, or 400 digits, would pass a '< 0' check and stall every timer.
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
 
 
 def parse_size(value: object) -> int:
@@ -318,9 +330,14 @@ def _parse_upstream(value: object) -> Upstream:
     if parts.username or parts.password:
         raise ValueError("credentials in the upstream URL would leak into logs; use a header instead")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError:
         raise ValueError(f"{text!r} has an invalid port") from None
+    if port == 0:
+        # "or default" would quietly turn ":0" into 80; nothing can be reached on port 0.
+        raise ValueError(f"{text!r} has an invalid port")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
     return Upstream(
         url=text, scheme=parts.scheme, host=parts.hostname, port=port, base_path=parts.path.rstrip("/")
     )
@@ -473,27 +490,30 @@ class _Doc:
 
     def set(self, path: Sequence[str | int], value: object, origin: str) -> None:
         node: object = self.data
-        for depth, part in enumerate(path[:-1]):
-            nxt = path[depth + 1]
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
             if isinstance(part, int):
-                assert isinstance(node, list)
+                # The file may hold anything here (``listeners: {..}``): blame its key.
+                if not isinstance(node, list):
+                    raise ConfigError(_key_text(path[:depth]), "expected a list")
                 while len(node) <= part:
                     node.append({})
-                node = node[part]
+                if last:
+                    node[part] = value
+                    break
+                child = node[part]
+                if child is None:
+                    child = node[part] = [] if isinstance(path[depth + 1], int) else {}
             else:
-                assert isinstance(node, dict)
-                node = node.setdefault(part, [] if isinstance(nxt, int) else {})
-            if not isinstance(node, dict | list):
-                raise ConfigError(_key_text(path[: depth + 1]), "expected a mapping or a list")
-        last = path[-1]
-        if isinstance(last, int):
-            assert isinstance(node, list)
-            while len(node) <= last:
-                node.append({})
-            node[last] = value
-        else:
-            assert isinstance(node, dict)
-            node[last] = value
+                if not isinstance(node, dict):
+                    raise ConfigError(_key_text(path[:depth]), "expected a mapping")
+                if last:
+                    node[part] = value
+                    break
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = [] if isinstance(path[depth + 1], int) else {}
+            node = child
         self.origins[tuple(path)] = origin
 
     def section(self, name: str) -> Mapping[str, object]:
@@ -559,6 +579,15 @@ def _overlay(doc: _Doc, flags: Mapping[str, object], environ: Mapping[str, str])
             doc.set(("lifecycle", "dwell_limits", status), duration, FLAG_DWELL_LIMIT)
 
 
+def _missing_key(doc: _Doc, path: tuple[str | int, ...]) -> str:
+    """A required key nobody set: also name the flag and variable that would set it, if any."""
+    key = doc.key(*path)
+    for option in OPTIONS:
+        if option.path == path and key == _key_text(path):
+            return f"{option.flag} / {option.env} / {key}"
+    return key
+
+
 def _listener(doc: _Doc, index: int, raw: object, rule_sets: Mapping[str, CompiledRules]) -> ListenerConfig:
     base = ("listeners", index)
     if not isinstance(raw, dict):
@@ -571,15 +600,18 @@ def _listener(doc: _Doc, index: int, raw: object, rule_sets: Mapping[str, Compil
     default_name = ("ingress", "egress")[index] if index < 2 else f"listener{index}"
     name = str(raw.get("name") or default_name)
     if raw.get("upstream") in (None, ""):
-        key = doc.key(*base, "upstream")
-        if index == 0 and key == "listeners[0].upstream":
-            key = "--upstream / MES_PROXY_UPSTREAM / listeners[0].upstream"
-        raise ConfigError(key, "is required: the URL of the service behind this listener")
+        raise ConfigError(
+            _missing_key(doc, (*base, "upstream")), "is required: the URL of the service behind this listener"
+        )
     listen_default = DEFAULT_LISTEN if index == 0 else None
     if raw.get("listen") in (None, "") and listen_default is None:
-        raise ConfigError(doc.key(*base, "listen"), "is required for every listener after the first")
+        raise ConfigError(
+            _missing_key(doc, (*base, "listen")), "is required for every listener after the first"
+        )
     # Later listeners have no default (checked above), so the fallback is only ever the first's.
-    listen = _get(doc, raw, (*base, "listen"), _parse_hostport, _parse_hostport(listen_default or DEFAULT_LISTEN))
+    listen = _get(
+        doc, raw, (*base, "listen"), _parse_hostport, _parse_hostport(listen_default or DEFAULT_LISTEN)
+    )
     upstream = _get(doc, raw, (*base, "upstream"), _parse_upstream, _parse_upstream("http://unset"))
     rules_raw = raw.get("rules")
     if rules_raw is None:
@@ -666,9 +698,15 @@ def _lifecycle(doc: _Doc) -> Lifecycle:
     if cancel is not None and not isinstance(cancel, str):
         raise ConfigError(doc.key("lifecycle", "cancel"), "expected a status name")
     all_statuses = [*statuses, *([cancel] if cancel and cancel not in statuses else [])]
-    terminal = section.get("terminal", sorted(base.terminal))
-    entry = section.get("entry", sorted(base.entry_statuses))
+    custom = "statuses" in section
+    # With a lifecycle of their own, users get the reference terminal statuses that exist in
+    # it, and the Lifecycle's own default entry (its first two statuses).
+    terminal = section.get("terminal", sorted(s for s in base.terminal if s in all_statuses))
+    entry_default: list[str] | None = None if custom else sorted(base.entry_statuses)
+    entry = section.get("entry", entry_default)
     for name, value in (("terminal", terminal), ("entry", entry)):
+        if value is None:
+            continue
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise ConfigError(doc.key("lifecycle", name), "expected a list of status names")
         unknown = [s for s in value if s not in all_statuses]
@@ -685,6 +723,11 @@ def _lifecycle(doc: _Doc) -> Lifecycle:
             key = doc.key("lifecycle", "dwell_limits", status)
             if status not in all_statuses:
                 raise ConfigError(key, f"{status!r} is not a lifecycle status ({', '.join(all_statuses)})")
+            if isinstance(terminal, list) and status in terminal:
+                # Checked here, not only by Lifecycle, so the flag or env var that set it is named.
+                raise ConfigError(
+                    key, f"{status!r} is terminal: an order never leaves it, so it has no limit"
+                )
             try:
                 seconds = parse_duration(duration)
             except ValueError as exc:
@@ -693,13 +736,13 @@ def _lifecycle(doc: _Doc) -> Lifecycle:
                 raise ConfigError(key, "a dwell limit must be longer than zero")
             limits[status] = seconds
     assert isinstance(terminal, list)
-    assert isinstance(entry, list)
+    assert entry is None or isinstance(entry, list)
     try:
         return Lifecycle(
             statuses=tuple(statuses),
             cancel=cancel,
             terminal=frozenset(terminal),
-            entry=frozenset(entry),
+            entry=None if entry is None else frozenset(entry),
             dwell_limits=MappingProxyType(limits),
         )
     except ValueError as exc:

@@ -189,7 +189,7 @@ class ProxyMetrics(Observer):
             self.transitions.labels(listener, prev, self._label(transition.new), transition.kind.value).inc()
             if findings.anomaly:
                 self.anomalies.labels(transition.kind.value).inc()
-            if getattr(findings, "dwell", None) is not None and transition.prev is not None:
-                self.dwell.labels(prev).observe(findings.dwell)  # noqa
+            if findings.dwell is not None and transition.prev is not None:
+                self.dwell.labels(prev).observe(findings.dwell)
         if findings.observed_mismatch:
             self.anomalies.labels("observed_mismatch").inc()

@@ -94,6 +94,8 @@ class Findings:
     observed_mismatch: bool = False
     was_stuck: bool = False
     changed: bool = False
+    dwell: float | None = None
+    """Seconds the order spent in the status this call moved it out of (None: no move)."""
     # The order's packed history: ``first_span`` decodes it only when asked, which keeps
     # ``apply`` to one small allocation when the caller does not link.
     history: bytes = field(default=b"", repr=False)
@@ -489,10 +491,11 @@ class OrderBook:
         transition = self._transition(current, new, mismatch)
         if new == current:
             return Findings(transition=transition, observed_mismatch=mismatch, history=hist)
+        dwell = now - _since(hist)
         was_stuck = self._queues[current].remove(order_id)
         if not was_stuck:
             limit = self._limits.get(current)
-            was_stuck = limit is not None and now - _since(hist) > limit
+            was_stuck = limit is not None and dwell > limit
         if len(hist) >= self._hist_max:
             hist = hist[:_E] + hist[2 * _E :]
         trace = span.trace_id
@@ -513,6 +516,7 @@ class OrderBook:
             observed_mismatch=mismatch,
             history=hist,
             was_stuck=was_stuck,
+            dwell=dwell,
             changed=True,
         )
 

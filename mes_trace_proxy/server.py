@@ -110,7 +110,8 @@ async def running(
     if clock is not None:
         shared.clock = clock
     metrics.bind(
-        export_stats=tracing.export_stats, order_counts=shared.orders.counts if shared.orders else None
+        export_stats=tracing.export_stats,
+        order_counts=shared.orders.counts if shared.orders is not None else None,
     )
     runners: list[web.BaseRunner] = []
     sessions = []

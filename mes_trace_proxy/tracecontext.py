@@ -99,4 +99,8 @@ class TrustPolicy:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
-        return any(ip in net for net in self.networks)
+        # A dual-stack listener reports IPv4 callers as "::ffff:10.0.0.5", and IPv6 has many
+        # spellings ("0:0::1"); compare the canonical address, never the text as received.
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return str(ip) in self.hosts or any(ip in net for net in self.networks)

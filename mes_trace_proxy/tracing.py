@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,11 +24,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
     ALWAYS_ON,
+    ParentBased,
     Sampler,
     SamplingResult,
     TraceIdRatioBased,
-    _get_from_env_or_default,
 )
 from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
 from opentelemetry.trace import Link, SpanKind
@@ -227,6 +228,39 @@ class BatchExportProcessor(SpanProcessor):
         self._exporter.shutdown()
 
 
+_SAMPLERS: Final[Mapping[str, Callable[[float], Sampler]]] = {
+    "always_on": lambda ratio: ALWAYS_ON,
+    "always_off": lambda ratio: ALWAYS_OFF,
+    "traceidratio": lambda ratio: TraceIdRatioBased(ratio),
+    "parentbased_always_on": lambda ratio: ParentBased(ALWAYS_ON),
+    "parentbased_always_off": lambda ratio: ParentBased(ALWAYS_OFF),
+    "parentbased_traceidratio": lambda ratio: ParentBased(TraceIdRatioBased(ratio)),
+}
+
+
+def default_sampler(environ: Mapping[str, str]) -> Sampler:
+    """The SDK's default sampler as ``OTEL_TRACES_SAMPLER``/``_ARG`` name it (specification §Sampler).
+
+    Read from the given environment rather than the SDK's own lookup of ``os.environ``, so a
+    test or an embedder can set it; the names and the default are the specification's.
+
+    Raises:
+        ValueError: an unknown sampler name or a ratio outside 0..1.
+    """
+    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    factory = _SAMPLERS.get(name)
+    if factory is None:
+        raise ValueError(f"OTEL_TRACES_SAMPLER={name!r}: use one of {', '.join(_SAMPLERS)}")
+    raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    try:
+        ratio = float(raw)
+    except ValueError:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={raw!r} is not a number") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={raw!r} must be from 0 to 1")
+    return factory(ratio)
+
+
 def _env_int(environ: Mapping[str, str], name: str) -> int:
     raw = environ.get(name)
     if raw is None or raw == "":
@@ -237,6 +271,20 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
         raise ValueError(f"{name}={raw!r} is not a whole number") from None
     if value <= 0:
         raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _timeout(environ: Mapping[str, str]) -> float | None:
+    """``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`` in seconds (the SDK's unit for these), or the SDK default."""
+    raw = environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_TIMEOUT={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_TIMEOUT={raw!r} must be positive")
     return value
 
 
@@ -267,7 +315,9 @@ def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 insecure = None
                 if endpoint and endpoint.startswith("http://"):
                     insecure = True
-                exporters.append(GrpcExporter(endpoint=endpoint, insecure=insecure))
+                exporters.append(
+                    GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=_timeout(environ))
+                )
             elif protocol == "http/protobuf":
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                     OTLPSpanExporter as HttpExporter,
@@ -277,7 +327,7 @@ def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 if not endpoint and environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
                     # OTLP spec: the signal path is appended to the generic endpoint only.
                     endpoint = environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
-                exporters.append(HttpExporter(endpoint=endpoint))
+                exporters.append(HttpExporter(endpoint=endpoint, timeout=_timeout(environ)))
             else:
                 raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
         else:
@@ -332,7 +382,7 @@ def build_tracing(config: Config, environ: Mapping[str, str] | None = None) -> T
                 # Every status change is recorded whatever the default ratio: it is what the
                 # watchdog links stuck orders to.
                 per_route[rule.route] = ALWAYS_ON
-    sampler = RouteSampler(_get_from_env_or_default(), per_route)
+    sampler = RouteSampler(default_sampler(env), per_route)
     resource = Resource.create(resource_attributes(config, env))
     provider = TracerProvider(resource=resource, sampler=sampler)
     processors = []

@@ -143,9 +143,12 @@ async def proxy_websocket(
                     task.cancel()
                 await asyncio.gather(to_upstream, to_client, return_exceptions=True)
                 await downstream.close()
-            span.add_event(EVENT_WS_CLOSED, {"websocket.frames": frames[0]})
             return downstream
     finally:
+        # Recorded here, not after the relay: the caller closing its socket cancels the
+        # handler mid-close, and the span must still say how much went through.
+        if status == 101:
+            span.add_event(EVENT_WS_CLOSED, {"websocket.frames": frames[0]})
         span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, status)
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR))

@@ -164,6 +164,7 @@ def test_next_call(
         assert transition.observed is mismatch
     assert findings.observed_mismatch is mismatch
     assert findings.changed is changed
+    assert findings.dwell == (5.0 if changed else None)
     assert findings.first_span == span(1)
     view = book.get("o-1")
     assert view is not None

@@ -1,0 +1,64 @@
+"""JSON logs: one object per line, extra fields kept, exception messages never printed."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from mes_trace_proxy.logs import ACCESS_LOGGER, JsonFormatter, access_logger, configure_logging
+
+
+def test_formatter_writes_one_json_object_with_extra_fields() -> None:
+    """A record becomes JSON with time, level, logger, message and the caller's extra fields."""
+    record = logging.LogRecord(
+        "mes_trace_proxy.x", logging.WARNING, __file__, 1, "store down %s", ("now",), None
+    )
+    record.listener = "ingress"
+    data = json.loads(JsonFormatter().format(record))
+    assert data["level"] == "warning"
+    assert data["logger"] == "mes_trace_proxy.x"
+    assert data["message"] == "store down now"
+    assert data["listener"] == "ingress"
+    assert data["time"].endswith("Z")
+
+
+def test_formatter_names_exception_class_but_never_its_message() -> None:
+    """Exception text can carry request data, so only the class name is logged."""
+    try:
+        raise ValueError("customer ivan@example.com")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert json.loads(line)["exception"] == "ValueError"
+    assert "ivan@example.com" not in line
+
+
+def test_access_logger_writes_lines_and_survives_a_closed_stream() -> None:
+    """Each call writes one JSON line; a closed stdout never raises into the request."""
+    stream = io.StringIO()
+    write = access_logger(stream)
+    write({"route": "/api/v1/orders/{orderId}", "status": 200})
+    entry = json.loads(stream.getvalue())
+    assert entry["logger"] == ACCESS_LOGGER
+    assert entry["status"] == 200
+    stream.close()
+    write({"status": 500})
+
+
+def test_configure_logging_routes_records_as_json() -> None:
+    """After configure_logging, application records come out as JSON at the chosen level."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("warning", stream)
+        logging.getLogger("mes_trace_proxy.t").info("hidden")
+        logging.getLogger("mes_trace_proxy.t").warning("shown")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == ["shown"]

@@ -1,0 +1,155 @@
+"""The proxy as a real process: start-up, bounded memory while streaming, drain on SIGTERM, bind errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from mes_trace_proxy.sim.otlp_sink import OtlpSink
+from tests.conftest import otlp_env
+from tests.proxy_process import proxy_process
+from tests.upstream import RecordingUpstream
+
+# Streams of this size would show up in RSS many times over if anything buffered them.
+STREAM_BYTES = 64 * 1024 * 1024
+# What a streaming proxy may grow by while moving 64 MiB: socket buffers, a few 64-256 KiB
+# reads in flight, allocator slack. Buffering even one direction would exceed it fourfold.
+RSS_GROWTH_BOUND_KIB = 16 * 1024
+LOOPBACK_ARGS = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state", "memory"]
+
+
+async def _pattern(total: int) -> AsyncIterator[bytes]:
+    block = bytes(range(256)) * 1024
+    sent = 0
+    while sent < total:
+        piece = block[: min(len(block), total - sent)]
+        sent += len(piece)
+        yield piece
+
+
+@pytest.mark.slow
+async def test_64_mib_upload_and_download_stream_in_bounded_memory(
+    recording_upstream: tuple[str, RecordingUpstream],
+) -> None:
+    """64 MiB each way pass through intact while the proxy's peak RSS grows by less than 16 MiB."""
+    base, upstream = recording_upstream
+    async with (
+        proxy_process([*LOOPBACK_ARGS, "--upstream", base], {"OTEL_TRACES_EXPORTER": "none"}) as proxy,
+        aiohttp.ClientSession(auto_decompress=False) as client,
+    ):
+        async with client.get(f"{proxy.url()}/api/v1/health") as resp:
+            assert resp.status == 200
+        before = proxy.status_kib("VmHWM")
+        async with client.post(
+            f"{proxy.url()}/t/upload",
+            data=_pattern(STREAM_BYTES),
+            headers={"Content-Type": "application/octet-stream"},
+        ) as resp:
+            assert resp.status == 200
+            answer = await resp.json()
+        expected = hashlib.sha256()
+        async for piece in _pattern(STREAM_BYTES):
+            expected.update(piece)
+        assert answer == {"bytes": STREAM_BYTES, "sha256": expected.hexdigest()}
+        got = hashlib.sha256()
+        received = 0
+        async with client.get(f"{proxy.url()}/t/download?size={STREAM_BYTES}&length=1") as resp:
+            assert resp.headers["Content-Length"] == str(STREAM_BYTES)
+            async for chunk in resp.content.iter_chunked(1024 * 1024):
+                got.update(chunk)
+                received += len(chunk)
+        assert received == STREAM_BYTES
+        assert got.hexdigest() == expected.hexdigest()
+        growth = proxy.status_kib("VmHWM") - before
+        print(f"proxy peak RSS growth for 64 MiB up + 64 MiB down: {growth} KiB")
+        assert growth < RSS_GROWTH_BOUND_KIB
+    assert upstream.upload[0] == STREAM_BYTES
+
+
+async def test_sigterm_drains_in_flight_refuses_new_and_flushes_spans(
+    recording_upstream: tuple[str, RecordingUpstream], otlp_sink: OtlpSink
+) -> None:
+    """On SIGTERM an in-flight request still completes, new connections are refused, spans are exported."""
+    base, upstream = recording_upstream
+    env = otlp_env(otlp_sink) | {"OTEL_BSP_SCHEDULE_DELAY": "60000"}  # only the shutdown flush exports
+    async with proxy_process([*LOOPBACK_ARGS, "--upstream", base, "--grace-period", "10s"], env) as proxy:
+        async with aiohttp.ClientSession() as client:
+            in_flight = asyncio.ensure_future(client.get(f"{proxy.url()}/t/slow"))
+            await asyncio.wait_for(upstream.slow_started.wait(), 10)
+            proxy.process.send_signal(signal.SIGTERM)
+            host, port = proxy.listeners["ingress"].split(":")
+            # Once the listening socket is closed, a new connection is refused.
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        _r, writer = await asyncio.open_connection(host, int(port))
+                    except ConnectionRefusedError:
+                        break
+                    writer.close()
+                    await asyncio.sleep(0.02)
+            upstream.release.set()
+            resp = await asyncio.wait_for(in_flight, 10)
+            assert resp.status == 200
+            assert await resp.text() == "late"
+            resp.release()
+        assert await asyncio.wait_for(proxy.process.wait(), 20) == 0
+    spans = await otlp_sink.wait_for_spans(2, timeout=10)
+    assert {span.kind for span in spans} == {"SERVER", "CLIENT"}
+    messages = [line.get("message") for line in proxy.json_lines()]
+    assert "mes-trace-proxy stopped" in messages
+
+
+async def test_busy_port_is_a_clear_error_not_a_traceback() -> None:
+    """A listen address already in use stops start-up with exit 1 and a message naming it."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mes_trace_proxy",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--state",
+            "memory",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={"OTEL_TRACES_EXPORTER": "none", "PATH": ""},
+        )
+        _out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    text = err.decode()
+    assert f"127.0.0.1:{port}" in text
+    assert "listener ingress" in text
+    assert "Traceback" not in text
+
+
+async def test_bad_config_exits_2_naming_the_flag() -> None:
+    """A bad --upstream stops start-up with exit status 2 and the flag named."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mes_trace_proxy",
+        "serve",
+        "--upstream",
+        "ftp://mes",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": ""},
+    )
+    _out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "--upstream" in err.decode()
