@@ -80,7 +80,7 @@ def explain(
             response_headers=CIMultiDict({"Content-Type": "application/json"}),
             response_body=response_body,
         )
-    redactor = Redactor()
+    redactor = Redactor(config.privacy.policy())
     user = None
     if config.privacy.user_id_key is not None:
         user_id = user_id_from_headers(lookup, header_name=config.privacy.user_id_header)
