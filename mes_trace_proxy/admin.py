@@ -1,4 +1,4 @@
-"""The admin listener: liveness, readiness and Prometheus metrics.
+"""The admin listener: liveness, readiness, Prometheus metrics, and the orders API and page.
 
 ``/healthz`` answers while the process runs; ``/readyz`` only when every listener is bound
 and each upstream has answered recently or accepts a TCP connection now; ``/metrics`` is
@@ -15,6 +15,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mes_trace_proxy.admin_orders import add_order_routes
 from mes_trace_proxy.app import Shared
 
 __all__ = ["SHARED", "build_admin_app"]
@@ -86,4 +87,5 @@ def build_admin_app(shared: Shared) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_order_routes(app, shared)
     return app

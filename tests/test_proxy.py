@@ -26,7 +26,7 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def _proxy_url(make_config: MakeConfig, start_proxy: StartProxy, upstream: str, **flags: object) -> str:
-    proxy = await start_proxy(make_config(upstream, **flags))
+    proxy = await start_proxy(make_config(upstream, doc=None, **flags))
     return proxy.url("ingress")
 
 
