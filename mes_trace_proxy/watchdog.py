@@ -90,6 +90,8 @@ class Watchdog:
         self._cursor: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._sync_failing = False
+        #: set once the background task finished its first round (start-up catch-up done)
+        self.first_round = asyncio.Event()
         self.load_errors = 0
         self.sync_errors = 0
         self.check_errors = 0
@@ -249,6 +251,7 @@ class Watchdog:
             except Exception:  # a bug in one round must not end the watchdog
                 self.check_errors += 1
                 log.exception("watchdog check failed")
+            self.first_round.set()
             await asyncio.sleep(self._interval)
 
     # ── scrape-time sources ─────────────────────────────────────────────────────────────────
