@@ -48,16 +48,18 @@ def iso_utc(epoch: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    """The two largest units of a duration, for people: ``2 d 3 h``, ``1 h 5 min``, ``45 s``."""
+    """A duration for people, in its largest unit and the next one: ``2 d 3 h``, ``1 h``, ``45 s``."""
     total = max(0, int(seconds))
-    parts: list[str] = []
-    for name, size in _UNITS:
-        value, total = divmod(total, size)
-        if value or (parts and len(parts) < 2):
-            parts.append(f"{value} {name}")
-        if len(parts) == 2:
-            break
-    return " ".join(parts) if parts else "0 s"
+    for index, (name, size) in enumerate(_UNITS):
+        if total >= size or size == 1:
+            text = f"{total // size} {name}"
+            if index + 1 < len(_UNITS):
+                next_name, next_size = _UNITS[index + 1]
+                rest = total % size // next_size
+                if rest:
+                    text += f" {rest} {next_name}"
+            return text
+    raise AssertionError("unreachable: the last unit is one second")
 
 
 def jaeger_search_url(base: str, service: str, order_id: str, *, start: float, end: float) -> str:
@@ -211,10 +213,12 @@ def render(data: DashboardData) -> str:
         "<header><h1>MES orders</h1>",
         f'<p class="meta">{data.tracked} tracked · {data.stuck_total} stuck · as of '
         f'<time datetime="{iso_utc(data.now)}">{esc(_clock(data.now))}</time> UTC</p></header>',
-        _counts_table(data),
+        # Stuck orders first: on a phone they are what the page is opened for.
         f'<section><h2 id="stuck">Stuck orders ({data.stuck_total})</h2>',
         _stuck_list(data),
-        "</section></body></html>",
+        "</section>",
+        _counts_table(data),
+        "</body></html>",
     ]
     return "\n".join(part for part in parts if part)
 
@@ -262,7 +266,7 @@ def _stuck_item(data: DashboardData, entry: StuckEntry, unfold: bool) -> str:
         f'<li class="order" data-order-id="{esc(stuck.order_id)}">'
         f'<div class="head"><span class="id">{esc(stuck.order_id)}</span>'
         f'<span class="status">{esc(stuck.status)}</span>'
-        f'<span class="late">{esc(human_duration(stuck.over_by))} over</span></div>'
+        f'<span class="late">{esc(human_duration(stuck.over_by))} over limit</span></div>'
         f'<div class="since">in {esc(stuck.status)} since '
         f'<time datetime="{iso_utc(stuck.since)}">{esc(_clock(stuck.since))}</time> UTC '
         f"(limit {esc(human_duration(stuck.limit))})</div>"
@@ -280,7 +284,7 @@ def _timeline(jaeger_url: str, history: Sequence[HistoryEntry], unfold: bool) ->
         css = "kind-anomaly" if entry.kind.anomaly else "kind"
         link = (
             f'<a href="{esc(jaeger_trace_url(jaeger_url, trace))}" rel="noopener" target="_blank">'
-            f"{esc(trace[:8])}…</a>"
+            f"trace {esc(trace[:8])}…</a>"
             if entry.span.is_valid
             else ""
         )
