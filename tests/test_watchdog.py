@@ -444,6 +444,9 @@ async def test_lifecycle_through_the_proxy_with_mes_simulator(
         text = await stack.metrics()
         assert _sample(text, "mes_order_stuck_found_total", status="SUBMITTED") == 1
         assert _sample(text, "mes_orders_stuck", status="SUBMITTED") == 1
+        assert _sample(text, "mes_state_store_errors_total") == 0
+        assert lost not in text
+        assert kept not in text  # no order id in any label
         assert len(_stuck_lines(caplog, lost)) == 1
         assert _stuck_lines(caplog, kept) == []
 
