@@ -27,7 +27,7 @@ from mes_trace_proxy.config import Config
 from mes_trace_proxy.logs import JsonFormatter
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook, SpanRef
-from mes_trace_proxy.server import RunningProxy, running
+from mes_trace_proxy.server import RunningProxy, StartupError, running
 from mes_trace_proxy.sim.mes import MES_STATE, MesSimConfig, build_app, share_hit
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from mes_trace_proxy.store import MemoryStore, StateStore, StoreWriter, open_store
@@ -632,3 +632,14 @@ async def test_failing_store_keeps_requests_flowing_loudly(
         async with http.get(f"{proxy.admin_url}/metrics") as resp:
             assert _sample(await resp.text(), "mes_state_store_pending") == 0
     assert "state store recovered" in caplog.text
+
+
+@pytest.mark.parametrize("state", ["sqlite:///", "redis://:6379/0", "redis://host/zero"])
+async def test_unusable_state_url_stops_start_up_naming_the_option(
+    make_config: MakeConfig, recording_upstream: tuple[str, RecordingUpstream], state: str
+) -> None:
+    """A --state URL that names no usable store stops start-up with a StartupError naming the option."""
+    base, _ = recording_upstream
+    with pytest.raises(StartupError, match=r"^--state / MES_PROXY_STATE / watchdog.state: state URL"):
+        async with running(make_config(base, state=state), environ=NO_OTEL):
+            pytest.fail("the proxy started")
