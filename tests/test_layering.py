@@ -27,6 +27,7 @@ CORE: Final = (
     "orders",
     "problems",
     "explain",
+    "admin_page",
 )
 #: What the core must never import: the event loop, the HTTP stack, the SDK, storage, sockets.
 BANNED: Final = ("aiohttp", "asyncio", "opentelemetry.sdk", "sqlite3", "redis", "socket")
