@@ -96,7 +96,7 @@ EVENT_ANOMALY: Final = "mes.order.anomaly"
 # Semantic conventions, HTTP spans §"HTTP request method": these are recorded as sent; any
 # other method becomes "_OTHER" with the original in http.request.method_original.
 KNOWN_METHODS: Final = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from mes_trace_proxy.admin import build_admin_app
 from mes_trace_proxy.admin_orders import ROUTE_ACCESS, Page, page_params
 from mes_trace_proxy.admin_page import jaeger_search_url
+from mes_trace_proxy.config import load_config
 from mes_trace_proxy.server import RunningProxy
 from tests.conftest import MakeConfig, ManualClock, StartProxy
 from tests.upstream import RecordingUpstream
@@ -262,3 +264,59 @@ async def test_every_orders_route_is_named_in_the_access_table(admin: Admin) -> 
     names = {r.name for r in app.router.routes() if r.name is not None and r.name.startswith("orders.")}
     assert set(ROUTE_ACCESS) == names
     assert {name for name, access in ROUTE_ACCESS.items() if access != "read"} == {"orders.purge"}
+
+
+VIEWER_TOKEN = "viewer-token-for-orders-0123456789"
+ADMIN_TOKEN = "admin-token-for-orders-9876543210"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "token", "status"),
+    [
+        ("GET", "/", None, 401),
+        ("GET", "/", VIEWER_TOKEN, 200),
+        ("GET", "/orders/stuck", VIEWER_TOKEN, 200),
+        ("GET", "/orders?status=SUBMITTED", VIEWER_TOKEN, 200),
+        ("GET", "/orders/ORD%2F9", VIEWER_TOKEN, 200),
+        ("GET", "/orders/ORD%2F9", None, 401),
+        ("POST", "/orders/purge", VIEWER_TOKEN, 403),
+        ("POST", "/orders/purge", ADMIN_TOKEN, 200),
+    ],
+    ids=["page-anon", "page", "stuck", "list", "order", "order-anon", "purge-viewer", "purge-admin"],
+)
+async def test_orders_routes_take_their_roles_from_the_admin_table(
+    tmp_path: Path,
+    default_rules: dict[str, object],
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+    method: str,
+    path: str,
+    token: str | None,
+    status: int,
+) -> None:
+    """With admin tokens, viewers read the page and the orders API; only admins purge."""
+    base, _ = recording_upstream
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"viewer:{VIEWER_TOKEN}\nadmin:{ADMIN_TOKEN}\n")
+    flags: dict[str, object] = {
+        "upstream": base,
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "state": "memory",
+        "admin_token_file": str(tokens),
+    }
+    config = load_config(
+        flags=flags,
+        environ={},
+        file_doc=None,
+        defaults=default_rules,
+        read_file=lambda p: Path(p).read_bytes(),
+    )
+    proxy = await start_proxy(config)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http:
+        order_url = f"{proxy.url('ingress')}/api/v1/orders/ORD%2F9/status"
+        async with http.put(order_url, json={"status": "SUBMITTED"}) as created:
+            assert created.status == 200
+        async with http.request(method, f"{proxy.admin_url}{path}", headers=headers) as resp:
+            assert resp.status == status
