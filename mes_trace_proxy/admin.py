@@ -149,14 +149,16 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("draining for shutdown")
     now = time.monotonic()
     upstreams: dict[str, str] = {}
-    for listener in shared.config.listeners:
+    for index, listener in enumerate(shared.config.listeners):
         last = readiness.last_upstream_answer.get(listener.name)
         if last is not None and now - last < READY_WINDOW:
             upstreams[listener.name] = "answering"
             continue
         reachable = await _probe(listener.upstream.host, listener.upstream.port)
         upstreams[listener.name] = "reachable" if reachable else "unreachable"
-        if not reachable:
+        # Only the first listener's upstream (MES, beside us in the pod) gates readiness: a
+        # CRM outage on the egress side must not take MES out of its Service as well.
+        if not reachable and index == 0:
             problems.append(f"upstream of {listener.name} unreachable")
     status = 200 if not problems else 503
     return web.json_response(
