@@ -166,7 +166,7 @@ class _Orders:
             "jaeger_url": self._search(stuck.order_id, first, now),
         }
 
-    async def list(self, request: web.Request) -> web.StreamResponse:
+    async def by_status(self, request: web.Request) -> web.StreamResponse:
         """Orders in one status (``?status=``) or in all, the longest waiting first (paged)."""
         book = self._book()
         if book is None:
@@ -271,7 +271,7 @@ def add_order_routes(app: web.Application, shared: Shared) -> None:
     orders = _Orders(shared)
     router = app.router
     router.add_get("/", orders.page, name="orders.page")
-    router.add_get("/orders", orders.list, name="orders.list")
+    router.add_get("/orders", orders.by_status, name="orders.list")
     # Before /orders/{order_id}, which would otherwise take "stuck" for an order id.
     router.add_get("/orders/stuck", orders.stuck, name="orders.stuck")
     router.add_post("/orders/purge", orders.purge, name="orders.purge")
