@@ -1,4 +1,4 @@
-"""The admin listener: liveness, readiness, Prometheus metrics and the config dump, behind bearer tokens.
+"""The admin listener: liveness, readiness, metrics, config dump, orders API and page, behind bearer tokens.
 
 ``/healthz`` answers while the process runs; ``/readyz`` only when every listener is bound
 and each upstream has answered recently or accepts a TCP connection now; ``/metrics`` is
@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mes_trace_proxy.admin_auth import ANSWERS, Role, TokenError, TokenTable, Verdict, authorize, parse_tokens
+from mes_trace_proxy.admin_orders import add_order_routes
 from mes_trace_proxy.app import Shared
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
@@ -191,5 +192,6 @@ def build_admin_app(shared: Shared) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_order_routes(app, shared)
     app.router.add_get("/config", config_dump)
     return app

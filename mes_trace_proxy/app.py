@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 
@@ -24,6 +24,9 @@ from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tls import client_context
 from mes_trace_proxy.tracecontext import TrustPolicy
 from mes_trace_proxy.tracing import Tracing
+
+if TYPE_CHECKING:
+    from mes_trace_proxy.watchdog import Watchdog
 
 __all__ = ["Readiness", "Shared", "build_proxy_server", "make_session", "trust_policy"]
 
@@ -96,6 +99,8 @@ class Shared:
     clock: Callable[[], float] = time.time
     #: called when an order's state changed, so the store can write it behind the hot path
     on_order_changed: Callable[[str], None] | None = None
+    #: the stuck-order watchdog, which also owns the order store (None: no order state)
+    watchdog: Watchdog | None = None
 
 
 def make_session(listener: ListenerConfig) -> aiohttp.ClientSession:
@@ -163,6 +168,7 @@ def build_proxy_server(
         access_log=shared.access_log,
         clock=shared.clock,
         correlation=config.watchdog.correlation,
+        on_order_changed=shared.on_order_changed,
     )
     server = GuardedServer(
         make_handler(state),

@@ -182,7 +182,14 @@ _STUCK_FIELDS: Final = MappingProxyType(
     {
         "order_id": ("order_id", "orderId", "id", "mes.order.id"),
         "status": ("status", "mes.order.status"),
-        "over_by": ("over_limit_by", "over_by", "over_limit_seconds", "overdue_seconds", "over_limit_s"),
+        "over_by": (
+            "over_limit_by_seconds",
+            "over_limit_by",
+            "over_by",
+            "over_limit_seconds",
+            "overdue_seconds",
+            "over_limit_s",
+        ),
         "trace_id": ("last_trace_id", "trace_id", "traceId", "trace"),
     }
 )
@@ -281,12 +288,16 @@ def choose_stuck(
     """
     if answer is not None and answer[0] == 200:
         try:
-            parsed = parse_stuck(json.loads(answer[1]))
+            doc = json.loads(answer[1])
         except ValueError:
-            parsed = None
+            doc = None
+        parsed = parse_stuck(doc)
         if parsed is not None:
+            # The proxy pages its answer and says how many there are in all under "total".
+            total = doc.get("total") if isinstance(doc, dict) else None
+            count = total if isinstance(total, int) and total >= len(parsed) else len(parsed)
             return StuckReport(
-                count=len(parsed), orders=parsed, source="found by the proxy's watchdog (GET /orders/stuck)"
+                count=count, orders=parsed, source="found by the proxy's watchdog (GET /orders/stuck)"
             )
     if metrics is not None and metrics.stuck is not None:
         return StuckReport(

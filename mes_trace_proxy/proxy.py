@@ -30,6 +30,7 @@ from yarl import URL
 
 from mes_trace_proxy import attributes as A
 from mes_trace_proxy.config import ListenerConfig
+from mes_trace_proxy.correlation import order_trace_for
 from mes_trace_proxy.extract import NO_FACTS, OrderFacts, is_json_content_type, request_facts, response_facts
 from mes_trace_proxy.forwarding import (
     ALLOWED_METHODS,
@@ -105,6 +106,8 @@ class ListenerState:
     access_log: Callable[[dict[str, object]], None] | None
     clock: Callable[[], float] = time.time
     correlation: str = "link"
+    #: told the id of an order whose state changed, so it is stored behind the hot path
+    on_order_changed: Callable[[str], None] | None = None
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
@@ -298,6 +301,16 @@ def _parent_context(
     return None, ((Link(caller),) if caller.is_valid else ())
 
 
+def _order_trace(state: ListenerState, parent: Context | None, facts: OrderFacts) -> int | None:
+    """``trace-per-order``: the order's trace id for a call with no usable trace context."""
+    if state.correlation != "trace-per-order" or facts.order_id is None:
+        return None
+    has_parent = parent is not None and trace_api.get_current_span(parent).get_span_context().is_valid
+    order_id = state.redactor.value(facts.order_id)
+    tracked = facts.status is not None or (state.orders is not None and order_id in state.orders)
+    return order_trace_for(state.correlation, order_id, has_parent=has_parent, tracked=tracked)
+
+
 def make_handler(state: ListenerState) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """The low-level request handler of one listener (for ``aiohttp.web.Server``).
 
@@ -318,10 +331,11 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     method = request.method
     raw = request.raw_path
     path, _, query = raw.partition("?")
+    header_items = tuple(request.headers.items())
 
     rejection = (
         check_target(method, raw)
-        or check_host_headers(tuple(request.headers.items()))
+        or check_host_headers(header_items)
         or check_header_values(request.headers.values())
         or _body_too_large(request, state.config.limits.max_body_size)
     )
@@ -376,15 +390,16 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     route = match.rule.route if match is not None else None
     parent, links = _parent_context(state, request)
     attrs = _server_attributes(state, request, match, path, query, facts)
-    server_span = tracer.start_span(
-        A.span_name(method, route),
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=attrs,
-        links=links,
-        record_exception=False,
-        set_status_on_exception=False,
-    )
+    with tracing.ids.using(_order_trace(state, parent, facts)):
+        server_span = tracer.start_span(
+            A.span_name(method, route),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attrs,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
     server_ctx = trace_api.set_span_in_context(server_span)
     upstream = state.config.upstream
     url_text = f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}"
@@ -404,7 +419,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         set_status_on_exception=False,
     )
     out_headers = upstream_request_headers(
-        tuple(request.headers.items()),
+        header_items,
         policy=state.forward_policy,
         client_ip=request.remote or "unknown",
         scheme=request.scheme,
@@ -628,6 +643,8 @@ def _record_order(
         span=ref,
         source=state.config.name,
     )
+    if findings.changed and state.on_order_changed is not None:
+        state.on_order_changed(order_id)
     transition = findings.transition
     if status is not None:
         event: dict[str, str | bool] = {A.MES_ORDER_STATUS: state.redactor.value(status)}
@@ -654,6 +671,6 @@ def _record_order(
     if state.correlation == "link" and first is not None and first != ref:
         span.add_link(
             trace_api.SpanContext(first.trace_id, first.span_id, is_remote=False),
-            {"mes.link.kind": "order.first_span"},
+            {A.MES_LINK_KIND: "order.first_span"},
         )
     return findings

@@ -1,9 +1,10 @@
 """Lifecycle in one place: start everything in order, serve, and on a signal drain and flush.
 
-Start: tracing → order book and its store → metrics → one runner and site per listener →
-admin → watchdog. Stop (SIGTERM/SIGINT): mark not ready, stop accepting, let in-flight
-requests finish within the grace period, stop the watchdog, flush the store, flush spans.
-SIGHUP re-reads the listeners' TLS certificates and the admin tokens without a restart.
+Start: tracing → order book and its store (records loaded, writer started) → metrics → one
+runner and site per listener → admin → watchdog. Stop (SIGTERM/SIGINT): stop the watchdog,
+mark not ready, stop accepting, let in-flight requests finish within the grace period, flush
+the store's writer, close the store, flush spans. SIGHUP re-reads the listeners' TLS
+certificates and the admin tokens without a restart.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from mes_trace_proxy.logs import access_logger
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
+from mes_trace_proxy.store import StoreWriter, open_store
 from mes_trace_proxy.tls import CertReloader
 from mes_trace_proxy.tracing import build_tracing
+from mes_trace_proxy.watchdog import Watchdog
 
-__all__ = ["BindError", "RunningProxy", "run", "running"]
+__all__ = ["BindError", "RunningProxy", "StartupError", "run", "running"]
 
 log = logging.getLogger("mes_trace_proxy.server")
 
@@ -41,7 +44,11 @@ log = logging.getLogger("mes_trace_proxy.server")
 HANDLED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
-class BindError(Exception):
+class StartupError(Exception):
+    """The proxy cannot start; the message says why and what to change."""
+
+
+class BindError(StartupError):
     """A listen address could not be bound (port busy, no permission)."""
 
 
@@ -52,6 +59,7 @@ class RunningProxy:
     shared: Shared
     listeners: dict[str, tuple[str, int]]
     admin: tuple[str, int]
+    watchdog: Watchdog
     #: listener name → its certificate reloader, for listeners that serve TLS
     certificates: dict[str, CertReloader] = field(default_factory=dict)
     admin_app: web.Application | None = None
@@ -124,30 +132,53 @@ async def running(
 
     Raises:
         BindError: a listen address is busy or not allowed.
+        StartupError: the ``--state`` URL names no usable store.
         ConfigError: a TLS certificate, key or CA file is unusable.
     """
     env = os.environ if environ is None else environ
+    try:
+        store = open_store(config.watchdog.state)
+    except ValueError as exc:
+        raise StartupError(f"--state / MES_PROXY_STATE / watchdog.state: {exc}") from None
     tracing = build_tracing(config, env)
     metrics = ProxyMetrics(known_statuses=config.lifecycle.statuses)
+    book = OrderBook(config.lifecycle)
+    writer = StoreWriter(store)
     shared = Shared(
         config=config,
         tracing=tracing,
         metrics=metrics,
         redactor=Redactor(config.privacy.policy()),
-        orders=OrderBook(config.lifecycle),
+        orders=book,
         access_log=access_logger() if config.server.access_log else None,
     )
     if clock is not None:
         shared.clock = clock
+    watchdog = Watchdog(
+        book=book,
+        store=store,
+        writer=writer,
+        tracing=tracing,
+        config=config.watchdog,
+        metrics=metrics,
+        clock=shared.clock,
+    )
+    shared.watchdog = watchdog
+    # The hot path only enqueues; the writer's task does the I/O (store.StoreWriter).
+    shared.on_order_changed = watchdog.order_changed
     metrics.bind(
         export_stats=tracing.export_stats,
-        order_counts=shared.orders.counts if shared.orders is not None else None,
+        order_counts=book.counts,
+        stuck_counts=watchdog.stuck_counts,
+        store_stats=watchdog.store_stats,
     )
     runners: list[web.BaseRunner] = []
     sessions = []
     listeners: dict[str, tuple[str, int]] = {}
     certificates: dict[str, CertReloader] = {}
     servers: dict[str, GuardedServer] = {}
+    await watchdog.restore()
+    writer.start()
     try:
         for listener in config.listeners:
             if listener.tls is not None:
@@ -184,15 +215,18 @@ async def running(
                 "admin": f"{admin[0]}:{admin[1]}",
             },
         )
+        watchdog.start()
         yield RunningProxy(
             shared=shared,
             listeners=listeners,
             admin=admin,
+            watchdog=watchdog,
             certificates=certificates,
             admin_app=admin_app,
             servers=servers,
         )
     finally:
+        await watchdog.stop()
         for reloader in certificates.values():
             await reloader.aclose()
         shared.readiness.draining = True
@@ -202,6 +236,12 @@ async def running(
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
         for session in sessions:
             await session.close()
+        # The drained requests' last changes are queued by now: write them, then let go.
+        await writer.stop()
+        try:
+            await store.close()
+        except Exception as exc:  # a store that fails to close must not keep spans unflushed
+            log.error("closing the state store failed: %s", type(exc).__name__)
         # Flushing spans blocks on the exporter; do it off the loop so nothing else stalls.
         await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
         log.info("mes-trace-proxy stopped")
@@ -250,13 +290,14 @@ def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; with ``workers > 1``, as that many processes sharing the sockets.
 
     Returns:
-        The process exit status: 0 after a clean drain, 1 when a listener cannot bind.
+        The process exit status: 0 after a clean drain, 1 when a listener cannot bind or the
+        state store URL is unusable.
     """
     if config.server.workers == 1:
         _install_uvloop()
         try:
             asyncio.run(_serve_until_signal(config, reuse_port=False))
-        except BindError as exc:
+        except StartupError as exc:
             print(f"mes-trace-proxy: {exc}", file=sys.stderr)
             return 1
         return 0
@@ -275,7 +316,7 @@ def _run_workers(config: Config) -> int:
             code = 0
             try:
                 _worker(config)
-            except BindError as exc:
+            except StartupError as exc:
                 print(f"mes-trace-proxy: {exc}", file=sys.stderr)
                 code = 1
             except ConfigError as exc:

@@ -223,12 +223,33 @@ _COMPUTED = (StuckOrder(order_id="C-1", status="SUBMITTED", over_by=3.0, trace_i
 _NO_GAUGE = MetricsView(requests={}, spans={}, orders=None, stuck=None)
 _GAUGE = MetricsView(requests={}, spans={}, orders=None, stuck={"SUBMITTED": 2, "MANUFACTURING_APPROVED": 1})
 _WATCHDOG_BODY = json.dumps([{"order_id": "W-1", "status": "SUBMITTED", "over_limit_by": 9}]).encode()
+# The shape the proxy's GET /orders/stuck answers (admin_orders.py): paged, with the total.
+_PAGED_BODY = json.dumps(
+    {
+        "now": "2023-11-14T22:30:20.000Z",
+        "total": 120,
+        "limit": 50,
+        "offset": 0,
+        "orders": [
+            {
+                "order_id": "W-2",
+                "status": "SUBMITTED",
+                "since": "2023-11-14T22:13:20.000Z",
+                "over_limit_by_seconds": 120.0,
+                "limit_seconds": 900.0,
+                "last_trace_id": "ab" * 16,
+                "jaeger_url": "http://localhost:16686/search?service=mes-api",
+            }
+        ],
+    }
+).encode()
 
 
 @pytest.mark.parametrize(
     ("answer", "metrics", "count", "first", "source"),
     [
         ((200, _WATCHDOG_BODY), _GAUGE, 1, "W-1", "watchdog"),
+        ((200, _PAGED_BODY), _GAUGE, 120, "W-2", "watchdog"),
         ((404, b"not found"), _GAUGE, 3, "C-1", "gauge"),
         ((404, b"not found"), _NO_GAUGE, 1, "C-1", "MES simulator"),
         (None, None, 1, "C-1", "MES simulator"),
@@ -236,7 +257,16 @@ _WATCHDOG_BODY = json.dumps([{"order_id": "W-1", "status": "SUBMITTED", "over_li
         ((200, b'{"unexpected": true}'), _NO_GAUGE, 1, "C-1", "MES simulator"),
         ((503, b""), _GAUGE, 3, "C-1", "gauge"),
     ],
-    ids=["endpoint", "404-gauge", "404-computed", "no-answer", "not-json", "unknown-shape", "503-gauge"],
+    ids=[
+        "endpoint",
+        "paged-endpoint",
+        "404-gauge",
+        "404-computed",
+        "no-answer",
+        "not-json",
+        "unknown-shape",
+        "503-gauge",
+    ],
 )
 def test_stuck_source_prefers_the_proxy_and_degrades(
     answer: tuple[int, bytes] | None, metrics: MetricsView | None, count: int, first: str, source: str

@@ -27,6 +27,7 @@ CORE: Final = (
     "orders",
     "problems",
     "explain",
+    "admin_page",
     "admin_auth",
 )
 #: What the core must never import: the event loop, the HTTP stack, the SDK, storage, sockets.
