@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +38,8 @@ __all__ = [
     "scrape",
     "write_config",
 ]
+
+T = TypeVar("T")
 
 LOOPBACK_ARGS: Final = ("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--state", "memory")
 # Every wait in the suite is bounded by this unless a scenario says otherwise: ten times
@@ -159,15 +161,16 @@ def open_fds(pid: int) -> int:
 
 
 async def poll(
-    read: Callable[[], Awaitable[float]],
-    done: Callable[[float], bool],
+    read: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
     *,
     timeout: float = STEP_TIMEOUT,  # noqa: ASYNC109
-) -> float:
+) -> T:
     """Read until ``done(value)`` or the bounded wait ends; return the last value read.
 
-    Descriptor and task counts have no event to wait on: connections close asynchronously
-    on both sides, so the count is read until it reaches the expected level.
+    Descriptor, task and store counts have no event to wait on: connections close and the
+    store writer flushes asynchronously in another process, so the figure is read until it
+    reaches the expected level; the caller asserts on the value returned.
     """
     deadline = time.monotonic() + timeout
     while True:

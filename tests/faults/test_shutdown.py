@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final
 
 import aiohttp
@@ -16,7 +18,7 @@ import pytest
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from tests.conftest import otlp_env
 from tests.faults.faulty_upstream import FaultyUpstream
-from tests.faults.harness import LOOPBACK_ARGS, Outcome, body_for, echo_request
+from tests.faults.harness import LOOPBACK_ARGS, Outcome, body_for, echo_request, poll, scrape
 from tests.proxy_process import ProxyProcess, proxy_process
 
 HELD: Final = 20  # calls in flight at the signal, held by MES until after it
@@ -122,3 +124,80 @@ async def test_grace_period_bounds_the_drain(
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(stuck, 10)
     await faulty_upstream.wait_for(lambda: faulty_upstream.aborted["hold"] == 1)
+
+
+STUCK_EVENT: Final = "order.stuck"
+# One second in SUBMITTED makes an order stuck; the watchdog looks five times a second.
+WATCHDOG_ARGS: Final = ("--dwell-limit", "SUBMITTED=1s", "--check-interval", "200ms")
+
+
+def _stuck_reports(proxy: ProxyProcess) -> list[str]:
+    return [str(line["order_id"]) for line in proxy.json_lines() if line.get("event") == STUCK_EVENT]
+
+
+async def _put(client: aiohttp.ClientSession, proxy: ProxyProcess, order_id: str, status: str) -> int:
+    async with client.put(f"{proxy.url()}/api/v1/orders/{order_id}/status", json={"status": status}) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def _admin(client: aiohttp.ClientSession, proxy: ProxyProcess, path: str) -> dict[str, object]:
+    async with client.get(f"{proxy.admin_url}{path}") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+        assert isinstance(body, dict)
+        return body
+
+
+async def test_sigkill_and_restart_keeps_sqlite_state_exactly(
+    faulty_upstream: FaultyUpstream, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """SIGKILL after the writer flushed, restart on the same SQLite file: every order is back once in
+    its last status, stuck flags survive, and no stuck order is reported a second time."""
+    state = f"sqlite:///{tmp_path}/orders.db"
+    args = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--upstream", faulty_upstream.url]
+    args += ["--state", state, *WATCHDOG_ARGS]
+    stuck = [f"K-STUCK-{n}" for n in range(20)]
+    moving = [f"K-MOVING-{n}" for n in range(20)]
+    env = {"OTEL_TRACES_EXPORTER": "none"}
+    async with proxy_process(args, env) as first:
+        for order_id in stuck:
+            assert await _put(client, first, order_id, "SUBMITTED") == 200
+        for order_id in moving:  # statuses with hour-long limits: never stuck in this test
+            for status in ("MANUFACTURING_APPROVED", "MANUFACTURING_STARTED"):
+                assert await _put(client, first, order_id, status) == 200
+        reports = await poll(_lines_of(first), lambda r: sorted(r) == sorted(stuck))
+        assert sorted(reports) == sorted(stuck)
+        await poll(_pending_of(client, first), lambda pending: pending == 0)
+        first.process.kill()  # SIGKILL, by PID: no drain, no flush
+        assert await asyncio.wait_for(first.process.wait(), 10) == -signal.SIGKILL
+    async with proxy_process(args, env) as second:
+        listing = await _admin(client, second, "/orders?limit=500")
+        orders = listing["orders"]
+        assert isinstance(orders, list)
+        seen = [str(o["order_id"]) for o in orders]
+        assert sorted(seen) == sorted(stuck + moving)  # none forgotten, none twice
+        assert {str(o["order_id"]): o["status"] for o in orders} == {
+            **dict.fromkeys(stuck, "SUBMITTED"),
+            **dict.fromkeys(moving, "MANUFACTURING_STARTED"),
+        }
+        assert (await _admin(client, second, "/orders/stuck"))["total"] == len(stuck)
+        # A new order going stuck proves the watchdog has run rounds since the restore...
+        assert await _put(client, second, "K-AFTER", "SUBMITTED") == 200
+        reports = await poll(_lines_of(second), lambda r: "K-AFTER" in r)
+        # ...and in none of them did it report an order it had reported before the kill.
+        assert reports == ["K-AFTER"]
+
+
+def _lines_of(proxy: ProxyProcess) -> Callable[[], Awaitable[list[str]]]:
+    async def read() -> list[str]:
+        return _stuck_reports(proxy)
+
+    return read
+
+
+def _pending_of(client: aiohttp.ClientSession, proxy: ProxyProcess) -> Callable[[], Awaitable[float]]:
+    async def read() -> float:
+        return (await scrape(client, proxy.admin_url)).value("mes_state_store_pending")
+
+    return read
