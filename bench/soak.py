@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mes_trace_proxy.sim import crm, mes
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 
-__all__ = ["BUDGETS", "Sample", "Trend", "main", "trend", "verdict"]
+__all__ = ["BUDGETS", "Budget", "Sample", "Trend", "build_parser", "main", "run", "trend", "verdict"]
 
 # Half an hour: long enough for slow leaks to rise above allocator noise, short enough for CI.
 DEFAULT_MINUTES: Final = 30.0
@@ -377,25 +377,44 @@ def _report(samples: Sequence[Sample], totals: Mapping[str, int], out: TextIO) -
     return 1 if failed or bad else 0
 
 
+def build_parser(default_minutes: float = DEFAULT_MINUTES) -> argparse.ArgumentParser:
+    """The ``python -m bench.soak`` argument parser.
+
+    Args:
+        default_minutes: ``--minutes`` when not given (``main`` passes ``SOAK_MINUTES``).
+
+    Returns:
+        The parser.
+    """
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=default_minutes,
+        help="how long the traffic runs (env SOAK_MINUTES, default 30); 1 to 1440",
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """``python -m bench.soak [--minutes N]``; SOAK_MINUTES is the default.
+    """``python -m bench.soak [--minutes N]``; ``SOAK_MINUTES`` is the default.
+
+    Args:
+        argv: arguments without the program name; None reads ``sys.argv``.
+        environ: where ``SOAK_MINUTES`` is read (default ``os.environ``).
 
     Returns:
         The exit status: 0 pass, 1 a series grew without bound or calls failed, 2 bad usage.
     """
     env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     try:
         default = float(env.get("SOAK_MINUTES", DEFAULT_MINUTES))
     except ValueError:
         print(f"soak: SOAK_MINUTES={env['SOAK_MINUTES']!r} is not a number of minutes", file=sys.stderr)
         return 2
-    parser.add_argument(
-        "--minutes", type=float, default=default, help="traffic time (env SOAK_MINUTES, default 30)"
-    )
-    args = parser.parse_args(argv)
+    args = build_parser(default).parse_args(argv)
     if not 1 <= args.minutes <= 24 * 60:
-        print("soak: the run must last from 1 minute to a day", file=sys.stderr)
+        print("soak: --minutes / SOAK_MINUTES must be from 1 to 1440 (a day)", file=sys.stderr)
         return 2
     return asyncio.run(run(args.minutes, sys.stdout))
 

@@ -20,7 +20,8 @@ from urllib.parse import parse_qsl
 
 __all__ = ["Arrival", "FaultyUpstream", "parse_response"]
 
-# Bigger than any request head a test sends; a head past it is a test bug, answered 431.
+# Bigger than any request head the proxy forwards (its limit is 16 KiB a field); a head past
+# it ends the connection.
 MAX_HEAD: Final = 256 * 1024
 # Streamed bodies move in 64 KiB pieces, like the proxy's own reads.
 PIECE: Final = 64 * 1024
@@ -65,11 +66,9 @@ class FaultyUpstream:
     script: bytes = b"HTTP/1.1 204 No Content\r\n\r\n"
     arrivals: list[Arrival] = field(default_factory=list)
     ids: Counter[str] = field(default_factory=Counter)
-    #: behaviour name → how many requests it got / how many its peer abandoned mid-way
-    seen: Counter[str] = field(default_factory=Counter)
+    #: behaviour name → how many of its requests the peer abandoned mid-way
     aborted: Counter[str] = field(default_factory=Counter)
     release: asyncio.Event = field(default_factory=asyncio.Event)
-    open_connections: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _sock: socket.socket | None = None
     _server: asyncio.Server | None = None
@@ -101,7 +100,7 @@ class FaultyUpstream:
             self.bind()
         assert self._sock is not None
         self._sock.listen(1024)
-        self._server = await asyncio.start_server(self._connection, sock=self._sock)
+        self._server = await asyncio.start_server(self._connection, sock=self._sock, limit=MAX_HEAD)
 
     async def aclose(self) -> None:
         """Stop accepting, release held requests and end every connection handler."""
@@ -138,7 +137,6 @@ class FaultyUpstream:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        self.open_connections += 1
         try:
             while True:
                 try:
@@ -146,7 +144,6 @@ class FaultyUpstream:
                 except _Closed:
                     return
                 behaviour = _behaviour(arrival.target, self.default)
-                self.seen[behaviour] += 1
                 request_id = arrival.header(REQUEST_ID)
                 if request_id is not None:
                     self.ids[request_id.decode("latin-1")] += 1
@@ -160,10 +157,7 @@ class FaultyUpstream:
                 await self._notify()
                 if not keep or writer.is_closing():
                     return
-        except asyncio.CancelledError:
-            raise
         finally:
-            self.open_connections -= 1
             self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
@@ -200,11 +194,7 @@ def _query(target: bytes) -> dict[str, str]:
 async def _read_head(reader: asyncio.StreamReader) -> tuple[Arrival, _Framing]:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        raise _Closed from exc
-    except asyncio.LimitOverrunError as exc:
-        raise _Closed from exc
-    except ConnectionError as exc:
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
         raise _Closed from exc
     lines = head[:-4].split(b"\r\n")
     method, target, _version = lines[0].split(b" ", 2)

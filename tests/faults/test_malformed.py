@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
@@ -153,6 +154,7 @@ class Stage:
     proxy: ProxyProcess
     upstream: FaultyUpstream
     client: aiohttp.ClientSession
+    answers: Counter[str] = field(default_factory=Counter)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -165,7 +167,12 @@ async def stage() -> AsyncIterator[Stage]:
         ) as proxy,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
     ):
-        yield Stage(proxy, upstream, client)
+        stage = Stage(proxy, upstream, client)
+        yield stage
+    print(
+        f"[faults] malformed input: {sum(stage.answers.values())} cases, answers {dict(stage.answers)}, "
+        f"proxy PID {proxy.pid} alive through all of them"
+    )
     errors = [
         line
         for line in proxy.json_lines()
@@ -194,6 +201,7 @@ async def test_malformed_input_gets_a_clear_answer(case: Case, stage: Stage) -> 
     before = len(stage.upstream.arrivals)
     status, headers, _body = parse_response(await _exchange(stage.proxy, case.data))
     arrived = stage.upstream.arrivals[before:]
+    stage.answers["passed through" if case.expect == PASS else str(status)] += 1
     if case.expect == PASS:
         assert status == 200
         assert len(arrived) == 1

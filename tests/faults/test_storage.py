@@ -8,6 +8,7 @@ change made during the outage is written without a restart.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Final
 
@@ -44,10 +45,12 @@ async def _store_figures(client: aiohttp.ClientSession, proxy: ProxyProcess) -> 
     return metrics.value("mes_state_store_errors_total"), metrics.value("mes_state_store_pending")
 
 
-async def _drained(client: aiohttp.ClientSession, proxy: ProxyProcess) -> None:
-    """Wait until the writer has nothing pending (it flushes every 0.5 s)."""
+async def _drained(client: aiohttp.ClientSession, proxy: ProxyProcess) -> float:
+    """Wait until the writer has nothing pending (it flushes every 0.5 s); return the seconds waited."""
+    started = time.monotonic()
     _errors, pending = await poll(lambda: _store_figures(client, proxy), lambda f: f[1] == 0)
     assert pending == 0
+    return time.monotonic() - started
 
 
 def _messages(proxy: ProxyProcess) -> list[str]:
@@ -87,7 +90,11 @@ async def test_sqlite_unwritable_then_writable(
         assert any(m.startswith("state store write failed") for m in messages)
         blocker.unlink()
         blocker.mkdir()
-        await _drained(client, proxy)
+        caught_up = await _drained(client, proxy)
+        print(
+            f"[faults] SQLite unwritable: {ORDERS}/{ORDERS} calls answered, {errors:.0f} store errors "
+            f"counted, {pending:.0f} changes pending; written {caught_up:.1f} s after the directory appeared"
+        )
         assert any(m.startswith("state store recovered") for m in _messages(proxy))
         assert proxy.process.returncode is None
     stored = await _load(database)
@@ -121,7 +128,11 @@ async def test_redis_killed_and_restarted(
         assert (errors > errors_before, pending) == (True, ORDERS)
         assert any(m.startswith("state store write failed") for m in _messages(proxy))
         redis_server.start()  # same socket, empty (the test server keeps nothing on disk)
-        await _drained(client, proxy)
+        caught_up = await _drained(client, proxy)
+        print(
+            f"[faults] Redis killed: {ORDERS}/{ORDERS} calls answered, {errors - errors_before:.0f} store "
+            f"errors counted, {pending:.0f} changes pending; written {caught_up:.1f} s after restart"
+        )
         assert any(m.startswith("state store recovered") for m in _messages(proxy))
         assert proxy.process.returncode is None
     store = open_store(redis_server.url)

@@ -96,6 +96,11 @@ async def test_upstream_fault_gives_a_correct_answer_and_an_error_span(
         faults = [o for o in outcomes if o.request_id.startswith("fault-")]
         assert_all_echoed(healthy, faulty_upstream.ids)
         assert [o.status for o in faults] == [case.status] * EACH, faults
+        shown = "cut after the status line" if case.status == ABORTED else str(case.status)
+        print(
+            f"[faults] upstream {case.target.split('/')[1]}: {EACH}/{EACH} callers got {shown}, slowest "
+            f"{max(o.seconds for o in faults):.2f} s; {EACH}/{EACH} healthy calls beside them byte-exact"
+        )
         assert all(faulty_upstream.ids[o.request_id] == 1 for o in faults), faulty_upstream.ids
         # The proxy needs no restart: the next call goes through.
         after = await echo_request(client, proxy.url(), "after-1", body_for(1))
@@ -125,6 +130,10 @@ async def test_refused_then_back_recovers_without_restart(
         async with proxy_process(args, otlp_env(otlp_sink)) as proxy:
             refused = await drive(EACH, EACH, lambda n: _fault_request(client, f"{proxy.url()}/x", f"r-{n}"))
             assert [o.status for o in refused] == [502] * EACH
+            print(
+                f"[faults] upstream refused: {EACH}/{EACH} got 502, "
+                f"slowest {max(o.seconds for o in refused):.3f} s"
+            )
             await upstream.start()
             assert upstream.port == port
             back = await drive(
@@ -168,6 +177,7 @@ async def test_connect_timeout_gives_504(client: aiohttp.ClientSession, tmp_path
             for filler in fillers:
                 filler.close()
     assert outcome.status == 504
+    print(f"[faults] upstream connect timeout (1 s): 504 after {outcome.seconds:.2f} s")
     assert b"upstream_connect_timeout" in outcome.body
 
 
