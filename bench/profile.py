@@ -22,7 +22,16 @@ from typing import Final
 
 from bench.run import QUICK, RESULTS, TARGETS, ensure_tools, environment, log, run_wrk, start_subject
 
-__all__ = ["Stack", "by_component", "component", "main", "parse_collapsed", "short_frame", "top_frames"]
+__all__ = [
+    "Stack",
+    "by_component",
+    "component",
+    "inclusive",
+    "main",
+    "parse_collapsed",
+    "short_frame",
+    "top_frames",
+]
 
 Stack = tuple[tuple[str, ...], int]
 
@@ -33,6 +42,7 @@ _STDLIB: Final = re.compile(r"^.*?/lib/python3\.[0-9]+/")
 _REPO: Final = re.compile(r"^.*?/(?=(?:mes_trace_proxy|bench)/)")
 
 NATIVE: Final = "(no Python frame)"
+EXPORT_COMPONENT: Final = "span export thread (encoding, transport)"
 #: Where own time goes, by the file of the innermost Python frame; the first match wins.
 COMPONENTS: Final = (
     ("mes_trace_proxy/", "our code (mes_trace_proxy)"),
@@ -40,13 +50,13 @@ COMPONENTS: Final = (
     ("aiohttp/client", "aiohttp client"),
     ("aiohttp/connector", "aiohttp client"),
     ("aiohttp/", "aiohttp shared (parser, writer, streams)"),
-    ("opentelemetry/exporter/", "span export (encoding, transport)"),
-    ("opentelemetry/proto/", "span export (encoding, transport)"),
-    ("google/protobuf/", "span export (encoding, transport)"),
-    ("requests/", "span export (encoding, transport)"),
-    ("urllib3/", "span export (encoding, transport)"),
-    ("http/client.py", "span export (encoding, transport)"),
-    ("grpc/", "span export (encoding, transport)"),
+    ("opentelemetry/exporter/", EXPORT_COMPONENT),
+    ("opentelemetry/proto/", EXPORT_COMPONENT),
+    ("google/protobuf/", EXPORT_COMPONENT),
+    ("requests/", EXPORT_COMPONENT),
+    ("urllib3/", EXPORT_COMPONENT),
+    ("http/client.py", EXPORT_COMPONENT),
+    ("grpc/", EXPORT_COMPONENT),
     ("opentelemetry/", "OpenTelemetry API/SDK (spans, context, propagation)"),
     ("multidict/", "multidict / yarl"),
     ("yarl/", "multidict / yarl"),
@@ -136,13 +146,63 @@ def component(frame: str) -> str:
     return "other"
 
 
+#: Functions whose total (inclusive) time tells where a traced request's cost goes.
+FOCUS: Final = (
+    ("handle", "our handler, with everything it calls"),
+    ("ClientSession._request", "aiohttp client: the upstream exchange"),
+    ("Tracer.start_span", "SDK: starting the two spans"),
+    ("Span.end", "SDK: ending them (span processor on_end)"),
+    ("Span.set_attribute", "SDK: attributes set after start"),
+    ("Span.add_event", "SDK: the status-change event"),
+    ("CompositePropagator.extract", "SDK: reading traceparent"),
+    ("CompositePropagator.inject", "SDK: writing traceparent"),
+    ("_server_attributes", "ours: SERVER span attributes"),
+    ("upstream_request_headers", "ours: forwarded headers"),
+    ("request_facts", "ours: order id and status from the request"),
+    ("_record_order", "ours: order book and its span verdicts"),
+    ("ProxyMetrics.request_done", "ours: Prometheus metrics"),
+    ("access_logger.<locals>.write", "ours: the JSON access-log line"),
+    ("BatchExportProcessor._run", "export thread, all of it"),
+    ("encode_spans", "export: OTLP protobuf encoding"),
+    ("_OTLPHTTPClient.export", "export: HTTP POST (requests)"),
+)
+
+
+def inclusive(stacks: Iterable[Stack], functions: Iterable[str]) -> list[tuple[str, float]]:
+    """The share of samples in which each named function is on the stack (file ignored).
+
+    Returns:
+        (function, share) in the order given.
+    """
+    wanted = tuple(functions)
+    hits: Counter[str] = Counter()
+    samples = 0
+    for frames, count in stacks:
+        samples += count
+        names = {frame.partition(" (")[0] for frame in frames}
+        for function in wanted:
+            if function in names:
+                hits[function] += count
+    return [(function, hits[function] / samples if samples else 0.0) for function in wanted]
+
+
+EXPORT_THREAD: Final = "BatchExportProcessor._run"
+
+
 def by_component(stacks: Iterable[Stack]) -> list[tuple[str, float]]:
-    """Own time by component, as shares of all samples, largest first."""
+    """Own time by component, as shares of all samples, largest first.
+
+    Everything on the export thread counts as span export, whatever its innermost frame (the
+    SDK's span properties, ``requests``' environment and netrc look-ups, socket reads).
+    """
     shares: Counter[str] = Counter()
     samples = 0
     for frames, count in stacks:
         samples += count
-        shares[component(frames[-1]) if frames else "other"] += count
+        if any(frame.partition(" (")[0] == EXPORT_THREAD for frame in frames):
+            shares[EXPORT_COMPONENT] += count
+        else:
+            shares[component(frames[-1]) if frames else "other"] += count
     return [(name, n / samples) for name, n in shares.most_common()] if samples else []
 
 
@@ -155,6 +215,11 @@ def render(stacks: Sequence[Stack], limit: int, heading: str) -> str:
     lines += [f"| {share * 100:.1f} | `{frame}` |" for frame, share in own]
     lines += ["", "| total % | function (total time) |", "| ---: | --- |"]
     lines += [f"| {share * 100:.1f} | `{frame}` |" for frame, share in total]
+    lines += ["", "| total % | function | what it is |", "| ---: | --- | --- |"]
+    meaning = dict(FOCUS)
+    lines += [
+        f"| {share * 100:.1f} | `{name}` | {meaning[name]} |" for name, share in inclusive(stacks, meaning)
+    ]
     lines += ["", "| own % | component |", "| ---: | --- |"]
     lines += [f"| {share * 100:.1f} | {name} |" for name, share in by_component(stacks)]
     return "\n".join(lines) + "\n"

@@ -39,6 +39,8 @@ Kind = Literal["direct", "nginx", "aiohttp", "proxy"]
 Exporter = Literal["none", "http", "grpc"]
 # Start-up of anything measured here takes well under this; past it the child is broken.
 READY_TIMEOUT: Final = 20.0
+# Each 256 MiB transfer runs twice per round and the faster counts (see measure_streaming).
+TRANSFERS: Final = 2
 # A 256 MiB transfer at even 20 MB/s ends well within this.
 TRANSFER_TIMEOUT: Final = 60.0
 _SPANS: Final = re.compile(r'^mes_proxy_spans_total\{outcome="([a-z_]+)"\} ([0-9.e+]+)$', re.MULTILINE)
@@ -109,6 +111,8 @@ TARGETS: Final = {
         Target(name="proxy-grpc", kind="proxy", exporter="grpc"),
         # The watchdog checks every second here (default 10 s) so it surely runs under load.
         Target(name="proxy-watchdog", kind="proxy", exporter="http", flags=("--check-interval", "1s")),
+        # What the JSON access log (one unbuffered line per request, as in the image) costs.
+        Target(name="proxy-nolog", kind="proxy", exporter="http", flags=("--no-access-log",)),
         Target(name="workers-1", kind="proxy", exporter="http"),
         Target(name="workers-2", kind="proxy", exporter="http", workers=2),
     )
@@ -346,9 +350,11 @@ def _until_ok(url: str, child: Child, timeout: float = READY_TIMEOUT) -> float:
 
 
 def _proxy_env(env: Env, exporter: Exporter) -> dict[str, str]:
+    # Unbuffered stdout, as the Dockerfile sets it: each access-log line is one write(2).
     if exporter == "none":
-        return {"OTEL_TRACES_EXPORTER": "none"}
+        return {"OTEL_TRACES_EXPORTER": "none", "PYTHONUNBUFFERED": "1"}
     return {
+        "PYTHONUNBUFFERED": "1",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf" if exporter == "http" else "grpc",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": env.sink_http if exporter == "http" else env.sink_grpc,
@@ -498,7 +504,12 @@ def _curl(env: Env, argv: Sequence[str]) -> tuple[int, int, float]:
 
 
 def measure_streaming(env: Env, subject: Subject) -> dict[str, float]:
-    """A 256 MiB download and upload through the subject: MB/s and RSS growth."""
+    """A 256 MiB download and upload through the subject: MB/s and RSS growth.
+
+    Each transfer runs :data:`TRANSFERS` times and the fastest counts: a transfer lasts well
+    under a second, so one burst of another process's work can halve a single figure, and the
+    question asked is what the proxy can move. RSS growth is the peak over all of them.
+    """
     out: dict[str, float] = {}
     expected = env.blob.stat().st_size
     transfers = (
@@ -528,10 +539,11 @@ def measure_streaming(env: Env, subject: Subject) -> dict[str, float]:
             reset = reset_peak(subject.pid)
             memory = tree_memory(subject.pid)
             base = memory.rss if reset else memory.hwm
-        status, size, seconds = _curl(env, argv)
-        if status not in (200, 201) or size != expected:
-            raise RuntimeError(f"{name}: HTTP {status}, {size} of {expected} bytes")
-        out[f"{name}_mbps"] = size / seconds / 1e6
+        for _ in range(TRANSFERS):
+            status, size, seconds = _curl(env, argv)
+            if status not in (200, 201) or size != expected:
+                raise RuntimeError(f"{name}: HTTP {status}, {size} of {expected} bytes")
+            out[f"{name}_mbps"] = max(out.get(f"{name}_mbps", 0.0), size / seconds / 1e6)
         if subject.pid is not None:
             out[f"{name}_rss_growth"] = float(max(0, tree_memory(subject.pid).hwm - base))
     return out

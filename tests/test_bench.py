@@ -11,7 +11,7 @@ import pytest
 
 from bench import nginx, report
 from bench.procfs import Memory, parse_stat, parse_status, parse_system_busy
-from bench.profile import by_component, component, parse_collapsed, short_frame, top_frames
+from bench.profile import by_component, component, inclusive, parse_collapsed, short_frame, top_frames
 from bench.run import parse_span_counts, rotated
 from bench.wrk import STATUS_BODY, WRK_SCRIPT, parse_duration, parse_wrk_output, wrk_command
 
@@ -266,9 +266,11 @@ RAW_PROFILE = (
     "write (/work/x/mes_trace_proxy/logs.py:80) 30\n"
     "_run (/usr/lib/python3.11/asyncio/runners.py:118);handle (/work/x/mes_trace_proxy/proxy.py:310);"
     "_request (/v/lib/python3.11/site-packages/aiohttp/client.py:700) 50\n"
+    "BatchExportProcessor._run (/work/x/mes_trace_proxy/tracing.py:206);"
     "export (/v/lib/python3.11/site-packages/opentelemetry/exporter/otlp/proto/http/trace_exporter/"
     "__init__.py:179);_encode_span (/v/lib/python3.11/site-packages/opentelemetry/exporter/otlp/proto/"
     "common/_internal/trace_encoder/__init__.py:90) 20\n"
+    "BatchExportProcessor._run (/work/x/mes_trace_proxy/tracing.py:206);exists (<frozen genericpath>:19) 10\n"
     " 4\n"
 )
 
@@ -293,19 +295,24 @@ def test_profile_top_frames_and_components() -> None:
         "write (mes_trace_proxy/logs.py)",
         "_encode_span (opentelemetry/exporter/otlp/proto/common/_internal/trace_encoder/__init__.py)",
     ]
-    assert [share for _, share in own] == pytest.approx([50 / 104, 30 / 104, 20 / 104])
+    assert [share for _, share in own] == pytest.approx([50 / 114, 30 / 114, 20 / 114])
     assert [frame for frame, _ in total[:2]] == [
         "_run (asyncio/runners.py)",
         "handle (mes_trace_proxy/proxy.py)",
     ]
-    assert [share for _, share in total[:2]] == pytest.approx([80 / 104, 80 / 104])
+    assert [share for _, share in total[:2]] == pytest.approx([80 / 114, 80 / 114])
     shares = dict(by_component(stacks))
-    assert shares["aiohttp client"] == pytest.approx(50 / 104)
-    assert shares["our code (mes_trace_proxy)"] == pytest.approx(30 / 104)
-    assert shares["span export (encoding, transport)"] == pytest.approx(20 / 104)
-    assert shares["other"] == pytest.approx(4 / 104)
+    assert shares["aiohttp client"] == pytest.approx(50 / 114)
+    assert shares["our code (mes_trace_proxy)"] == pytest.approx(30 / 114)
+    assert shares["span export thread (encoding, transport)"] == pytest.approx(30 / 114)
+    assert shares["other"] == pytest.approx(4 / 114)
     assert component("f (opentelemetry/sdk/trace/__init__.py)") == (
         "OpenTelemetry API/SDK (spans, context, propagation)"
     )
+    assert inclusive(stacks, ["handle", "_encode_span", "absent"]) == [
+        ("handle", pytest.approx(80 / 114)),
+        ("_encode_span", pytest.approx(20 / 114)),
+        ("absent", 0.0),
+    ]
     with pytest.raises(ValueError, match="collapsed-stack"):
         parse_collapsed("no count here\n")
