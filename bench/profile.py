@@ -105,13 +105,26 @@ def parse_collapsed(text: str) -> list[Stack]:
     return stacks
 
 
+#: Entry frames every sample of a thread passes through (start-up, the loop's run, a thread's
+#: bootstrap): 100 % of their thread by construction, so they are left out of the total table.
+ENTRY_FILES: Final = (
+    "<frozen runpy>",
+    "mes_trace_proxy/__main__.py",
+    "mes_trace_proxy/cli.py",
+    "mes_trace_proxy/server.py",
+    "asyncio/runners.py",
+    "threading.py",
+)
+
+
 def top_frames(
-    stacks: Iterable[Stack], limit: int
+    stacks: Iterable[Stack], limit: int, skip_total: Sequence[str] = ENTRY_FILES
 ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """The functions with the most own time (innermost frame) and the most total time (anywhere).
 
     A function that appears twice in one stack (recursion) counts once for its total; equal
-    shares are ordered by name.
+    shares are ordered by name. Frames from files in ``skip_total`` are left out of the total
+    table (they still count for own time).
 
     Returns:
         (own, total): each a list of (frame, share of all samples), largest first.
@@ -124,7 +137,8 @@ def top_frames(
         if frames:
             own[frames[-1]] += count
         for frame in set(frames):
-            total[frame] += count
+            if not any(marker in frame for marker in skip_total):
+                total[frame] += count
     if not samples:
         return [], []
 
