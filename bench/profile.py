@@ -46,6 +46,7 @@ EXPORT_COMPONENT: Final = "span export thread (encoding, transport)"
 #: Where own time goes, by the file of the innermost Python frame; the first match wins.
 COMPONENTS: Final = (
     ("mes_trace_proxy/", "our code (mes_trace_proxy)"),
+    ("bench/peers/", "the peer's own handler"),
     ("aiohttp/web_", "aiohttp server"),
     ("aiohttp/client", "aiohttp client"),
     ("aiohttp/connector", "aiohttp client"),
@@ -243,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Profile one configuration under load; print and write ``profile.md`` and the raw stacks."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument(
-        "--config", default="proxy-http", choices=[n for n in TARGETS if n.startswith("proxy")]
+        "--config",
+        default="proxy-http",
+        # Python processes only: py-spy has nothing to say about nginx.
+        choices=[n for n, t in TARGETS.items() if t.kind in ("proxy", "aiohttp")],
     )
     parser.add_argument("--seconds", type=int, default=20, help="sampling time under load")
     # 250 Hz: 5,000 samples in 20 s, enough for 0.1 % resolution, and py-spy stays light.
