@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP) ## create .venv and install the project with its pinned dependencies
 
-system-deps: ## install the Debian packages the tests use (redis-server, chromium) when missing
+system-deps: ## install the Debian packages the tests use (redis-server, chromium, prometheus) when missing
 	@scripts/system-deps
 
 lint: venv ## ruff lint and format check

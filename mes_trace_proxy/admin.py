@@ -1,25 +1,120 @@
-"""The admin listener: liveness, readiness and Prometheus metrics.
+"""The admin listener: liveness, readiness, metrics, config dump, orders API and page, behind bearer tokens.
 
 ``/healthz`` answers while the process runs; ``/readyz`` only when every listener is bound
 and each upstream has answered recently or accepts a TCP connection now; ``/metrics`` is
-the Prometheus exposition of the process's own registry.
+the Prometheus exposition of the process's own registry; ``/config`` the effective
+configuration with secrets masked. With ``admin.tokens_file`` set, every route but the two
+probes needs a bearer token whose role :data:`ROUTE_ROLES` names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mes_trace_proxy.admin_auth import ANSWERS, Role, TokenError, TokenTable, Verdict, authorize, parse_tokens
+from mes_trace_proxy.admin_orders import add_order_routes
 from mes_trace_proxy.app import Shared
+from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
-__all__ = ["SHARED", "build_admin_app"]
+__all__ = ["ROUTE_ROLES", "SHARED", "TOKENS", "TokenStore", "build_admin_app"]
+
+log = logging.getLogger("mes_trace_proxy.admin")
 
 SHARED: Final = web.AppKey("shared", Shared)
+
+#: The role each admin route needs, by (method, route pattern); ``None`` is open to everyone.
+#: A route not listed needs ``admin``: a new endpoint stays closed until someone decides.
+#: HEAD is checked as GET. Unknown paths need ``viewer``, so a 404 tells nothing to strangers.
+ROUTE_ROLES: Final[Mapping[tuple[str, str], Role | None]] = MappingProxyType(
+    {
+        # Kubernetes probes carry no credentials.
+        ("GET", "/healthz"): None,
+        ("GET", "/readyz"): None,
+        ("GET", "/metrics"): Role.VIEWER,
+        ("GET", "/config"): Role.ADMIN,
+        # The watchdog's order pages and API: lookups are for viewers, the purge for admins.
+        ("GET", "/"): Role.VIEWER,
+        ("GET", "/orders"): Role.VIEWER,
+        ("GET", "/orders/stuck"): Role.VIEWER,
+        ("GET", "/orders/{order_id}"): Role.VIEWER,
+        ("POST", "/orders/purge"): Role.ADMIN,
+    }
+)
+
+
+class TokenStore:
+    """The admin tokens in force: read at start-up, read again on SIGHUP."""
+
+    def __init__(self, table: TokenTable, path: str | None) -> None:
+        """Start with the tokens the config loaded from ``path``."""
+        self.table = table
+        self._path = path
+
+    def reload(self) -> bool:
+        """Read the tokens file again; a bad file keeps the tokens in force.
+
+        Returns:
+            Whether the new tokens are in force.
+        """
+        if self._path is None:
+            return False
+        try:
+            table = parse_tokens(Path(self._path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, TokenError) as exc:
+            # TokenError names a line, never a token; OSError its reason.
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.error("admin tokens reload failed; keeping the current tokens", extra={"error": reason})
+            return False
+        self.table = table
+        log.info("admin tokens reloaded", extra={"tokens": len(table.entries)})
+        return True
+
+
+TOKENS: Final = web.AppKey("tokens", TokenStore)
+
+
+def _required_role(request: web.Request) -> Role | None:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return Role.VIEWER
+    method = "GET" if request.method == "HEAD" else request.method
+    return ROUTE_ROLES.get((method, resource.canonical), Role.ADMIN)
+
+
+@web.middleware
+async def _require_token(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse a request whose bearer token is missing, unknown or of too low a role."""
+    table = request.app[TOKENS].table
+    if not table.enabled:
+        return await handler(request)
+    verdict = authorize(table, request.headers.get("Authorization"), _required_role(request))
+    if verdict is Verdict.ALLOWED:
+        return await handler(request)
+    answer = ANSWERS[verdict]
+    if verdict is Verdict.INVALID:
+        # Worth an operator's eye (a guessing client); the token itself is never logged.
+        log.warning("admin request with an unknown token", extra={"client": request.remote})
+    body = problem_body(
+        status=answer.status, title=answer.title, detail=answer.detail, type_=problem_type_uri(answer.slug)
+    )
+    response = web.Response(status=answer.status, body=body, content_type=PROBLEM_CONTENT_TYPE)
+    if answer.www_authenticate is not None:
+        response.headers["WWW-Authenticate"] = answer.www_authenticate
+    return response
+
+
 # An upstream that answered within this window counts as reachable without a probe; about
 # three Kubernetes readiness periods (10 s default).
 READY_WINDOW: Final = 30.0
@@ -54,14 +149,16 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("draining for shutdown")
     now = time.monotonic()
     upstreams: dict[str, str] = {}
-    for listener in shared.config.listeners:
+    for index, listener in enumerate(shared.config.listeners):
         last = readiness.last_upstream_answer.get(listener.name)
         if last is not None and now - last < READY_WINDOW:
             upstreams[listener.name] = "answering"
             continue
         reachable = await _probe(listener.upstream.host, listener.upstream.port)
         upstreams[listener.name] = "reachable" if reachable else "unreachable"
-        if not reachable:
+        # Only the first listener's upstream (MES, beside us in the pod) gates readiness: a
+        # CRM outage on the egress side must not take MES out of its Service as well.
+        if not reachable and index == 0:
             problems.append(f"upstream of {listener.name} unreachable")
     status = 200 if not problems else 503
     return web.json_response(
@@ -79,11 +176,19 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+async def config_dump(request: web.Request) -> web.Response:
+    """The effective configuration, secrets masked (``Config.describe``)."""
+    return web.json_response(request.app[SHARED].config.describe())
+
+
 def build_admin_app(shared: Shared) -> web.Application:
     """Build the admin application over the process's shared objects."""
-    app = web.Application()
+    app = web.Application(middlewares=[_require_token])
     app[SHARED] = shared
+    app[TOKENS] = TokenStore(shared.config.admin.tokens, shared.config.admin.tokens_file)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_order_routes(app, shared)
+    app.router.add_get("/config", config_dump)
     return app

@@ -10,21 +10,25 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
-from aiohttp import web
 
 from mes_trace_proxy.config import Config, ListenerConfig
 from mes_trace_proxy.forwarding import ForwardPolicy
+from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.proxy import ListenerState, Observer, make_handler
 from mes_trace_proxy.redact import Redactor
+from mes_trace_proxy.tls import client_context
 from mes_trace_proxy.tracecontext import TrustPolicy
 from mes_trace_proxy.tracing import Tracing
 
-__all__ = ["Readiness", "Shared", "build_proxy_server", "make_session"]
+if TYPE_CHECKING:
+    from mes_trace_proxy.watchdog import Watchdog
+
+__all__ = ["Readiness", "Shared", "build_proxy_server", "make_session", "trust_policy"]
 
 log = logging.getLogger("mes_trace_proxy.app")
 
@@ -95,16 +99,24 @@ class Shared:
     clock: Callable[[], float] = time.time
     #: called when an order's state changed, so the store can write it behind the hot path
     on_order_changed: Callable[[str], None] | None = None
+    #: the stuck-order watchdog, which also owns the order store (None: no order state)
+    watchdog: Watchdog | None = None
 
 
 def make_session(listener: ListenerConfig) -> aiohttp.ClientSession:
-    """The one upstream session of a listener: pooled, transparent, no cookies, no redirects."""
+    """The one upstream session of a listener: pooled, transparent, no cookies, no redirects.
+
+    Raises:
+        ConfigError: the listener's ``upstream_tls`` files are unusable.
+    """
     timeouts = listener.timeouts
     connector = aiohttp.TCPConnector(
         limit=UPSTREAM_POOL_SIZE,
         limit_per_host=UPSTREAM_POOL_SIZE,
         keepalive_timeout=UPSTREAM_KEEPALIVE,
         enable_cleanup_closed=False,
+        # https:// without upstream_tls verifies against the system's CA bundle.
+        ssl=client_context(listener.upstream_tls) if listener.upstream_tls is not None else True,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -121,7 +133,16 @@ def make_session(listener: ListenerConfig) -> aiohttp.ClientSession:
     )
 
 
-def build_proxy_server(listener: ListenerConfig, shared: Shared) -> tuple[web.Server, aiohttp.ClientSession]:
+def trust_policy(cidrs: tuple[str, ...]) -> TrustPolicy:
+    """The trust policy for ``privacy.trusted_callers``: ``*`` trusts all, an empty list none."""
+    if not cidrs:
+        return TrustPolicy(trust_all=False)
+    return TrustPolicy.from_cidrs(cidrs)
+
+
+def build_proxy_server(
+    listener: ListenerConfig, shared: Shared
+) -> tuple[GuardedServer, aiohttp.ClientSession]:
     """Build one listener's low-level server and its upstream session; call inside a running loop.
 
     The caller (``server.py``) owns both: it closes the session after the server drained.
@@ -134,7 +155,7 @@ def build_proxy_server(listener: ListenerConfig, shared: Shared) -> tuple[web.Se
         session=session,
         tracing=shared.tracing,
         redactor=shared.redactor,
-        trust=TrustPolicy(),
+        trust=trust_policy(config.privacy.trusted_callers),
         forward_policy=ForwardPolicy(
             upstream_host=listener.upstream.host_header,
             preserve_host=listener.preserve_host,
@@ -147,9 +168,11 @@ def build_proxy_server(listener: ListenerConfig, shared: Shared) -> tuple[web.Se
         access_log=shared.access_log,
         clock=shared.clock,
         correlation=config.watchdog.correlation,
+        on_order_changed=shared.on_order_changed,
     )
-    server = web.Server(
+    server = GuardedServer(
         make_handler(state),
+        limits=listener.limits,
         # A caller that goes away cancels its handler, and with it the upstream call.
         handler_cancellation=True,
         # A gzip request body must reach MES as the gzip bytes it was.

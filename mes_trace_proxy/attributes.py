@@ -45,8 +45,11 @@ __all__ = [
     "HTTP_RESPONSE_BODY_SIZE",
     "HTTP_RESPONSE_STATUS_CODE",
     "HTTP_ROUTE",
+    "MES_LINK_KIND",
     "MES_LISTENER",
     "MES_ORDER_ANOMALY",
+    "MES_ORDER_DWELL",
+    "MES_ORDER_DWELL_LIMIT",
     "MES_ORDER_ID",
     "MES_ORDER_STATUS",
     "MES_ORDER_STATUS_OBSERVED",
@@ -57,6 +60,7 @@ __all__ = [
     "NETWORK_PROTOCOL_VERSION",
     "SERVER_ADDRESS",
     "SERVER_PORT",
+    "SPAN_ORDER_STUCK",
     "URL_FULL",
     "URL_PATH",
     "URL_QUERY",
@@ -78,14 +82,21 @@ MES_ORDER_TRANSITION: Final = "mes.order.transition"
 MES_ORDER_ANOMALY: Final = "mes.order.anomaly"
 MES_RULE: Final = "mes.rule"
 MES_LISTENER: Final = "mes.proxy.listener"
+#: seconds (double) the order has been in its status, on the watchdog's stuck span
+MES_ORDER_DWELL: Final = "mes.order.dwell"
+#: the status's dwell limit in seconds (double), on the watchdog's stuck span
+MES_ORDER_DWELL_LIMIT: Final = "mes.order.dwell_limit"
+#: on a span link: why it links (``order.first_span``, ``order.transition``)
+MES_LINK_KIND: Final = "mes.link.kind"
 
+SPAN_ORDER_STUCK: Final = "mes.order.stuck"
 EVENT_STATUS_CHANGE: Final = "mes.order.status_change"
 EVENT_ANOMALY: Final = "mes.order.anomaly"
 
 # Semantic conventions, HTTP spans §"HTTP request method": these are recorded as sent; any
 # other method becomes "_OTHER" with the original in http.request.method_original.
 KNOWN_METHODS: Final = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
 )
 
 

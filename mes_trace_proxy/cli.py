@@ -26,6 +26,7 @@ __all__ = ["build_parser", "load_from_args", "main"]
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130  # the shell's convention for a run ended by Ctrl+C (128 + SIGINT)
 
 _HELP: Final = {
     "listen": "ingress listener HOST:PORT (CRM and dashboard → MES) [default 127.0.0.1:8080]",
@@ -42,6 +43,15 @@ _HELP: Final = {
     "check_interval": "how often the watchdog looks for stuck orders, e.g. 10s",
     "jaeger_url": "Jaeger UI base URL for links on the admin page",
     "correlation": "link, trace-per-order or off",
+    "tls_cert": "PEM certificate chain: serve TLS on the ingress listener (reloaded on change and SIGHUP)",
+    "tls_key": "PEM private key for --tls-cert",
+    "upstream_ca": "PEM CA bundle that signs the https:// upstream's certificate",
+    "upstream_cert": "PEM client certificate for mTLS to the upstream",
+    "upstream_key": "PEM private key for --upstream-cert",
+    "max_body_size": "largest request body accepted, e.g. 1GiB (0: no limit) [default 1GiB]",
+    "max_connections": "open connections accepted by the ingress listener [default 4096]",
+    "admin_token_file": "ROLE:TOKEN lines; admin endpoints but /healthz, /readyz then need a bearer token",
+    "trusted_callers": "comma-separated CIDRs whose trace context is continued [default *]",
 }
 
 
@@ -235,4 +245,4 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"mes-trace-proxy: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE if args.command != "check-config" else EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED

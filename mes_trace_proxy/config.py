@@ -18,20 +18,32 @@ from types import MappingProxyType
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
+from mes_trace_proxy.admin_auth import TokenError, TokenTable, parse_tokens
 from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, Lifecycle
-from mes_trace_proxy.rules import CompiledRules, RuleError, compile_rules
+from mes_trace_proxy.redact import (
+    DEFAULT_HEADER_ALLOW,
+    DEFAULT_QUERY_ALLOW,
+    DEFAULT_REDACT_KEYS,
+    PrivacyPolicy,
+    Redactor,
+    is_never_header,
+)
+from mes_trace_proxy.rules import CompiledRules, RuleError, SourceKind, compile_rules, format_pointer
 
 __all__ = [
     "AdminConfig",
     "Config",
     "ConfigError",
     "HostPort",
+    "Limits",
     "ListenerConfig",
     "PrivacyConfig",
     "ServerConfig",
+    "ServerTls",
     "ServiceConfig",
     "Timeouts",
     "Upstream",
+    "UpstreamTls",
     "WatchdogConfig",
     "load_config",
     "parse_duration",
@@ -94,6 +106,47 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTls:
+    """TLS served on a proxy listener; the files are re-read on SIGHUP and when they change."""
+
+    cert_file: str
+    key_file: str
+    #: the key (or flag, or variable) to name when the files turn out unusable at start-up
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamTls:
+    """TLS towards the upstream: whom to trust and, for mTLS, the client certificate."""
+
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    verify: bool
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What one listener accepts from a caller before it refuses or disconnects."""
+
+    #: request target (URI) bytes; longer gets 414
+    max_line_size: int
+    #: bytes of one header field (name and value); longer gets 431
+    max_header_size: int
+    #: header fields per request; more gets 431
+    max_headers: int
+    #: request body bytes; more gets 413 (``None``: no limit)
+    max_body_size: int | None
+    #: seconds from a request's first byte to the end of its header section; then 408
+    header_read_timeout: float
+    #: seconds a keep-alive connection may sit idle between requests
+    idle_timeout: float
+    #: open connections; beyond it new ones get 503 and are closed
+    max_connections: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ListenerConfig:
     """One proxy listener: where it listens, where it forwards, which rules it applies."""
 
@@ -108,6 +161,9 @@ class ListenerConfig:
     traceresponse: bool
     timeouts: Timeouts
     inspect_body_limit: int
+    limits: Limits
+    tls: ServerTls | None = None
+    upstream_tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +171,10 @@ class AdminConfig:
     """The admin listener."""
 
     listen: HostPort
+    #: ``ROLE:TOKEN`` lines; when set, every endpoint but the probes needs a bearer token
+    tokens_file: str | None = None
+    #: the tokens read at start-up (SIGHUP re-reads the file); never printed
+    tokens: TokenTable = field(default_factory=TokenTable, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +194,20 @@ class PrivacyConfig:
     #: HMAC key for ``enduser.id``; never printed (``repr=False``)
     user_id_key: bytes | None = field(default=None, repr=False)
     user_id_key_source: str | None = None
+    query_allow: tuple[str, ...] = DEFAULT_QUERY_ALLOW
+    header_allow: tuple[str, ...] = DEFAULT_HEADER_ALLOW
+    redact_keys: tuple[str, ...] = DEFAULT_REDACT_KEYS
+    #: CIDRs whose trace context (and baggage) is continued; ``*`` trusts every caller
+    trusted_callers: tuple[str, ...] = ("*",)
+
+    def policy(self) -> PrivacyPolicy:
+        """The redactor's policy (validated when the config was loaded)."""
+        return PrivacyPolicy(
+            redact_keys=self.redact_keys,
+            query_allow=self.query_allow,
+            header_allow=self.header_allow,
+            user_id_header=self.user_id_header,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,10 +263,37 @@ class Config:
                         "total": lst.timeouts.total,
                     },
                     "inspect_body_limit": lst.inspect_body_limit,
+                    "tls": (
+                        {"cert_file": lst.tls.cert_file, "key_file": lst.tls.key_file} if lst.tls else None
+                    ),
+                    "upstream_tls": (
+                        {
+                            "ca_file": lst.upstream_tls.ca_file,
+                            "cert_file": lst.upstream_tls.cert_file,
+                            "key_file": lst.upstream_tls.key_file,
+                            "verify": lst.upstream_tls.verify,
+                        }
+                        if lst.upstream_tls
+                        else None
+                    ),
+                    "limits": {
+                        "max_line_size": lst.limits.max_line_size,
+                        "max_header_size": lst.limits.max_header_size,
+                        "max_headers": lst.limits.max_headers,
+                        "max_body_size": lst.limits.max_body_size or 0,
+                        "header_read_timeout": lst.limits.header_read_timeout,
+                        "idle_timeout": lst.limits.idle_timeout,
+                        "max_connections": lst.limits.max_connections,
+                    },
                 }
                 for lst in self.listeners
             ],
-            "admin": {"listen": str(self.admin.listen)},
+            "admin": {
+                "listen": str(self.admin.listen),
+                "tokens_file": self.admin.tokens_file,
+                # How many, never which: the tokens open the admin API.
+                "tokens": len(self.admin.tokens.entries),
+            },
             "service": {
                 "name": self.service.name,
                 "namespace": self.service.namespace,
@@ -202,6 +303,10 @@ class Config:
                 "user_id_header": self.privacy.user_id_header,
                 "user_id_key": "***" if self.privacy.user_id_key else None,
                 "user_id_key_source": self.privacy.user_id_key_source,
+                "query_allow": list(self.privacy.query_allow),
+                "header_allow": list(self.privacy.header_allow),
+                "redact_keys": list(self.privacy.redact_keys),
+                "trusted_callers": list(self.privacy.trusted_callers),
             },
             "watchdog": {
                 "state": _mask_url(self.watchdog.state),
@@ -418,6 +523,39 @@ OPTIONS: Final = (
     _Option("check_interval", "--check-interval", "MES_PROXY_CHECK_INTERVAL", ("watchdog", "check_interval")),
     _Option("jaeger_url", "--jaeger-url", "MES_PROXY_JAEGER_URL", ("watchdog", "jaeger_url")),
     _Option("correlation", "--correlation", "MES_PROXY_CORRELATION", ("watchdog", "correlation")),
+    _Option("tls_cert", "--tls-cert", "MES_PROXY_TLS_CERT", ("listeners", 0, "tls", "cert_file")),
+    _Option("tls_key", "--tls-key", "MES_PROXY_TLS_KEY", ("listeners", 0, "tls", "key_file")),
+    _Option(
+        "upstream_ca", "--upstream-ca", "MES_PROXY_UPSTREAM_CA", ("listeners", 0, "upstream_tls", "ca_file")
+    ),
+    _Option(
+        "upstream_cert",
+        "--upstream-cert",
+        "MES_PROXY_UPSTREAM_CERT",
+        ("listeners", 0, "upstream_tls", "cert_file"),
+    ),
+    _Option(
+        "upstream_key",
+        "--upstream-key",
+        "MES_PROXY_UPSTREAM_KEY",
+        ("listeners", 0, "upstream_tls", "key_file"),
+    ),
+    _Option(
+        "max_body_size",
+        "--max-body-size",
+        "MES_PROXY_MAX_BODY_SIZE",
+        ("listeners", 0, "limits", "max_body_size"),
+    ),
+    _Option(
+        "max_connections",
+        "--max-connections",
+        "MES_PROXY_MAX_CONNECTIONS",
+        ("listeners", 0, "limits", "max_connections"),
+    ),
+    _Option("admin_token_file", "--admin-token-file", "MES_PROXY_ADMIN_TOKEN_FILE", ("admin", "tokens_file")),
+    _Option(
+        "trusted_callers", "--trusted-callers", "MES_PROXY_TRUSTED_CALLERS", ("privacy", "trusted_callers")
+    ),
 )
 ENV_USER_ID_KEY: Final = "MES_PROXY_USER_ID_KEY"
 ENV_DWELL_LIMITS: Final = "MES_PROXY_DWELL_LIMITS"
@@ -436,6 +574,38 @@ DEFAULT_READ_TIMEOUT: Final = 60.0  # MES price calculations are asynchronous; n
 DEFAULT_STATE: Final = "sqlite:///./mes-trace-proxy-orders.db"
 DEFAULT_JAEGER_URL: Final = "http://localhost:16686"
 DEFAULT_RULE_SETS: Final = ("mes", "crm")  # rule set per listener position when none is named
+# RFC 9112 §3: "RECOMMENDED that all HTTP senders and recipients support ... request-line
+# lengths of 8000 octets"; 8 KiB honours that and no MES route comes near it.
+DEFAULT_MAX_LINE_SIZE: Final = 8 * 1024
+# One header field, name and value: a bearer JWT with many claims or a CRM's cookies can pass
+# 8 KiB, and the proxy should not be the stricter hop; 16 KiB still bounds the parser's
+# buffer. Differing from the line limit also lets the refusal say which limit was hit.
+DEFAULT_MAX_HEADER_SIZE: Final = 16 * 1024
+# aiohttp's own default; browsers and HTTP clients send 10-30 fields.
+DEFAULT_MAX_HEADERS: Final = 128
+# Jewellery 3D models (STL, 3MF, OBJ with textures) run to a few hundred MiB; 1 GiB leaves room
+# and still stops an endless upload from holding a connection and an upstream socket forever.
+DEFAULT_MAX_BODY_SIZE: Final = 1024**3
+# A client on the same network sends its request head in one packet; 10 s covers three TCP
+# retransmissions of a lost one (RFC 6298 §2: 1 s initial RTO, doubling: 1 + 2 + 4 s) and frees
+# a slow-loris slot soon after.
+DEFAULT_HEADER_READ_TIMEOUT: Final = 10.0
+# nginx's keepalive_timeout default, and above the idle timeouts of the CRM's client pools,
+# so a caller rarely reuses a connection the proxy is closing.
+DEFAULT_IDLE_TIMEOUT: Final = 75.0
+# Far above the tens of connections CRM and the dashboard keep open and a benchmark's
+# thousand; an idle aiohttp connection costs a few KiB, so 4096 of them stay well inside a
+# sidecar's memory and under container open-file limits (4096 + the 256 upstream sockets).
+DEFAULT_MAX_CONNECTIONS: Final = 4096
+DEFAULT_LIMITS: Final = Limits(
+    max_line_size=DEFAULT_MAX_LINE_SIZE,
+    max_header_size=DEFAULT_MAX_HEADER_SIZE,
+    max_headers=DEFAULT_MAX_HEADERS,
+    max_body_size=DEFAULT_MAX_BODY_SIZE,
+    header_read_timeout=DEFAULT_HEADER_READ_TIMEOUT,
+    idle_timeout=DEFAULT_IDLE_TIMEOUT,
+    max_connections=DEFAULT_MAX_CONNECTIONS,
+)
 
 _TOP_KEYS: Final = frozenset(
     {"service", "listeners", "admin", "rule_sets", "lifecycle", "watchdog", "privacy", "server"}
@@ -452,15 +622,27 @@ _LISTENER_KEYS: Final = frozenset(
         "traceresponse",
         "timeouts",
         "inspect_body_limit",
+        "tls",
+        "upstream_tls",
+        "limits",
     }
 )
 _SECTION_KEYS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
     {
         "service": frozenset({"name", "namespace", "environment"}),
-        "admin": frozenset({"listen"}),
+        "admin": frozenset({"listen", "tokens_file"}),
         "lifecycle": frozenset({"statuses", "cancel", "terminal", "entry", "dwell_limits"}),
         "watchdog": frozenset({"state", "check_interval", "jaeger_url", "correlation", "retention"}),
-        "privacy": frozenset({"user_id_header", "user_id_key_file"}),
+        "privacy": frozenset(
+            {
+                "user_id_header",
+                "user_id_key_file",
+                "query_allow",
+                "header_allow",
+                "redact_keys",
+                "trusted_callers",
+            }
+        ),
         "server": frozenset({"workers", "grace_period", "log_level", "access_log"}),
     }
 )
@@ -588,7 +770,13 @@ def _missing_key(doc: _Doc, path: tuple[str | int, ...]) -> str:
     return key
 
 
-def _listener(doc: _Doc, index: int, raw: object, rule_sets: Mapping[str, CompiledRules]) -> ListenerConfig:
+def _listener(
+    doc: _Doc,
+    index: int,
+    raw: object,
+    rule_sets: Mapping[str, CompiledRules],
+    read_file: Callable[[str], bytes] | None = None,
+) -> ListenerConfig:
     base = ("listeners", index)
     if not isinstance(raw, dict):
         raise ConfigError(doc.key(*base), "expected a mapping with at least listen and upstream")
@@ -667,6 +855,9 @@ def _listener(doc: _Doc, index: int, raw: object, rule_sets: Mapping[str, Compil
             total=timeout("total", 0.0),
         ),
         inspect_body_limit=inspect,
+        limits=_limits(doc, raw, base),
+        tls=_server_tls(doc, raw, base, read_file),
+        upstream_tls=_upstream_tls(doc, raw, base, upstream, read_file),
     )
 
 
@@ -698,9 +889,15 @@ def _lifecycle(doc: _Doc) -> Lifecycle:
     if cancel is not None and not isinstance(cancel, str):
         raise ConfigError(doc.key("lifecycle", "cancel"), "expected a status name")
     all_statuses = [*statuses, *([cancel] if cancel and cancel not in statuses else [])]
-    terminal = section.get("terminal", sorted(base.terminal))
-    entry = section.get("entry", sorted(base.entry_statuses))
+    custom = "statuses" in section
+    # With a lifecycle of their own, users get the reference terminal statuses that exist in
+    # it, and the Lifecycle's own default entry (its first two statuses).
+    terminal = section.get("terminal", sorted(s for s in base.terminal if s in all_statuses))
+    entry_default: list[str] | None = None if custom else sorted(base.entry_statuses)
+    entry = section.get("entry", entry_default)
     for name, value in (("terminal", terminal), ("entry", entry)):
+        if value is None:
+            continue
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise ConfigError(doc.key("lifecycle", name), "expected a list of status names")
         unknown = [s for s in value if s not in all_statuses]
@@ -730,13 +927,13 @@ def _lifecycle(doc: _Doc) -> Lifecycle:
                 raise ConfigError(key, "a dwell limit must be longer than zero")
             limits[status] = seconds
     assert isinstance(terminal, list)
-    assert isinstance(entry, list)
+    assert entry is None or isinstance(entry, list)
     try:
         return Lifecycle(
             statuses=tuple(statuses),
             cancel=cancel,
             terminal=frozenset(terminal),
-            entry=frozenset(entry),
+            entry=None if entry is None else frozenset(entry),
             dwell_limits=MappingProxyType(limits),
         )
     except ValueError as exc:
@@ -758,7 +955,8 @@ def load_config(
         environ: the process environment.
         file_doc: the parsed YAML config file, or ``None``.
         defaults: the parsed default rules document (``defaults/rules.yaml``).
-        read_file: reads a secret file (the user-id key); ``None`` forbids reading files.
+        read_file: reads a file the config names (the user-id key, the admin tokens, TLS PEM
+            files); ``None`` forbids reading key and token files and skips the PEM checks.
 
     Returns:
         The validated configuration.
@@ -780,7 +978,7 @@ def load_config(
         listeners_raw = [{}]
     if not isinstance(listeners_raw, list) or not listeners_raw:
         raise ConfigError(doc.key("listeners"), "expected a non-empty list of listeners")
-    listeners = tuple(_listener(doc, i, raw, rule_sets) for i, raw in enumerate(listeners_raw))
+    listeners = tuple(_listener(doc, i, raw, rule_sets, read_file) for i, raw in enumerate(listeners_raw))
     seen: dict[str, int] = {}
     for index, lst in enumerate(listeners):
         if lst.name in seen:
@@ -842,15 +1040,17 @@ def load_config(
             raise ConfigError(doc.key(*path), "expected a string")
         return str(value)
 
+    privacy_config = _privacy(doc, privacy, user_header, secret, key_source)
+    _check_rule_sources(doc, listeners, privacy_config)
     return Config(
         listeners=listeners,
-        admin=AdminConfig(listen=admin_listen),
+        admin=_admin(doc, admin, admin_listen, read_file),
         service=ServiceConfig(
             name=service_name,
             namespace=opt_str(service, ("service", "namespace")),
             environment=opt_str(service, ("service", "environment")),
         ),
-        privacy=PrivacyConfig(user_id_header=user_header, user_id_key=secret, user_id_key_source=key_source),
+        privacy=privacy_config,
         watchdog=WatchdogConfig(
             state=_get(doc, watchdog, ("watchdog", "state"), _parse_state, DEFAULT_STATE),
             check_interval=_positive(doc, watchdog, ("watchdog", "check_interval"), DEFAULT_CHECK_INTERVAL),
@@ -883,3 +1083,287 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# ── security sections: TLS, limits, admin tokens, privacy lists ─────────────────────────
+
+_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TLS_KEYS: Final = frozenset({"cert_file", "key_file"})
+_UPSTREAM_TLS_KEYS: Final = frozenset({"ca_file", "cert_file", "key_file", "verify"})
+_LIMIT_KEYS: Final = frozenset(
+    {
+        "max_line_size",
+        "max_header_size",
+        "max_headers",
+        "max_body_size",
+        "header_read_timeout",
+        "idle_timeout",
+        "max_connections",
+    }
+)
+# What a PEM file of each kind must hold (RFC 7468 §5 certificates, §10/§11 private keys).
+_PEM_CERT: Final = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY: Final = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
+_PEM_ENCRYPTED: Final = (b"ENCRYPTED PRIVATE KEY", b"Proc-Type: 4,ENCRYPTED")
+
+
+def _mapping(
+    doc: _Doc, raw: Mapping[str, object], path: tuple[str | int, ...], allowed: frozenset[str]
+) -> dict[str, object] | None:
+    """``raw[path[-1]]`` as a mapping with only ``allowed`` keys, or ``None`` when absent."""
+    value = raw.get(str(path[-1]))
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(doc.key(*path), f"expected a mapping of {', '.join(sorted(allowed))}")
+    for item in value:
+        if item not in allowed:
+            raise ConfigError(doc.key(*path, item), f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    return value
+
+
+def _section_source(doc: _Doc, path: tuple[str | int, ...], section: Mapping[str, object]) -> str:
+    """Whom to blame for a whole section: the flags or variables that set its members, else its key."""
+    origins = [doc.origins[(*path, item)] for item in section if (*path, item) in doc.origins]
+    return ", ".join(dict.fromkeys(origins)) if origins else doc.key(*path)
+
+
+def _pem_file(
+    doc: _Doc,
+    section: Mapping[str, object],
+    path: tuple[str | int, ...],
+    kind: str,
+    read_file: Callable[[str], bytes] | None,
+) -> str | None:
+    """The path at ``section[path[-1]]``, checked to hold a PEM ``kind`` when files may be read."""
+    value = section.get(str(path[-1]))
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(doc.key(*path), "expected a file path")
+    if read_file is None:
+        # Pure callers (tests, explain) skip the check; start-up builds the TLS context and
+        # names the same key if the file is unusable.
+        return value
+    try:
+        data = read_file(value)
+    except OSError as exc:
+        raise ConfigError(doc.key(*path), f"cannot read {value}: {exc.strerror or exc}") from None
+    if kind == "certificate" and _PEM_CERT not in data:
+        raise ConfigError(doc.key(*path), f"{value} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    if kind == "key":
+        if any(marker in data for marker in _PEM_ENCRYPTED):
+            # A passphrase would have to be typed at every start and reload; there is no one to type it.
+            raise ConfigError(
+                doc.key(*path), f"{value} is an encrypted key; give the proxy an unencrypted one"
+            )
+        if _PEM_KEY.search(data) is None:
+            raise ConfigError(
+                doc.key(*path), f"{value} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
+            )
+    return value
+
+
+def _server_tls(
+    doc: _Doc,
+    raw: Mapping[str, object],
+    base: tuple[str | int, ...],
+    read_file: Callable[[str], bytes] | None,
+) -> ServerTls | None:
+    path = (*base, "tls")
+    section = _mapping(doc, raw, path, _TLS_KEYS)
+    if section is None:
+        return None
+    cert = _pem_file(doc, section, (*path, "cert_file"), "certificate", read_file)
+    key = _pem_file(doc, section, (*path, "key_file"), "key", read_file)
+    if cert is None:
+        raise ConfigError(doc.key(*path, "cert_file"), "is required to serve TLS (with key_file)")
+    if key is None:
+        raise ConfigError(doc.key(*path, "key_file"), "is required to serve TLS (with cert_file)")
+    return ServerTls(cert_file=cert, key_file=key, source=_section_source(doc, path, section))
+
+
+def _upstream_tls(
+    doc: _Doc,
+    raw: Mapping[str, object],
+    base: tuple[str | int, ...],
+    upstream: Upstream,
+    read_file: Callable[[str], bytes] | None,
+) -> UpstreamTls | None:
+    path = (*base, "upstream_tls")
+    section = _mapping(doc, raw, path, _UPSTREAM_TLS_KEYS)
+    if section is None:
+        return None
+    if upstream.scheme != "https":
+        raise ConfigError(
+            _section_source(doc, path, section), f"needs an https:// upstream, not {upstream.url}"
+        )
+    ca = _pem_file(doc, section, (*path, "ca_file"), "certificate", read_file)
+    cert = _pem_file(doc, section, (*path, "cert_file"), "certificate", read_file)
+    key = _pem_file(doc, section, (*path, "key_file"), "key", read_file)
+    if (cert is None) != (key is None):
+        missing = "key_file" if key is None else "cert_file"
+        raise ConfigError(doc.key(*path, missing), "a client certificate needs both cert_file and key_file")
+    verify = _get(doc, section, (*path, "verify"), _parse_bool, True)
+    return UpstreamTls(
+        ca_file=ca, cert_file=cert, key_file=key, verify=verify, source=_section_source(doc, path, section)
+    )
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a whole number")
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise ValueError(f"{number} must be at least 1")
+    return number
+
+
+def _limits(doc: _Doc, raw: Mapping[str, object], base: tuple[str | int, ...]) -> Limits:
+    path = (*base, "limits")
+    section = _mapping(doc, raw, path, _LIMIT_KEYS) or {}
+    d = DEFAULT_LIMITS
+
+    def size(name: str, default: int) -> int:
+        value = _get(doc, section, (*path, name), parse_size, default)
+        if value < 1:
+            raise ConfigError(doc.key(*path, name), "must be at least 1 byte")
+        return value
+
+    def seconds(name: str, default: float) -> float:
+        value = _get(doc, section, (*path, name), parse_duration, default)
+        if value <= 0:
+            raise ConfigError(doc.key(*path, name), "must be longer than zero")
+        return value
+
+    body = _get(doc, section, (*path, "max_body_size"), parse_size, DEFAULT_MAX_BODY_SIZE)
+    return Limits(
+        max_line_size=size("max_line_size", d.max_line_size),
+        max_header_size=size("max_header_size", d.max_header_size),
+        max_headers=_get(doc, section, (*path, "max_headers"), _count, d.max_headers),
+        # 0 turns the body limit off, as 0s turns an upstream timeout off.
+        max_body_size=body or None,
+        header_read_timeout=seconds("header_read_timeout", d.header_read_timeout),
+        idle_timeout=seconds("idle_timeout", d.idle_timeout),
+        max_connections=_get(doc, section, (*path, "max_connections"), _count, d.max_connections),
+    )
+
+
+def _admin(
+    doc: _Doc, admin: Mapping[str, object], listen: HostPort, read_file: Callable[[str], bytes] | None
+) -> AdminConfig:
+    tokens_file = admin.get("tokens_file")
+    if tokens_file is None or tokens_file == "":
+        return AdminConfig(listen=listen)
+    key = doc.key("admin", "tokens_file")
+    if not isinstance(tokens_file, str):
+        raise ConfigError(key, "expected a file path")
+    if read_file is None:
+        raise ConfigError(key, "reading token files is not allowed here")
+    try:
+        text = read_file(tokens_file).decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {tokens_file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{tokens_file} is not UTF-8 text") from None
+    try:
+        tokens = parse_tokens(text)
+    except TokenError as exc:
+        raise ConfigError(key, f"{tokens_file}: {exc}") from None
+    return AdminConfig(listen=listen, tokens_file=tokens_file, tokens=tokens)
+
+
+def _string_list(
+    doc: _Doc, section: Mapping[str, object], path: tuple[str, str], default: tuple[str, ...]
+) -> tuple[str, ...]:
+    """A list of strings from the file, or a comma-separated one from a flag or variable."""
+    raw = section.get(path[1])
+    if raw is None:
+        return default
+    if isinstance(raw, str):
+        items = raw.split(",")
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = raw
+    else:
+        raise ConfigError(doc.key(*path), "expected a list of strings")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _privacy(
+    doc: _Doc, privacy: Mapping[str, object], user_header: str, secret: bytes | None, key_source: str | None
+) -> PrivacyConfig:
+    headers = _string_list(doc, privacy, ("privacy", "header_allow"), DEFAULT_HEADER_ALLOW)
+    for name in headers:
+        if not _HEADER_NAME.match(name):
+            raise ConfigError(doc.key("privacy", "header_allow"), f"{name!r} is not a valid header name")
+    callers = _string_list(doc, privacy, ("privacy", "trusted_callers"), ("*",))
+    for item in callers:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                doc.key("privacy", "trusted_callers"), f"{item!r} is not an address, a CIDR or *"
+            ) from None
+    config = PrivacyConfig(
+        user_id_header=user_header,
+        user_id_key=secret,
+        user_id_key_source=key_source,
+        query_allow=_string_list(doc, privacy, ("privacy", "query_allow"), DEFAULT_QUERY_ALLOW),
+        header_allow=headers,
+        redact_keys=_string_list(doc, privacy, ("privacy", "redact_keys"), DEFAULT_REDACT_KEYS),
+        trusted_callers=callers,
+    )
+    try:
+        # Building the redactor compiles every pattern: a policy that cannot work fails here.
+        Redactor(config.policy())
+    except ValueError as exc:
+        field_name = str(exc).partition(":")[0]
+        key = field_name if field_name in ("header_allow", "query_allow", "redact_keys") else "header_allow"
+        raise ConfigError(doc.key("privacy", key), str(exc).partition(": ")[2] or str(exc)) from None
+    return config
+
+
+def _check_rule_sources(doc: _Doc, listeners: Sequence[ListenerConfig], privacy: PrivacyConfig) -> None:
+    """Refuse a rule that would export a personal value as an order id or status.
+
+    ``privacy.redact_keys`` names personal JSON members, query parameters, path parameters and
+    headers; credential headers and the user-id header are personal too. A rule reading one
+    would put a name or an e-mail address into ``mes.order.id``, the order book and the admin
+    pages, so it is a configuration error rather than something to redact per request.
+
+    Raises:
+        ConfigError: naming the rule's source key.
+    """
+    redactor = Redactor(privacy.policy())
+    user_header = privacy.user_id_header.lower()
+    for index, listener in enumerate(listeners):
+        if listener.rule_set == "inline":
+            base = doc.key("listeners", index, "rules")
+        elif listener.rule_set == "none":
+            continue
+        else:
+            base = f"rule_sets.{listener.rule_set}"
+        for position, rule in enumerate(listener.rules.rules):
+            for field_name in ("order_id", "status", "observed_status"):
+                source = getattr(rule, field_name)
+                if source is None or source.kind is SourceKind.CONST:
+                    continue
+                if source.kind in (SourceKind.BODY, SourceKind.RESPONSE):
+                    personal = redactor.key_is_personal(format_pointer(source.pointer))
+                else:
+                    personal = redactor.key_is_personal(source.name)
+                    if source.kind in (SourceKind.HEADER, SourceKind.RESPONSE_HEADER):
+                        personal = (
+                            personal or is_never_header(source.name) or source.name.lower() == user_header
+                        )
+                if personal:
+                    raise ConfigError(
+                        f"{base}[{position}].{field_name}",
+                        f"{source.spec} is personal data or a credential (privacy.redact_keys); "
+                        "it cannot be an order id or a status",
+                    )

@@ -7,7 +7,6 @@ so a user can debug a rule file against a sample request before any traffic flow
 from __future__ import annotations
 
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
@@ -54,9 +53,6 @@ def explain(
             names = ", ".join(lst.name for lst in config.listeners)
             raise ConfigError("--listener", f"no listener {listener!r}; have {names}")
         chosen = found[0]
-    if target.startswith(("http://", "https://")):
-        parts = urlsplit(target)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
     rejection = check_target(method, target) or check_host_headers(headers)
     if rejection is not None:
         return {
@@ -84,7 +80,7 @@ def explain(
             response_headers=CIMultiDict({"Content-Type": "application/json"}),
             response_body=response_body,
         )
-    redactor = Redactor()
+    redactor = Redactor(config.privacy.policy())
     user = None
     if config.privacy.user_id_key is not None:
         user_id = user_id_from_headers(lookup, header_name=config.privacy.user_id_header)

@@ -262,6 +262,7 @@ class ClientRejection(enum.Enum):
     URI_TOO_LONG = "uri_too_long"
     BAD_REQUEST = "bad_request"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    REQUEST_TIMEOUT = "request_timeout"
 
     @property
     def spec(self) -> ProblemSpec:
@@ -273,7 +274,7 @@ def _client(kind: ClientRejection, status: int, title: str, detail: str) -> Prob
     return ProblemSpec(status=status, slug=kind.value, title=title, detail=detail)
 
 
-# Status codes per RFC 9110 §15.5 (4xx) and §15.6.4 (503) and RFC 6585 §5 (431). The
+# Status codes per RFC 9110 §15.5 (4xx, 408 in §15.5.9) and §15.6.4 (503) and RFC 6585 §5 (431). The
 # details are defaults; forwarding.py picks a more precise fixed text for target checks.
 CLIENT_REJECTIONS: Final[Mapping[ClientRejection, ProblemSpec]] = MappingProxyType(
     {
@@ -320,6 +321,12 @@ CLIENT_REJECTIONS: Final[Mapping[ClientRejection, ProblemSpec]] = MappingProxyTy
                 503,
                 "Service unavailable",
                 "This proxy is shutting down and accepts no new requests; retry on another instance.",
+            ),
+            (
+                ClientRejection.REQUEST_TIMEOUT,
+                408,
+                "Request timeout",
+                "The request header section did not arrive in time.",
             ),
         )
     }

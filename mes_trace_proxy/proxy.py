@@ -30,6 +30,7 @@ from yarl import URL
 
 from mes_trace_proxy import attributes as A
 from mes_trace_proxy.config import ListenerConfig
+from mes_trace_proxy.correlation import order_trace_for
 from mes_trace_proxy.extract import NO_FACTS, OrderFacts, is_json_content_type, request_facts, response_facts
 from mes_trace_proxy.forwarding import (
     ForwardPolicy,
@@ -39,7 +40,14 @@ from mes_trace_proxy.forwarding import (
     upstream_request_headers,
 )
 from mes_trace_proxy.orders import Findings, OrderBook, SpanRef
-from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, Rejection, UpstreamFailure, failure_response
+from mes_trace_proxy.problems import (
+    PROBLEM_CONTENT_TYPE,
+    ClientRejection,
+    Rejection,
+    UpstreamFailure,
+    failure_response,
+)
+from mes_trace_proxy.problems import rejection as make_rejection
 from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
 from mes_trace_proxy.rules import RouteMatch
 from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
@@ -53,6 +61,8 @@ log = logging.getLogger("mes_trace_proxy.proxy")
 # slow client never makes us hold more than a few of them per connection.
 CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
+# Semantic conventions, HTTP spans: ``http.request.header.<key>``, lower-case, values as an array.
+_HEADER_ATTRIBUTE_PREFIX: Final = "http.request.header."
 
 
 class Observer:
@@ -92,6 +102,8 @@ class ListenerState:
     access_log: Callable[[dict[str, object]], None] | None
     clock: Callable[[], float] = time.time
     correlation: str = "link"
+    #: told the id of an order whose state changed, so it is stored behind the hot path
+    on_order_changed: Callable[[str], None] | None = None
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
@@ -139,6 +151,40 @@ async def _prefixed(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[
         if not chunk:
             return
         yield chunk
+
+
+class BodyTooLarge(Exception):
+    """A streamed request body passed the listener's ``max_body_size``."""
+
+
+def _body_too_large(request: web.BaseRequest, limit: int | None) -> Rejection | None:
+    """413 before anything goes upstream when the declared length is over the limit."""
+    length = request.content_length
+    if limit is None or length is None or length <= limit:
+        return None
+    return make_rejection(ClientRejection.PAYLOAD_TOO_LARGE)
+
+
+async def _capped(source: object, limit: int) -> AsyncIterator[bytes]:
+    """The body, unchanged, raising :class:`BodyTooLarge` once more than ``limit`` bytes passed."""
+    chunks: AsyncIterator[bytes]
+    if isinstance(source, aiohttp.StreamReader):
+        chunks = source.iter_chunked(CHUNK_SIZE)
+    elif isinstance(source, bytes):
+        chunks = _once(source)
+    else:
+        assert isinstance(source, AsyncIterator)
+        chunks = source
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge
+        yield chunk
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def _request_body(
@@ -209,9 +255,12 @@ def _server_attributes(
     if peer:
         attrs[A.CLIENT_ADDRESS] = peer
         attrs[A.NETWORK_PEER_ADDRESS] = peer
-    agent = request.headers.get("User-Agent")
-    if agent:
-        attrs[A.USER_AGENT_ORIGINAL] = redactor.value(agent[:256])
+    # Only allow-listed headers are recorded (privacy.header_allow), values scrubbed.
+    for name, values in redactor.headers(request.headers.items()).items():
+        if name == "user-agent":
+            attrs[A.USER_AGENT_ORIGINAL] = values[0][:256]
+        else:
+            attrs[f"{_HEADER_ATTRIBUTE_PREFIX}{name}"] = values
     return attrs
 
 
@@ -228,6 +277,16 @@ def _parent_context(
     caller = trace_api.get_current_span(context).get_span_context()
     # Untrusted callers' baggage and sampling are dropped; the relation survives as a link.
     return None, ((Link(caller),) if caller.is_valid else ())
+
+
+def _order_trace(state: ListenerState, parent: Context | None, facts: OrderFacts) -> int | None:
+    """``trace-per-order``: the order's trace id for a call with no usable trace context."""
+    if state.correlation != "trace-per-order" or facts.order_id is None:
+        return None
+    has_parent = parent is not None and trace_api.get_current_span(parent).get_span_context().is_valid
+    order_id = state.redactor.value(facts.order_id)
+    tracked = facts.status is not None or (state.orders is not None and order_id in state.orders)
+    return order_trace_for(state.correlation, order_id, has_parent=has_parent, tracked=tracked)
 
 
 def make_handler(state: ListenerState) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
@@ -251,7 +310,11 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     raw = request.raw_path
     path, _, query = raw.partition("?")
 
-    rejection = check_target(method, raw) or check_host_headers(tuple(request.headers.items()))
+    rejection = (
+        check_target(method, raw)
+        or check_host_headers(tuple(request.headers.items()))
+        or _body_too_large(request, state.config.limits.max_body_size)
+    )
     if rejection is not None:
         refused = _rejection_response(rejection, None)
         state.observer.request_done(
@@ -273,6 +336,11 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         return await proxy_websocket(request, state, match, started)
 
     body, data = await _request_body(request, match, state.config.inspect_body_limit)
+    max_body = state.config.limits.max_body_size
+    if max_body is not None and request.content_length is None and data is not None and body is None:
+        # Chunked: the size is known only while it streams. Count, and abort the upstream
+        # request the moment it passes the limit, so the upstream never sees a whole body.
+        data = _capped(data, max_body)
     facts = (
         request_facts(match, raw_query=query, headers=request.headers, body=body)
         if match is not None
@@ -284,15 +352,16 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     route = match.rule.route if match is not None else None
     parent, links = _parent_context(state, request)
     attrs = _server_attributes(state, request, match, path, query, facts)
-    server_span = tracer.start_span(
-        A.span_name(method, route),
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=attrs,
-        links=links,
-        record_exception=False,
-        set_status_on_exception=False,
-    )
+    with tracing.ids.using(_order_trace(state, parent, facts)):
+        server_span = tracer.start_span(
+            A.span_name(method, route),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attrs,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
     server_ctx = trace_api.set_span_in_context(server_span)
     upstream = state.config.upstream
     url_text = f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}"
@@ -326,7 +395,11 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         value = carrier.get(name)
         if value is not None:
             out[name] = value
-    if "baggage" in carrier and "baggage" not in out:
+    if not state.trust.trusts(request.remote):
+        # W3C Baggage from a caller we do not trust is not passed on: it could steer what
+        # the services behind us record or decide.
+        out.popall("baggage", None)
+    elif "baggage" in carrier and "baggage" not in out:
         out["baggage"] = carrier["baggage"]
 
     server_sc = server_span.get_span_context()
@@ -381,6 +454,17 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                 response_headers = CIMultiDict(upstream_response.headers)
                 response_body = bytes(captured) if captured is not None else None
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if isinstance(exc.__cause__, BodyTooLarge) and (response is None or not response.prepared):
+                refused_body = make_rejection(ClientRejection.PAYLOAD_TOO_LARGE)
+                error_type = ClientRejection.PAYLOAD_TOO_LARGE.value
+                status_code = refused_body.status
+                client_span.set_attribute(A.ERROR_TYPE, error_type)
+                client_span.set_status(Status(StatusCode.ERROR, error_type))
+                server_span.set_attribute(A.ERROR_TYPE, error_type)
+                answer = _rejection_response(refused_body, trace_id_hex)
+                # The rest of the body is not worth reading: close once the answer is out.
+                answer.force_close()
+                return answer
             failure = classify_failure(exc)
             error_type = failure.value
             client_span.set_attribute(A.ERROR_TYPE, error_type)
@@ -513,6 +597,8 @@ def _record_order(
         span=ref,
         source=state.config.name,
     )
+    if findings.changed and state.on_order_changed is not None:
+        state.on_order_changed(order_id)
     transition = findings.transition
     if status is not None:
         event: dict[str, str | bool] = {A.MES_ORDER_STATUS: state.redactor.value(status)}
@@ -539,6 +625,6 @@ def _record_order(
     if state.correlation == "link" and first is not None and first != ref:
         span.add_link(
             trace_api.SpanContext(first.trace_id, first.span_id, is_remote=False),
-            {"mes.link.kind": "order.first_span"},
+            {A.MES_LINK_KIND: "order.first_span"},
         )
     return findings

@@ -1,8 +1,10 @@
 """Lifecycle in one place: start everything in order, serve, and on a signal drain and flush.
 
-Start: tracing → order book and its store → metrics → one runner and site per listener →
-admin → watchdog. Stop (SIGTERM/SIGINT): mark not ready, stop accepting, let in-flight
-requests finish within the grace period, stop the watchdog, flush the store, flush spans.
+Start: tracing → order book and its store (records loaded, writer started) → metrics → one
+runner and site per listener → admin → watchdog. Stop (SIGTERM/SIGINT): stop the watchdog,
+mark not ready, stop accepting, let in-flight requests finish within the grace period, flush
+the store's writer, close the store, flush spans. SIGHUP re-reads the listeners' TLS
+certificates and the admin tokens without a restart.
 """
 
 from __future__ import annotations
@@ -13,23 +15,28 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
 
-from mes_trace_proxy.admin import build_admin_app
+from mes_trace_proxy.admin import TOKENS, build_admin_app
 from mes_trace_proxy.app import Shared, build_proxy_server
-from mes_trace_proxy.config import Config, HostPort
+from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
+from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.logs import access_logger
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
+from mes_trace_proxy.store import StoreWriter, open_store
+from mes_trace_proxy.tls import CertReloader
 from mes_trace_proxy.tracing import build_tracing
+from mes_trace_proxy.watchdog import Watchdog
 
-__all__ = ["BindError", "RunningProxy", "run", "running"]
+__all__ = ["BindError", "RunningProxy", "StartupError", "run", "running"]
 
 log = logging.getLogger("mes_trace_proxy.server")
 
@@ -37,7 +44,11 @@ log = logging.getLogger("mes_trace_proxy.server")
 HANDLED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
-class BindError(Exception):
+class StartupError(Exception):
+    """The proxy cannot start; the message says why and what to change."""
+
+
+class BindError(StartupError):
     """A listen address could not be bound (port busy, no permission)."""
 
 
@@ -48,11 +59,26 @@ class RunningProxy:
     shared: Shared
     listeners: dict[str, tuple[str, int]]
     admin: tuple[str, int]
+    watchdog: Watchdog
+    #: listener name → its certificate reloader, for listeners that serve TLS
+    certificates: dict[str, CertReloader] = field(default_factory=dict)
+    admin_app: web.Application | None = None
+    #: listener name → its server, whose counters show connections open and refused
+    servers: dict[str, GuardedServer] = field(default_factory=dict)
 
     def url(self, listener: str) -> str:
-        """``http://host:port`` of a listener."""
+        """``http://host:port`` (``https://`` when it serves TLS) of a listener."""
         host, port = self.listeners[listener]
-        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        scheme = "https" if listener in self.certificates else "http"
+        return f"{scheme}://{host}:{port}" if ":" not in host else f"{scheme}://[{host}]:{port}"
+
+    def reload(self) -> None:
+        """What SIGHUP does: read the TLS certificates and the admin tokens again."""
+        log.info("SIGHUP: reloading certificates and admin tokens")
+        for reloader in self.certificates.values():
+            reloader.reload()
+        if self.admin_app is not None:
+            self.admin_app[TOKENS].reload()
 
     @property
     def admin_url(self) -> str:
@@ -62,9 +88,20 @@ class RunningProxy:
 
 
 async def _start_site(
-    runner: web.BaseRunner, address: HostPort, reuse_port: bool, what: str
+    runner: web.BaseRunner,
+    address: HostPort,
+    reuse_port: bool,
+    what: str,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[str, int]:
-    site = web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port or None, backlog=1024)
+    site = web.TCPSite(
+        runner,
+        address.host,
+        address.port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+        ssl_context=ssl_context,
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -95,43 +132,82 @@ async def running(
 
     Raises:
         BindError: a listen address is busy or not allowed.
+        StartupError: the ``--state`` URL names no usable store.
+        ConfigError: a TLS certificate, key or CA file is unusable.
     """
     env = os.environ if environ is None else environ
+    try:
+        store = open_store(config.watchdog.state)
+    except ValueError as exc:
+        raise StartupError(f"--state / MES_PROXY_STATE / watchdog.state: {exc}") from None
     tracing = build_tracing(config, env)
     metrics = ProxyMetrics(known_statuses=config.lifecycle.statuses)
+    book = OrderBook(config.lifecycle)
+    writer = StoreWriter(store)
     shared = Shared(
         config=config,
         tracing=tracing,
         metrics=metrics,
-        redactor=Redactor(),
-        orders=OrderBook(config.lifecycle),
+        redactor=Redactor(config.privacy.policy()),
+        orders=book,
         access_log=access_logger() if config.server.access_log else None,
     )
     if clock is not None:
         shared.clock = clock
+    watchdog = Watchdog(
+        book=book,
+        store=store,
+        writer=writer,
+        tracing=tracing,
+        config=config.watchdog,
+        metrics=metrics,
+        clock=shared.clock,
+    )
+    shared.watchdog = watchdog
+    # The hot path only enqueues; the writer's task does the I/O (store.StoreWriter).
+    shared.on_order_changed = watchdog.order_changed
     metrics.bind(
-        export_stats=tracing.export_stats, order_counts=shared.orders.counts if shared.orders is not None else None
+        export_stats=tracing.export_stats,
+        order_counts=book.counts,
+        stuck_counts=watchdog.stuck_counts,
+        store_stats=watchdog.store_stats,
     )
     runners: list[web.BaseRunner] = []
     sessions = []
     listeners: dict[str, tuple[str, int]] = {}
+    certificates: dict[str, CertReloader] = {}
+    servers: dict[str, GuardedServer] = {}
+    await watchdog.restore()
+    writer.start()
     try:
         for listener in config.listeners:
+            if listener.tls is not None:
+                certificates[listener.name] = CertReloader(listener.name, listener.tls)
             proxy_server, session = build_proxy_server(listener, shared)
+            servers[listener.name] = proxy_server
             sessions.append(session)
             runner = web.ServerRunner(
                 proxy_server, handle_signals=False, shutdown_timeout=config.server.grace_period
             )
             await runner.setup()
             runners.append(runner)
+            reloader = certificates.get(listener.name)
             listeners[listener.name] = await _start_site(
-                runner, listener.listen, reuse_port, f"listener {listener.name}"
+                runner,
+                listener.listen,
+                reuse_port,
+                f"listener {listener.name}",
+                reloader.context if reloader is not None else None,
             )
-        admin_runner = web.AppRunner(build_admin_app(shared), handle_signals=False, access_log=None)
+            if reloader is not None:
+                reloader.start()
+        admin_app = build_admin_app(shared)
+        admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin_runner.setup()
         runners.append(admin_runner)
         admin = await _start_site(admin_runner, config.admin.listen, reuse_port, "admin listener")
         shared.readiness.listeners_bound = True
+        _log_exposure(config)
         log.info(
             "mes-trace-proxy ready",
             extra={
@@ -139,8 +215,20 @@ async def running(
                 "admin": f"{admin[0]}:{admin[1]}",
             },
         )
-        yield RunningProxy(shared=shared, listeners=listeners, admin=admin)
+        watchdog.start()
+        yield RunningProxy(
+            shared=shared,
+            listeners=listeners,
+            admin=admin,
+            watchdog=watchdog,
+            certificates=certificates,
+            admin_app=admin_app,
+            servers=servers,
+        )
     finally:
+        await watchdog.stop()
+        for reloader in certificates.values():
+            await reloader.aclose()
         shared.readiness.draining = True
         shared.readiness.listeners_bound = False
         # Every listener drains at once: stop accepting, wait for in-flight requests up to
@@ -148,9 +236,26 @@ async def running(
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
         for session in sessions:
             await session.close()
+        # The drained requests' last changes are queued by now: write them, then let go.
+        await writer.stop()
+        try:
+            await store.close()
+        except Exception as exc:  # a store that fails to close must not keep spans unflushed
+            log.error("closing the state store failed: %s", type(exc).__name__)
         # Flushing spans blocks on the exporter; do it off the loop so nothing else stalls.
         await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
         log.info("mes-trace-proxy stopped")
+
+
+def _log_exposure(config: Config) -> None:
+    """Say once at start-up what leaves the process about users and who can reach the admin API."""
+    if config.privacy.user_id_key is None:
+        log.info("no user-id key configured: enduser.id is not recorded (privacy.user_id_key_file)")
+    if not config.admin.tokens.enabled and not is_loopback(config.admin.listen.host):
+        log.warning(
+            "the admin listener is reachable beyond loopback without tokens (admin.tokens_file)",
+            extra={"admin": str(config.admin.listen)},
+        )
 
 
 async def _serve_until_signal(config: Config, reuse_port: bool) -> None:
@@ -159,11 +264,12 @@ async def _serve_until_signal(config: Config, reuse_port: bool) -> None:
     for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with running(config, reuse_port=reuse_port):
+        async with running(config, reuse_port=reuse_port) as proxy:
+            loop.add_signal_handler(signal.SIGHUP, proxy.reload)
             await stop.wait()
             log.info("signal received: draining", extra={"grace_period_s": config.server.grace_period})
     finally:
-        for sig in HANDLED_SIGNALS:
+        for sig in (*HANDLED_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
@@ -184,13 +290,14 @@ def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; with ``workers > 1``, as that many processes sharing the sockets.
 
     Returns:
-        The process exit status: 0 after a clean drain, 1 when a listener cannot bind.
+        The process exit status: 0 after a clean drain, 1 when a listener cannot bind or the
+        state store URL is unusable.
     """
     if config.server.workers == 1:
         _install_uvloop()
         try:
             asyncio.run(_serve_until_signal(config, reuse_port=False))
-        except BindError as exc:
+        except StartupError as exc:
             print(f"mes-trace-proxy: {exc}", file=sys.stderr)
             return 1
         return 0
@@ -209,9 +316,12 @@ def _run_workers(config: Config) -> int:
             code = 0
             try:
                 _worker(config)
-            except BindError as exc:
+            except StartupError as exc:
                 print(f"mes-trace-proxy: {exc}", file=sys.stderr)
                 code = 1
+            except ConfigError as exc:
+                print(f"mes-trace-proxy: configuration error: {exc}", file=sys.stderr)
+                code = 2
             finally:
                 os._exit(code)
         children.append(pid)
@@ -221,7 +331,8 @@ def _run_workers(config: Config) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
-    for sig in HANDLED_SIGNALS:
+    # SIGHUP too: each worker reloads its own certificates and tokens.
+    for sig in (*HANDLED_SIGNALS, signal.SIGHUP):
         signal.signal(sig, forward)
     worst = 0
     for child in children:

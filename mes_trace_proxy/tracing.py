@@ -38,6 +38,7 @@ from opentelemetry.util.types import Attributes
 from mes_trace_proxy import __version__
 from mes_trace_proxy.attributes import HTTP_ROUTE
 from mes_trace_proxy.config import Config
+from mes_trace_proxy.correlation import OrderTraceIds
 
 __all__ = [
     "BatchExportProcessor",
@@ -343,6 +344,13 @@ class Tracing:
     tracer: trace_api.Tracer
     propagator: TextMapPropagator
     processors: tuple[BatchExportProcessor, ...]
+    #: the provider's id generator: ``ids.using(trace_id)`` picks a root span's trace id
+    ids: OrderTraceIds
+
+    @property
+    def service_name(self) -> str:
+        """``service.name`` as exported (``OTEL_SERVICE_NAME`` wins over the config)."""
+        return str(self.provider.resource.attributes.get(SERVICE_NAME, ""))
 
     def export_stats(self) -> ExportStats:
         """Counters summed over every exporter."""
@@ -384,7 +392,8 @@ def build_tracing(config: Config, environ: Mapping[str, str] | None = None) -> T
                 per_route[rule.route] = ALWAYS_ON
     sampler = RouteSampler(default_sampler(env), per_route)
     resource = Resource.create(resource_attributes(config, env))
-    provider = TracerProvider(resource=resource, sampler=sampler)
+    ids = OrderTraceIds()
+    provider = TracerProvider(resource=resource, sampler=sampler, id_generator=ids)
     processors = []
     for exporter in _exporters(env):
         processor = BatchExportProcessor(
@@ -398,5 +407,9 @@ def build_tracing(config: Config, environ: Mapping[str, str] | None = None) -> T
         processors.append(processor)
     tracer = provider.get_tracer("mes_trace_proxy", __version__)
     return Tracing(
-        provider=provider, tracer=tracer, propagator=get_global_textmap(), processors=tuple(processors)
+        provider=provider,
+        tracer=tracer,
+        propagator=get_global_textmap(),
+        processors=tuple(processors),
+        ids=ids,
     )

@@ -102,6 +102,8 @@ async def proxy_websocket(
     state.tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(span))
     out = CIMultiDict(headers)
     out.update(carrier)
+    if not state.trust.trusts(request.remote):
+        out.popall("baggage", None)  # as in proxy.handle: untrusted baggage stops here
     upstream = state.config.upstream
     scheme = "wss" if upstream.scheme == "https" else "ws"
     url = URL(f"{scheme}://{upstream.host_header}{upstream.base_path}{request.raw_path}", encoded=True)

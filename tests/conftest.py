@@ -1,4 +1,5 @@
-"""Shared fixtures: a recording upstream, the OTLP sink, and a factory for running proxies.
+"""Shared fixtures: a recording upstream, the OTLP sink, a factory for running proxies, a real
+redis-server, and a wall clock tests move by hand.
 
 Every server binds 127.0.0.1 port 0 and the real port is read back; nothing waits on a
 sleep for readiness.
@@ -7,7 +8,13 @@ sleep for readiness.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -95,3 +102,112 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
             return await stack.enter_async_context(running(config, environ=env, **kwargs))
 
         yield start
+
+
+# ── a real redis-server ──────────────────────────────────────────────────────────────────────
+
+START_TIMEOUT = 10.0  # seconds redis-server may take to say it is ready (it takes milliseconds)
+
+
+class RedisServer:
+    """A redis-server listening only on a unix socket in a private directory.
+
+    No TCP port (``--port 0``), so there is no port to race for; readiness is its own
+    "ready to accept connections" log line, not a sleep. ``kill`` ends it by PID; ``start``
+    again serves the same socket path.
+    """
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The store URL for this server."""
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        """Start the server and wait (bounded) until it accepts connections."""
+        proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port", "0",
+                "--unixsocket", str(self.socket),
+                "--unixsocketperm", "700",
+                "--dir", str(self.directory),
+                "--save", "",
+                "--appendonly", "no",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        ready = threading.Event()
+        log: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # drained to the end, so redis never blocks on a full pipe
+                log.append(line)
+                if "ready to accept connections" in line.lower():  # wording differs by version
+                    ready.set()
+
+        reader = threading.Thread(target=read, name="redis-server-log", daemon=True)
+        reader.start()
+        self._proc, self._reader = proc, reader
+        if not ready.wait(START_TIMEOUT):
+            self.kill()
+            raise RuntimeError("redis-server did not become ready:\n" + "".join(log[-20:]))
+
+    def kill(self) -> None:
+        """End the server abruptly (SIGKILL, by PID), as a crash would."""
+        proc, reader = self._proc, self._reader
+        self._proc = self._reader = None
+        if proc is None or reader is None:
+            return
+        proc.kill()
+        proc.wait(timeout=START_TIMEOUT)
+        reader.join(timeout=START_TIMEOUT)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A fresh redis-server on a unix socket; killed at the end of the test."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(
+                "redis-server is not installed, and CI must run the Redis tests: install redis-server"
+            )
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    # A short directory: unix socket paths are limited to about 100 bytes.
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+# ── time ─────────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(slots=True)
+class ManualClock:
+    """A wall clock (epoch seconds) that moves only when a test says so."""
+
+    now: float = 1_700_000_000.0  # 2023-11-14T22:13:20Z: any fixed instant will do
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        """Move the clock forward; returns the new time."""
+        self.now += seconds
+        return self.now

@@ -69,3 +69,19 @@ async def test_metrics_expose_requests_and_span_counters(
     ) in text
     assert "mes_orders{" in text
     assert "SECRET-ORDER-42" not in text
+
+
+async def test_egress_upstream_down_does_not_make_the_pod_unready(
+    make_config: MakeConfig, start_proxy: StartProxy, recording_upstream: tuple[str, RecordingUpstream]
+) -> None:
+    """A dead CRM behind the egress listener is reported but leaves MES's pod ready."""
+    base, _ = recording_upstream
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        config = make_config(base, egress_listen="127.0.0.1:0", egress_upstream=f"http://127.0.0.1:{port}")
+        proxy = await start_proxy(config)
+        async with aiohttp.ClientSession() as client, client.get(f"{proxy.admin_url}/readyz") as resp:
+            body = await resp.json()
+        assert resp.status == 200
+        assert body["upstreams"] == {"ingress": "reachable", "egress": "unreachable"}

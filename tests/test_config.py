@@ -75,13 +75,27 @@ class OptionCase:
     default: object = None
     #: what ``read`` gives for each of file/env/flag when it differs from the value itself
     expect: tuple[object, object, object] | None = None
+    #: the document the sources are laid over, when the option needs company (TLS pairs)
+    base: dict[str, object] | None = None
 
 
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+_PEM_KEY = b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
 KEYS = {
     "/keys/file": b"file-key-0123456789abcdef\n",
     "/keys/env": b"env-key-0123456789abcdef",
     "/keys/flag": b"flag-key-0123456789abcdef",
+    **{f"/tls/{source}.crt": _PEM_CERT for source in ("file", "env", "flag", "pair")},
+    **{f"/tls/{source}.key": _PEM_KEY for source in ("file", "env", "flag", "pair")},
+    "/tls/not-pem": b"hello",
+    "/tokens/file": b"viewer:file-token-0123456789\n",
+    "/tokens/env": b"# two\nviewer:env-token-0123456789\nadmin:env-token-abcdefghij\n",
+    "/tokens/flag": (
+        b"viewer:flag-token-0123456789\nadmin:flag-token-abcdefghij\nadmin:flag-token-0000000000\n"
+    ),
+    "/tokens/bad": b"root:flag-token-0123456789\n",
 }
+_HTTPS_MES = "https://mes.internal:8443"
 
 CASES: dict[str, OptionCase] = {
     "listen": OptionCase(
@@ -213,6 +227,91 @@ CASES: dict[str, OptionCase] = {
         read=lambda c: c.watchdog.correlation,
         default="link",
     ),
+    "tls_cert": OptionCase(
+        file_key="listeners[0].tls.cert_file",
+        file="/tls/file.crt",
+        env="/tls/env.crt",
+        flag="/tls/flag.crt",
+        invalid="/tls/not-pem",
+        read=lambda c: c.listeners[0].tls.cert_file if c.listeners[0].tls else None,
+        base={"listeners": [{"upstream": MES, "tls": {"key_file": "/tls/pair.key"}}]},
+    ),
+    "tls_key": OptionCase(
+        file_key="listeners[0].tls.key_file",
+        file="/tls/file.key",
+        env="/tls/env.key",
+        flag="/tls/flag.key",
+        invalid="/tls/file.crt",
+        read=lambda c: c.listeners[0].tls.key_file if c.listeners[0].tls else None,
+        base={"listeners": [{"upstream": MES, "tls": {"cert_file": "/tls/pair.crt"}}]},
+    ),
+    "upstream_ca": OptionCase(
+        file_key="listeners[0].upstream_tls.ca_file",
+        file="/tls/file.crt",
+        env="/tls/env.crt",
+        flag="/tls/flag.crt",
+        invalid="/tls/missing.crt",
+        read=lambda c: c.listeners[0].upstream_tls.ca_file if c.listeners[0].upstream_tls else None,
+        base={"listeners": [{"upstream": _HTTPS_MES}]},
+    ),
+    "upstream_cert": OptionCase(
+        file_key="listeners[0].upstream_tls.cert_file",
+        file="/tls/file.crt",
+        env="/tls/env.crt",
+        flag="/tls/flag.crt",
+        invalid="/tls/file.key",
+        read=lambda c: c.listeners[0].upstream_tls.cert_file if c.listeners[0].upstream_tls else None,
+        base={"listeners": [{"upstream": _HTTPS_MES, "upstream_tls": {"key_file": "/tls/pair.key"}}]},
+    ),
+    "upstream_key": OptionCase(
+        file_key="listeners[0].upstream_tls.key_file",
+        file="/tls/file.key",
+        env="/tls/env.key",
+        flag="/tls/flag.key",
+        invalid="/tls/not-pem",
+        read=lambda c: c.listeners[0].upstream_tls.key_file if c.listeners[0].upstream_tls else None,
+        base={"listeners": [{"upstream": _HTTPS_MES, "upstream_tls": {"cert_file": "/tls/pair.crt"}}]},
+    ),
+    "max_body_size": OptionCase(
+        file_key="listeners[0].limits.max_body_size",
+        file="2MiB",
+        env="3000",
+        flag="0",
+        invalid="huge",
+        read=lambda c: c.listeners[0].limits.max_body_size,
+        default=1024**3,
+        expect=(2 * 1024**2, 3000, None),
+    ),
+    "max_connections": OptionCase(
+        file_key="listeners[0].limits.max_connections",
+        file=10,
+        env="20",
+        flag="30",
+        invalid="0",
+        read=lambda c: c.listeners[0].limits.max_connections,
+        default=4096,
+        expect=(10, 20, 30),
+    ),
+    "admin_token_file": OptionCase(
+        file_key="admin.tokens_file",
+        file="/tokens/file",
+        env="/tokens/env",
+        flag="/tokens/flag",
+        invalid="/tokens/bad",
+        read=lambda c: len(c.admin.tokens.entries),
+        default=0,
+        expect=(1, 2, 3),
+    ),
+    "trusted_callers": OptionCase(
+        file_key="privacy.trusted_callers",
+        file=["10.0.0.0/8"],
+        env="192.168.0.0/16, 127.0.0.1",
+        flag="*",
+        invalid="10.0.0.0/33",
+        read=lambda c: c.privacy.trusted_callers,
+        default=("*",),
+        expect=(("10.0.0.0/8",), ("192.168.0.0/16", "127.0.0.1"), ("*",)),
+    ),
 }
 OPTION_BY_DEST = {option.dest: option for option in OPTIONS}
 BASE_DOC: dict[str, object] = {
@@ -247,7 +346,7 @@ def test_the_table_covers_every_option() -> None:
 def test_precedence_flag_env_file_default(dest: str) -> None:
     """For each option the flag beats the env var, which beats the file, which beats the default."""
     case, option = CASES[dest], OPTION_BY_DEST[dest]
-    file_doc = _with(BASE_DOC, option.path, case.file)
+    file_doc = _with(case.base or BASE_DOC, option.path, case.file)
     expect = case.expect or (case.file, case.env, case.flag)
     env = {option.env: case.env}
     flags = {option.dest: case.flag}
@@ -264,7 +363,7 @@ def test_invalid_value_names_its_source(dest: str, source: str) -> None:
     """An invalid value is blamed on exactly the flag, env var or file key that supplied it."""
     case, option = CASES[dest], OPTION_BY_DEST[dest]
     # The lower-precedence sources hold valid values, to prove the winner alone is blamed.
-    file_doc = _with(BASE_DOC, option.path, case.invalid if source == "file" else case.file)
+    file_doc = _with(case.base or BASE_DOC, option.path, case.invalid if source == "file" else case.file)
     environ = {option.env: str(case.invalid if source == "env" else case.env)} if source != "file" else {}
     flags = {option.dest: case.invalid} if source == "flag" else {}
     error = _error(file_doc=file_doc, environ=environ, flags=flags, files=KEYS)
@@ -783,3 +882,15 @@ def test_parse_size_rejects(value: object) -> None:
     """Anything else is a ValueError."""
     with pytest.raises(ValueError, match="size"):
         parse_size(value)
+
+
+def test_custom_lifecycle_without_entry_uses_its_own_first_statuses(default_rules: dict[str, object]) -> None:
+    """A lifecycle of the user's own needs no 'entry' or 'terminal': sensible defaults follow from it."""
+    config = load_config(
+        flags={"upstream": "http://mes:8080"},
+        environ={},
+        file_doc={"lifecycle": {"statuses": ["NEW", "MADE", "SENT"], "cancel": "VOID"}},
+        defaults=default_rules,
+    )
+    assert config.lifecycle.entry_statuses == frozenset({"NEW", "MADE"})
+    assert config.lifecycle.terminal == frozenset()

@@ -120,6 +120,8 @@ class Kustomization:
     directory: Path
     resources: tuple[Path, ...]
     patch_files: tuple[Path, ...]
+    #: files a configMapGenerator turns into ConfigMaps (``key=path`` entries by their path)
+    generated_from: tuple[Path, ...]
     inline_patches: tuple[str, ...]
     patch_targets: tuple[Mapping[str, Any], ...]
 
@@ -127,10 +129,16 @@ class Kustomization:
 def _kustomization(directory: Path) -> Kustomization:
     doc = _load_one(directory / "kustomization.yaml")
     patches: Sequence[Mapping[str, Any]] = doc.get("patches", ())
+    generators: Sequence[Mapping[str, Any]] = doc.get("configMapGenerator", ())
     return Kustomization(
         directory=directory,
         resources=tuple((directory / entry).resolve() for entry in doc.get("resources", ())),
         patch_files=tuple((directory / p["path"]).resolve() for p in patches if "path" in p),
+        generated_from=tuple(
+            (directory / str(entry).rpartition("=")[2]).resolve()
+            for generator in generators
+            for entry in generator.get("files", ())
+        ),
         inline_patches=tuple(str(p["patch"]) for p in patches if "patch" in p),
         patch_targets=tuple(p["target"] for p in patches if "target" in p),
     )
@@ -314,10 +322,11 @@ def test_manifest_matches_kubernetes_schema(path: Path) -> None:
 
 
 def test_every_yaml_under_k8s_is_used() -> None:
-    """Every YAML file under k8s/ is a kustomization or a resource or patch one of them names."""
+    """Every YAML file under k8s/ is a kustomization, or a resource, patch or generator file one names."""
     patches = {path for d in _kustomization_dirs() for path in _kustomization(d).patch_files}
+    generated = {path for d in _kustomization_dirs() for path in _kustomization(d).generated_from}
     kustomizations = {(d / "kustomization.yaml").resolve() for d in _kustomization_dirs()}
-    used = set(_own_resource_files()) | patches | kustomizations
+    used = set(_own_resource_files()) | patches | generated | kustomizations
     orphans = [_rel(p) for p in _k8s_yaml_files() if p.resolve() not in used]
     assert orphans == []
 
@@ -327,9 +336,10 @@ def test_every_yaml_under_k8s_is_used() -> None:
 
 @pytest.mark.parametrize("directory", _kustomization_dirs(), ids=_rel)
 def test_kustomization_names_existing_files(directory: Path) -> None:
-    """Every resource and patch file a kustomization names exists."""
+    """Every resource, patch and generator file a kustomization names exists."""
     kustomization = _kustomization(directory)
-    missing = [str(p) for p in kustomization.resources + kustomization.patch_files if not p.exists()]
+    named = kustomization.resources + kustomization.patch_files + kustomization.generated_from
+    missing = [str(p) for p in named if not p.exists()]
     assert missing == []
     assert all((p / "kustomization.yaml").is_file() for p in kustomization.resources if p.is_dir())
 

@@ -148,6 +148,7 @@ def test_problem_body_escapes_json_specials() -> None:
         (ClientRejection.URI_TOO_LONG, 414),
         (ClientRejection.BAD_REQUEST, 400),
         (ClientRejection.SERVICE_UNAVAILABLE, 503),
+        (ClientRejection.REQUEST_TIMEOUT, 408),
     ],
     ids=lambda v: v.name if isinstance(v, ClientRejection) else None,
 )

@@ -25,8 +25,8 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def _proxy_url(make_config: MakeConfig, start_proxy: StartProxy, upstream: str, **flags: object) -> str:
-    proxy = await start_proxy(make_config(upstream, **flags))
+async def _proxy_url(make_config: MakeConfig, start_proxy: StartProxy, upstream: str) -> str:
+    proxy = await start_proxy(make_config(upstream))
     return proxy.url("ingress")
 
 

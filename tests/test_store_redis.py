@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -16,99 +11,13 @@ from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, TransitionKind
 from mes_trace_proxy.orders import HistoryEntry, OrderBook, OrderRecord, SpanRef
 from mes_trace_proxy.store import StoreWriter, open_store
 from mes_trace_proxy.store_redis import RedisStore
+from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.needs_redis
 
 T0 = 1_700_000_000.0
 WAIT = 5.0  # seconds any wait on the writer may take before the test fails
-START_TIMEOUT = 10.0  # seconds redis-server may take to say it is ready (it takes milliseconds)
 SUBMITTED_LIMIT = 15 * 60.0
-
-
-class RedisServer:
-    """A redis-server listening only on a unix socket in a private directory.
-
-    No TCP port (``--port 0``), so there is no port to race for; readiness is its own
-    "ready to accept connections" log line, not a sleep. ``kill`` ends it by PID; ``start``
-    again serves the same socket path.
-    """
-
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.socket = directory / "redis.sock"
-        self._proc: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        """The store URL for this server."""
-        return f"unix://{self.socket}"
-
-    def start(self) -> None:
-        """Start the server and wait (bounded) until it accepts connections."""
-        proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port", "0",
-                "--unixsocket", str(self.socket),
-                "--unixsocketperm", "700",
-                "--dir", str(self.directory),
-                "--save", "",
-                "--appendonly", "no",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        ready = threading.Event()
-        log: list[str] = []
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:  # drained to the end, so redis never blocks on a full pipe
-                log.append(line)
-                if "ready to accept connections" in line.lower():  # wording differs by version
-                    ready.set()
-
-        reader = threading.Thread(target=read, name="redis-server-log", daemon=True)
-        reader.start()
-        self._proc, self._reader = proc, reader
-        if not ready.wait(START_TIMEOUT):
-            self.kill()
-            raise RuntimeError("redis-server did not become ready:\n" + "".join(log[-20:]))
-
-    def kill(self) -> None:
-        """End the server abruptly (SIGKILL, by PID), as a crash would."""
-        proc, reader = self._proc, self._reader
-        self._proc = self._reader = None
-        if proc is None or reader is None:
-            return
-        proc.kill()
-        proc.wait(timeout=START_TIMEOUT)
-        reader.join(timeout=START_TIMEOUT)
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
-@pytest.fixture
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A fresh redis-server on a unix socket; killed at the end of the test."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail(
-                "redis-server is not installed, and CI must run the Redis tests: install redis-server"
-            )
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    # A short directory: unix socket paths are limited to about 100 bytes.
-    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

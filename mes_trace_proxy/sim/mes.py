@@ -207,6 +207,10 @@ class OrderStore:
         """Return the order, or None when MES does not know it."""
         return self._orders.get(order_id)
 
+    def records(self) -> tuple[OrderRecord, ...]:
+        """Return every order, hidden ones included, in the order MES first saw them (the demo)."""
+        return tuple(self._orders.values())
+
     def set_status(self, order_id: str, status: str, *, price: float | None = None) -> OrderRecord:
         """Create or update an order's status (and price, when given); return the new record."""
         old = self._orders.get(order_id)

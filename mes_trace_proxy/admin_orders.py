@@ -1,0 +1,278 @@
+"""The orders API and the operations page on the admin listener.
+
+``GET /`` (HTML), ``GET /orders/stuck``, ``GET /orders?status=&limit=&offset=``,
+``GET /orders/{id}`` and ``POST /orders/purge``. Route names (``ROUTE_ACCESS``) say which
+routes only read and which act, for the admin listener's role table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+
+from mes_trace_proxy.admin_page import (
+    dashboard_data,
+    iso_utc,
+    jaeger_search_url,
+    jaeger_trace_url,
+    render,
+)
+from mes_trace_proxy.app import Shared
+from mes_trace_proxy.orders import OrderBook, OrderView, StuckOrder
+from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
+
+__all__ = ["ROUTE_ACCESS", "Page", "add_order_routes", "page_params"]
+
+ROUTE_ACCESS: Final[Mapping[str, str]] = {
+    "orders.page": "read",
+    "orders.stuck": "read",
+    "orders.list": "read",
+    "orders.get": "read",
+    "orders.purge": "admin",
+}
+"""Route name → ``read`` (looks) or ``admin`` (changes state): what each route needs."""
+
+# A phone screen or a script's page: a few dozen rows by default.
+DEFAULT_LIMIT: Final = 50
+# One answer stays under about half a MiB (an order with its timeline is ~1 KiB of JSON).
+MAX_LIMIT: Final = 500
+# The page reloads itself this often; an operator watching an incident sees changes within
+# half a minute, and a forgotten tab costs one cheap render per 30 s.
+DEFAULT_REFRESH_S: Final = 30
+# Reload periods above an hour are a typo; 0 turns reloading off.
+MAX_REFRESH_S: Final = 3600
+# The page runs no script and loads nothing: a strict policy costs nothing and stops any
+# injected markup from running or calling out. Inline CSS is the page's only resource.
+_PAGE_CSP: Final = (
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Page:
+    """A validated ``limit``/``offset`` pair."""
+
+    limit: int
+    offset: int
+
+
+def page_params(query: Mapping[str, str]) -> Page:
+    """Read ``limit`` (1..500, default 50) and ``offset`` (>= 0, default 0) from a query.
+
+    Raises:
+        ValueError: naming the parameter and the accepted range.
+    """
+    return Page(
+        limit=_int_param(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+        offset=_int_param(query, "offset", 0, 0, None),
+    )
+
+
+def _int_param(query: Mapping[str, str], name: str, default: int, low: int, high: int | None) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    wanted = f"a whole number from {low}" + (f" to {high}" if high is not None else " up")
+    # isdigit() alone would accept "²" and other Unicode digits int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise ValueError(f"{name} must be {wanted}, got {raw[:40]!r}")
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {wanted}, got {value}")
+    return value
+
+
+def _problem(status: int, slug: str, title: str, detail: str) -> web.Response:
+    body = problem_body(status=status, title=title, detail=detail, type_=problem_type_uri(slug))
+    return web.Response(status=status, body=body, content_type=PROBLEM_CONTENT_TYPE)
+
+
+def _bad_request(detail: str) -> web.Response:
+    return _problem(400, "bad-admin-request", "Bad request", detail)
+
+
+class _Orders:
+    """The handlers, over the process's shared objects."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
+        self._jaeger = shared.config.watchdog.jaeger_url
+
+    @property
+    def _service(self) -> str:
+        return self._shared.tracing.service_name
+
+    def _book(self) -> OrderBook | None:
+        return self._shared.orders
+
+    def _search(self, order_id: str, first: float, now: float) -> str:
+        return jaeger_search_url(self._jaeger, self._service, order_id, start=first, end=now)
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        """The operations page: counts per status, stuck orders by lateness, timelines, links."""
+        book = self._book()
+        if book is None:
+            return _not_tracking()
+        try:
+            refresh = _int_param(request.query, "refresh", DEFAULT_REFRESH_S, 0, MAX_REFRESH_S)
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        data = dashboard_data(
+            book, self._shared.clock(), jaeger_url=self._jaeger, service=self._service, refresh=refresh
+        )
+        response = web.Response(text=render(data), content_type="text/html", charset="utf-8")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Content-Security-Policy"] = _PAGE_CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    async def stuck(self, request: web.Request) -> web.StreamResponse:
+        """Every order flagged stuck, the most late first (paged)."""
+        book = self._book()
+        if book is None:
+            return _not_tracking()
+        try:
+            page = page_params(request.query)
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        now = self._shared.clock()
+        found = book.stuck(now)
+        items = [self._stuck_json(book, s, now) for s in found[page.offset : page.offset + page.limit]]
+        return web.json_response(
+            {
+                "now": iso_utc(now),
+                "total": len(found),
+                "limit": page.limit,
+                "offset": page.offset,
+                "orders": items,
+            }
+        )
+
+    def _stuck_json(self, book: OrderBook, stuck: StuckOrder, now: float) -> dict[str, object]:
+        view = book.get(stuck.order_id)
+        first = view.history[0].at if view is not None else stuck.since
+        return {
+            "order_id": stuck.order_id,
+            "status": stuck.status,
+            "since": iso_utc(stuck.since),
+            "over_limit_by_seconds": round(stuck.over_by, 3),
+            "limit_seconds": stuck.limit,
+            "last_trace_id": stuck.span.trace_id_hex,
+            "jaeger_url": self._search(stuck.order_id, first, now),
+        }
+
+    async def by_status(self, request: web.Request) -> web.StreamResponse:
+        """Orders in one status (``?status=``) or in all, the longest waiting first (paged)."""
+        book = self._book()
+        if book is None:
+            return _not_tracking()
+        try:
+            page = page_params(request.query)
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        counts = book.counts()
+        status = request.query.get("status")
+        if status is not None and status not in counts:
+            known = ", ".join(counts)
+            return _bad_request(f"status must be one of the statuses the book knows ({known})")
+        known_order = book.lifecycle.known
+        statuses = (
+            [status]
+            if status is not None
+            else [*known_order, *sorted(s for s in counts if s not in known_order)]
+        )
+        views: list[OrderView] = []
+        skip, want = page.offset, page.limit
+        for name in statuses:
+            size = counts.get(name, 0)
+            if skip >= size:
+                skip -= size
+                continue
+            got = book.by_status(name, limit=want, offset=skip)
+            views.extend(got)
+            skip, want = 0, want - len(got)
+            if want <= 0:
+                break
+        now = self._shared.clock()
+        return web.json_response(
+            {
+                "status": status,
+                "total": sum(counts.get(name, 0) for name in statuses),
+                "limit": page.limit,
+                "offset": page.offset,
+                "orders": [self._summary(view, now) for view in views],
+            }
+        )
+
+    def _summary(self, view: OrderView, now: float) -> dict[str, object]:
+        return {
+            "order_id": view.order_id,
+            "status": view.status,
+            "since": iso_utc(view.since),
+            "dwell_seconds": round(now - view.since, 3),
+            "dwell_limit_seconds": view.dwell_limit,
+            "stuck": view.stuck,
+            "last_trace_id": view.span.trace_id_hex,
+            "jaeger_url": self._search(view.order_id, view.history[0].at, now),
+        }
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        """One order: its state and timeline with trace ids; 404 problem for an unknown id."""
+        book = self._book()
+        if book is None:
+            return _not_tracking()
+        view = book.get(request.match_info["order_id"])
+        if view is None:
+            # The id is not echoed: it came from the URL and may be anything.
+            return _problem(
+                404, "order-not-found", "Order not found", "The proxy tracks no order with this id."
+            )
+        now = self._shared.clock()
+        doc = self._summary(view, now)
+        doc["previous_status"] = view.prev
+        limit = view.dwell_limit
+        doc["over_limit_by_seconds"] = round(now - view.since - limit, 3) if limit is not None else None
+        doc["timeline"] = [
+            {
+                "status": entry.status,
+                "at": iso_utc(entry.at),
+                "transition": entry.kind.value,
+                "observed": entry.observed,
+                "source": entry.source,
+                "trace_id": entry.span.trace_id_hex,
+                "span_id": entry.span.span_id_hex,
+                "trace_url": jaeger_trace_url(self._jaeger, entry.span.trace_id_hex),
+            }
+            for entry in view.history
+        ]
+        return web.json_response(doc)
+
+    async def purge(self, _request: web.Request) -> web.StreamResponse:
+        """Forget closed and cancelled orders past the retention now, as the watchdog does."""
+        watchdog = self._shared.watchdog
+        if watchdog is None:
+            return _not_tracking()
+        purged = watchdog.purge(self._shared.clock())
+        retention = self._shared.config.watchdog.retention
+        return web.json_response({"purged": purged, "retention_seconds": retention})
+
+
+def _not_tracking() -> web.Response:
+    return _problem(503, "orders-not-tracked", "Order tracking is off", "This proxy keeps no order state.")
+
+
+def add_order_routes(app: web.Application, shared: Shared) -> None:
+    """Add the page and the orders API to the admin application, named as in ``ROUTE_ACCESS``."""
+    orders = _Orders(shared)
+    router = app.router
+    router.add_get("/", orders.page, name="orders.page")
+    router.add_get("/orders", orders.by_status, name="orders.list")
+    # Before /orders/{order_id}, which would otherwise take "stuck" for an order id.
+    router.add_get("/orders/stuck", orders.stuck, name="orders.stuck")
+    router.add_post("/orders/purge", orders.purge, name="orders.purge")
+    router.add_get("/orders/{order_id:.+}", orders.get, name="orders.get")
