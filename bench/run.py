@@ -98,6 +98,8 @@ class Target:
     exporter: Exporter = "none"
     flags: tuple[str, ...] = ()
     workers: int = 1
+    #: ``memory``, or ``sqlite`` for a fresh SQLite file in the temp dir (the default store kind).
+    state: Literal["memory", "sqlite"] = "memory"
 
 
 TARGETS: Final = {
@@ -109,8 +111,16 @@ TARGETS: Final = {
         Target(name="proxy-off", kind="proxy", exporter="none"),
         Target(name="proxy-http", kind="proxy", exporter="http"),
         Target(name="proxy-grpc", kind="proxy", exporter="grpc"),
-        # The watchdog checks every second here (default 10 s) so it surely runs under load.
+        # The watchdog always runs; here it checks every second (default 10 s), so it surely
+        # runs under load, and then again with the SQLite store written behind the hot path.
         Target(name="proxy-watchdog", kind="proxy", exporter="http", flags=("--check-interval", "1s")),
+        Target(
+            name="proxy-sqlite",
+            kind="proxy",
+            exporter="http",
+            flags=("--check-interval", "1s"),
+            state="sqlite",
+        ),
         # What the JSON access log (one unbuffered line per request, as in the image) costs.
         Target(name="proxy-nolog", kind="proxy", exporter="http", flags=("--no-access-log",)),
         Target(name="workers-1", kind="proxy", exporter="http"),
@@ -132,6 +142,8 @@ class Env:
     proxy_cpus: tuple[int, ...] | None
     load_cpus: tuple[int, ...] | None
     children: list[Child] = field(default_factory=list)
+    #: proxies started so far (names each SQLite file uniquely)
+    started: int = 0
 
     @property
     def upstream(self) -> str:
@@ -391,6 +403,8 @@ def start_subject(env: Env, target: Target, *, pinned: bool = True) -> Subject:
         return Subject(url=url, pid=child.pid, startup=ready - child.started, children=[child])
     # mes-trace-proxy: ports read back from its "ready" log line, except with several workers,
     # which must share one port chosen beforehand.
+    # A fresh database each start: restoring the last run's orders would time the restore.
+    state = f"sqlite:///{env.workdir}/orders-{env.started}.db" if target.state == "sqlite" else "memory"
     listen = f"127.0.0.1:{free_port()}" if target.workers > 1 else "127.0.0.1:0"
     admin = f"127.0.0.1:{free_port()}" if target.workers > 1 else "127.0.0.1:0"
     argv = [
@@ -405,7 +419,7 @@ def start_subject(env: Env, target: Target, *, pinned: bool = True) -> Subject:
         "--upstream",
         env.upstream,
         "--state",
-        "memory",
+        state,
         # wrk has closed its connections when we stop it: nothing to drain for long.
         "--grace-period",
         "2s",
@@ -415,6 +429,7 @@ def start_subject(env: Env, target: Target, *, pinned: bool = True) -> Subject:
     ]
     cpus = env.proxy_cpus if pinned else None
     child = _start(env, target.name, argv, cpus, **_proxy_env(env, target.exporter))
+    env.started += 1
     lines = [
         child.wait_json(lambda d: d.get("message") == "mes-trace-proxy ready", READY_TIMEOUT)
         for _ in range(target.workers)
