@@ -71,13 +71,20 @@ def access_logger(stream: TextIO | None = None) -> Callable[[dict[str, object]],
     writes the same JSON shape as :class:`JsonFormatter`.
     """
     out = stream or sys.stdout
-    dumps = json.dumps
+    encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+    # The time prefix changes once per millisecond at most; formatting it is the costliest
+    # part of a line, so it is cached for the millisecond it belongs to.
+    cache: list[object] = [-1, ""]
 
     def write(entry: dict[str, object]) -> None:
-        now = time.time()
-        line = {"time": _timestamp(now), "level": "info", "logger": ACCESS_LOGGER, **entry}
+        now_ms = int(time.time() * 1000)
+        if now_ms != cache[0]:
+            stamp = _timestamp(now_ms / 1000)
+            cache[0], cache[1] = now_ms, f'{{"time":"{stamp}","level":"info","logger":"{ACCESS_LOGGER}",'
+        body = encode(entry)
+        line = f"{cache[1]}{body[1:]}\n" if len(body) > 2 else f"{str(cache[1])[:-1]}}}\n"
         # A closed or broken stdout must never fail a proxied request.
         with contextlib.suppress(OSError, ValueError):
-            out.write(dumps(line, separators=(",", ":")) + "\n")
+            out.write(line)
 
     return write

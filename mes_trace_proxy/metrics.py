@@ -8,7 +8,7 @@ time from the order book, so the request path does no bookkeeping for them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -100,6 +100,7 @@ class ProxyMetrics(Observer):
             ("status",),
             registry=r,
         )
+        self._children: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
         self._export_stats: Callable[[], ExportStats] | None = None
         self._order_counts: Callable[[], Mapping[str, int]] | None = None
         self._stuck_counts: Callable[[], Mapping[str, int]] | None = None
@@ -174,10 +175,20 @@ class ProxyMetrics(Observer):
         error_type: str | None,
     ) -> None:
         """Count one request (called by the handler after the response went out)."""
-        self.requests.labels(listener, route, method, str(status)).inc()
-        self.duration.labels(listener, route).observe(duration)
+        key = (listener, route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            # labels() validates and hashes every call; the label sets are few and bounded
+            # (routes are templates, codes a small set), so resolve each once and keep it.
+            children = self._children[key] = (
+                self.requests.labels(listener, route, method, str(status)),
+                self.duration.labels(listener, route),
+                self.upstream_duration.labels(listener, route),
+            )
+        children[0].inc()
+        children[1].observe(duration)
         if upstream_duration is not None:
-            self.upstream_duration.labels(listener, route).observe(upstream_duration)
+            children[2].observe(upstream_duration)
         if error_type is not None:
             self.errors.labels(listener, error_type).inc()
 

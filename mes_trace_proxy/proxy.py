@@ -309,10 +309,11 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     method = request.method
     raw = request.raw_path
     path, _, query = raw.partition("?")
+    header_items = tuple(request.headers.items())
 
     rejection = (
         check_target(method, raw)
-        or check_host_headers(tuple(request.headers.items()))
+        or check_host_headers(header_items)
         or _body_too_large(request, state.config.limits.max_body_size)
     )
     if rejection is not None:
@@ -381,7 +382,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         set_status_on_exception=False,
     )
     out_headers = upstream_request_headers(
-        tuple(request.headers.items()),
+        header_items,
         policy=state.forward_policy,
         client_ip=request.remote or "unknown",
         scheme=request.scheme,
