@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import requests
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.propagate import get_global_textmap
@@ -289,6 +290,21 @@ def _timeout(environ: Mapping[str, str]) -> float | None:
     return value
 
 
+_PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def _session(environ: Mapping[str, str]) -> requests.Session:
+    """The OTLP/HTTP exporter's session; it ignores ``.netrc`` unless proxies are configured.
+
+    ``requests`` looks for a ``.netrc`` file and proxy variables on every export when
+    ``trust_env`` is on; the profile put that at 2 % of the proxy's time. Proxy variables
+    are still honoured when set, since a collector behind an egress proxy needs them.
+    """
+    session = requests.Session()
+    session.trust_env = any(environ.get(name) or environ.get(name.upper()) for name in _PROXY_VARIABLES)
+    return session
+
+
 def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
     exporters: list[SpanExporter] = []
@@ -328,7 +344,9 @@ def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
                 if not endpoint and environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
                     # OTLP spec: the signal path is appended to the generic endpoint only.
                     endpoint = environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
-                exporters.append(HttpExporter(endpoint=endpoint, timeout=_timeout(environ)))
+                exporters.append(
+                    HttpExporter(endpoint=endpoint, timeout=_timeout(environ), session=_session(environ))
+                )
             else:
                 raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
         else:
