@@ -21,7 +21,7 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -65,6 +65,11 @@ CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
 #: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
 CLIENT_ABORTED: Final = "client_aborted"
+# Answers up to this size with a Content-Length are relayed in one write; larger or chunked
+# ones stream. 64 KiB matches the read chunk, so memory per request stays the same bound.
+SMALL_BODY: Final = CHUNK_SIZE
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 # Semantic conventions, HTTP spans: ``http.request.header.<key>``, lower-case, values as an array.
 _HEADER_ATTRIBUTE_PREFIX: Final = "http.request.header."
 
@@ -286,6 +291,16 @@ def _server_attributes(
     return attrs
 
 
+def _log_attributes(state: ListenerState, method: str, facts: OrderFacts) -> dict[str, AttributeValue]:
+    """The few values the access log and metrics need when the span does not record."""
+    attrs: dict[str, AttributeValue] = {A.HTTP_REQUEST_METHOD: A.method_attribute(method)}
+    if facts.order_id is not None:
+        attrs[A.MES_ORDER_ID] = state.redactor.value(facts.order_id)
+    if facts.status is not None:
+        attrs[A.MES_ORDER_STATUS] = state.redactor.value(facts.status)
+    return attrs
+
+
 def _parent_context(
     state: ListenerState, request: web.BaseRequest
 ) -> tuple[Context | None, tuple[Link, ...]]:
@@ -389,34 +404,52 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     tracer = tracing.tracer
     route = match.rule.route if match is not None else None
     parent, links = _parent_context(state, request)
-    attrs = _server_attributes(state, request, match, path, query, facts)
+    exporting = tracing.exporting
     with tracing.ids.using(_order_trace(state, parent, facts)):
-        server_span = tracer.start_span(
-            A.span_name(method, route),
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes=attrs,
-            links=links,
-            record_exception=False,
-            set_status_on_exception=False,
+        # Only http.route goes in at start: it is all the sampler reads, and the rest is
+        # built only for a span that records (dashboard polling is sampled at 1 %).
+        server_span = (
+            tracer.start_span(
+                A.span_name(method, route),
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={A.HTTP_ROUTE: route} if route is not None else None,
+                links=links,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            if exporting
+            else tracing.passthrough(parent)
         )
+    recording = server_span.is_recording()
+    if recording:
+        attrs = _server_attributes(state, request, match, path, query, facts)
+        server_span.set_attributes(attrs)
+    else:
+        attrs = _log_attributes(state, method, facts)
     server_ctx = trace_api.set_span_in_context(server_span)
     upstream = state.config.upstream
     url_text = f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}"
-    client_span = tracer.start_span(
-        A.span_name(method, route),
-        context=server_ctx,
-        kind=SpanKind.CLIENT,
-        attributes={
-            A.HTTP_REQUEST_METHOD: attrs[A.HTTP_REQUEST_METHOD],
-            A.SERVER_ADDRESS: upstream.host,
-            A.SERVER_PORT: upstream.port,
-            A.URL_FULL: f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}"
-            + str(attrs[A.URL_PATH])
-            + (f"?{attrs[A.URL_QUERY]!s}" if A.URL_QUERY in attrs else ""),
-        },
-        record_exception=False,
-        set_status_on_exception=False,
+    client_span = (
+        tracing.passthrough(server_ctx)
+        if not exporting
+        else tracer.start_span(
+            A.span_name(method, route),
+            context=server_ctx,
+            kind=SpanKind.CLIENT,
+            attributes={
+                A.HTTP_REQUEST_METHOD: attrs[A.HTTP_REQUEST_METHOD],
+                A.SERVER_ADDRESS: upstream.host,
+                A.SERVER_PORT: upstream.port,
+                A.URL_FULL: f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}"
+                + str(attrs[A.URL_PATH])
+                + (f"?{attrs[A.URL_QUERY]!s}" if A.URL_QUERY in attrs else ""),
+            }
+            if recording
+            else None,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
     )
     out_headers = upstream_request_headers(
         header_items,
@@ -446,7 +479,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     error_type: str | None = None
     upstream_duration: float | None = None
     response_body: bytes | None = None
-    response_headers: CIMultiDict[str] | None = None
+    response_headers: CIMultiDictProxy[str] | None = None
     response: web.StreamResponse | None = None
     sent = 0
     try:
@@ -478,18 +511,36 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                 )
                 limit = state.config.inspect_body_limit
                 captured = bytearray() if tee else None
-                await response.prepare(request)
-                async for chunk in upstream_response.content.iter_chunked(CHUNK_SIZE):
-                    if captured is not None:
-                        if len(captured) + len(chunk) <= limit:
-                            captured += chunk
-                        else:
-                            captured = None
-                    await response.write(chunk)
-                    sent += len(chunk)
-                await response.write_eof()
+                length = upstream_response.content_length
+                if method == "HEAD" or status_code in _NO_BODY_STATUSES:
+                    # RFC 9110 §6.4.1: no content, whatever Content-Length says.
+                    await response.prepare(request)
+                    await response.write_eof()
+                    captured = None
+                elif length is not None and length <= SMALL_BODY:
+                    # A small body with a known length (most MES answers): read it whole and
+                    # send it with the headers in one write instead of a chunk loop.
+                    whole = await upstream_response.content.readexactly(length) if length else b""
+                    await response.prepare(request)
+                    await response.write_eof(whole)
+                    sent = length
+                    if captured is not None and length <= limit:
+                        captured += whole
+                    else:
+                        captured = None
+                else:
+                    await response.prepare(request)
+                    async for chunk in upstream_response.content.iter_chunked(CHUNK_SIZE):
+                        if captured is not None:
+                            if len(captured) + len(chunk) <= limit:
+                                captured += chunk
+                            else:
+                                captured = None
+                        await response.write(chunk)
+                        sent += len(chunk)
+                    await response.write_eof()
                 upstream_duration = time.perf_counter() - upstream_started
-                response_headers = CIMultiDict(upstream_response.headers)
+                response_headers = upstream_response.headers
                 response_body = bytes(captured) if captured is not None else None
         except (TimeoutError, aiohttp.ClientError) as exc:
             if isinstance(exc, ConnectionResetError) and response is not None and response.prepared:
@@ -545,7 +596,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                     facts,
                     raw_query=query,
                     request_headers=request.headers,
-                    response_headers=response_headers if response_headers is not None else CIMultiDict(),
+                    response_headers=response_headers if response_headers is not None else _NO_HEADERS,
                     response_body=response_body,
                 )
                 if facts.observed_status is not None:

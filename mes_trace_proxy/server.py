@@ -27,7 +27,7 @@ from mes_trace_proxy.admin import TOKENS, build_admin_app
 from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
 from mes_trace_proxy.limits import GuardedServer
-from mes_trace_proxy.logs import access_logger
+from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
@@ -141,6 +141,7 @@ async def running(
     except ValueError as exc:
         raise StartupError(f"--state / MES_PROXY_STATE / watchdog.state: {exc}") from None
     tracing = build_tracing(config, env)
+    access_log = AccessLog() if config.server.access_log else None
     metrics = ProxyMetrics(known_statuses=config.lifecycle.statuses)
     book = OrderBook(config.lifecycle)
     writer = StoreWriter(store)
@@ -150,7 +151,7 @@ async def running(
         metrics=metrics,
         redactor=Redactor(config.privacy.policy()),
         orders=book,
-        access_log=access_logger() if config.server.access_log else None,
+        access_log=access_log,
     )
     if clock is not None:
         shared.clock = clock
@@ -179,6 +180,7 @@ async def running(
     servers: dict[str, GuardedServer] = {}
     await watchdog.restore()
     writer.start()
+    log_task = asyncio.create_task(access_log.run(), name="access-log-flush") if access_log else None
     try:
         for listener in config.listeners:
             if listener.tls is not None:
@@ -236,6 +238,10 @@ async def running(
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
         for session in sessions:
             await session.close()
+        if log_task is not None:
+            # The drained requests' lines are queued by now; cancelling flushes them.
+            log_task.cancel()
+            await asyncio.gather(log_task, return_exceptions=True)
         # The drained requests' last changes are queued by now: write them, then let go.
         await writer.stop()
         try:

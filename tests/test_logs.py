@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 
-from mes_trace_proxy.logs import ACCESS_LOGGER, JsonFormatter, access_logger, configure_logging
+from mes_trace_proxy.logs import ACCESS_LOGGER, AccessLog, JsonFormatter, configure_logging
 
 
 def test_formatter_writes_one_json_object_with_extra_fields() -> None:
@@ -36,16 +37,42 @@ def test_formatter_names_exception_class_but_never_its_message() -> None:
     assert "ivan@example.com" not in line
 
 
-def test_access_logger_writes_lines_and_survives_a_closed_stream() -> None:
-    """Each call writes one JSON line; a closed stdout never raises into the request."""
+def test_access_log_batches_lines_until_flushed_and_survives_a_closed_stream() -> None:
+    """Lines queue until a flush writes them as JSON; a closed stdout never raises into a request."""
     stream = io.StringIO()
-    write = access_logger(stream)
+    write = AccessLog(stream)
     write({"route": "/api/v1/orders/{orderId}", "status": 200})
-    entry = json.loads(stream.getvalue())
-    assert entry["logger"] == ACCESS_LOGGER
-    assert entry["status"] == 200
+    write({})
+    assert stream.getvalue() == ""
+    write.flush()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["logger"] == ACCESS_LOGGER
+    assert first["status"] == 200
+    assert second["logger"] == ACCESS_LOGGER
     stream.close()
     write({"status": 500})
+    write.flush()
+
+
+def test_access_log_flushes_early_on_a_burst() -> None:
+    """A burst larger than the batch is written at once instead of growing the buffer."""
+    stream = io.StringIO()
+    write = AccessLog(stream, max_lines=3)
+    for status in (200, 201, 202):
+        write({"status": status})
+    assert len(stream.getvalue().splitlines()) == 3
+
+
+async def test_access_log_task_flushes_when_cancelled() -> None:
+    """Cancelling the flush task (shutdown) writes what is still queued."""
+    stream = io.StringIO()
+    write = AccessLog(stream, interval=3600)
+    task = asyncio.ensure_future(write.run())
+    await asyncio.sleep(0)
+    write({"status": 204})
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert json.loads(stream.getvalue())["status"] == 204
 
 
 def test_configure_logging_routes_records_as_json() -> None:

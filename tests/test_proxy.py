@@ -261,16 +261,31 @@ async def test_client_abort_cancels_upstream_request(
     await asyncio.wait_for(upstream.cancelled.wait(), 5)
 
 
-async def test_truncated_upstream_body_is_cut_not_completed(
+async def test_truncated_small_upstream_body_becomes_502(
     make_config: MakeConfig,
     start_proxy: StartProxy,
     recording_upstream: tuple[str, RecordingUpstream],
     client: aiohttp.ClientSession,
 ) -> None:
-    """When the upstream dies after the headers, the caller sees a broken body, never a complete one."""
+    """A small answer is read whole before it is relayed, so a truncated one is an honest 502."""
     base, _ = recording_upstream
     url = await _proxy_url(make_config, start_proxy, base)
-    async with client.get(f"{url}/t/truncated") as resp:
+    async with client.get(f"{url}/t/truncated?length=1000") as resp:
+        body = await resp.json(content_type=None)
+    assert resp.status == 502
+    assert body["type"].endswith("upstream_payload_error")
+
+
+async def test_truncated_large_upstream_body_is_cut_not_completed(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+    client: aiohttp.ClientSession,
+) -> None:
+    """When a streamed answer dies after the headers, the caller sees a broken body, never a complete one."""
+    base, _ = recording_upstream
+    url = await _proxy_url(make_config, start_proxy, base)
+    async with client.get(f"{url}/t/truncated?length=1000000") as resp:
         assert resp.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()

@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision
 from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mes_trace_proxy.config import Config
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
@@ -64,7 +65,7 @@ def test_route_sampler_overrides_default_by_route(route: str, kind: SpanKind, ex
 def test_status_routes_always_sampled_and_polling_at_its_ratio(make_config: MakeConfig) -> None:
     """With the default rules, every status change is kept even when the SDK default drops all."""
     tracing = build_tracing(
-        _config(make_config), {"OTEL_TRACES_EXPORTER": "none", "OTEL_TRACES_SAMPLER": "always_off"}
+        _config(make_config), {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": "always_off"}
     )
     try:
         tracer = tracing.tracer
@@ -208,3 +209,24 @@ async def test_dead_collector_does_not_block_and_is_counted(make_config: MakeCon
         assert stats.dropped_queue_full > 0
         assert stats.queued + stats.dropped_queue_full == 100
         await asyncio.to_thread(tracing.shutdown)
+
+
+def test_nothing_exported_means_pass_through_spans(make_config: MakeConfig) -> None:
+    """With no exporter, spans record nothing but continue the caller's trace id and flags."""
+    tracing = build_tracing(_config(make_config), {"OTEL_TRACES_EXPORTER": "none"})
+    try:
+        assert not tracing.exporting
+        parent = TraceContextTextMapPropagator().extract(
+            {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        )
+        span = tracing.passthrough(parent)
+        context = span.get_span_context()
+        assert not span.is_recording()
+        assert context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+        assert context.trace_flags.sampled
+        assert context.span_id not in (0, 0xB7AD6B7169203331)
+        root = tracing.passthrough(None).get_span_context()
+        assert root.is_valid
+        assert not root.trace_flags.sampled
+    finally:
+        tracing.shutdown()

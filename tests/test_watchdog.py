@@ -107,9 +107,8 @@ def make_rig(make_config: MakeConfig) -> MakeRig:
         config = make_config(
             "http://127.0.0.1:9", doc={"watchdog": {"retention": retention}}, correlation=correlation, **flags
         )
-        tracing = build_tracing(config, NO_OTEL)
         exporter = InMemorySpanExporter()
-        tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracing = build_tracing(config, NO_OTEL, extra_processors=(SimpleSpanProcessor(exporter),))
         book = OrderBook(config.lifecycle)
         store = store if store is not None else MemoryStore()
         writer = StoreWriter(store)

@@ -172,10 +172,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def truncated(request: web.Request) -> web.StreamResponse:
-    """Promise 1000 bytes, send 10, then drop the connection."""
-    response = web.StreamResponse(headers={"Content-Length": "1000"})
+    """Promise ``length`` bytes (default 1000), send 70 KiB at most of them, then drop the connection."""
+    length = int(request.query.get("length", "1000"))
+    response = web.StreamResponse(headers={"Content-Length": str(length)})
     await response.prepare(request)
-    await response.write(b"0123456789")
+    await response.write(b"0123456789" * min(7 * 1024, (length - 1) // 10))
     assert request.transport is not None
     request.transport.close()
     return response

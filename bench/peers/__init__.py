@@ -1,0 +1,1 @@
+"""Peers the proxy is measured against; each is a separate program started by ``bench.run``."""
