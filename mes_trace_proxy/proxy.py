@@ -142,6 +142,12 @@ def one_spelling(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     aiohttp's ``ClientSession`` merges request headers with a case-sensitive set of names
     seen, so ``X-A: 1`` then ``x-a: 2`` becomes ``x-a: 2`` alone: a value lost. Field names
     are case-insensitive (RFC 9110 §5.1), values are not, so the name's spelling gives way.
+
+    Args:
+        headers: the fields to send upstream, in order.
+
+    Returns:
+        ``headers`` itself when no name repeats with another spelling, else a respelled copy.
     """
     first: dict[str, str] = {}
     fixed: list[tuple[str, str]] | None = None

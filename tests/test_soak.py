@@ -64,6 +64,14 @@ def test_warm_up_then_flat_is_bounded() -> None:
     assert not unbounded
 
 
+def test_short_run_warm_up_lasts_three_minutes() -> None:
+    """In a 5-minute run, growth that stops at minute 3 (past the half) is still warm-up."""
+    rss = [50 + min(i, 18) * 0.5 for i in range(31)]  # +9 MiB over the first 3 minutes, then flat
+    fitted, unbounded = verdict(_samples(rss))["rss_mib"]
+    assert fitted.per_hour == pytest.approx(0.0, abs=1e-9)
+    assert not unbounded
+
+
 def test_steady_leak_in_the_second_half_fails() -> None:
     """1 MiB a minute that keeps going (60 MiB/h, over the 32 MiB/h budget) is flagged even with noise."""
     noise = random.Random(3)
