@@ -169,7 +169,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this process's registry."""
-    registry = request.app[SHARED].metrics.registry
+    proxy_metrics = request.app[SHARED].metrics
+    # Counted here, on the loop, because the exposition itself runs in a worker thread.
+    proxy_metrics.loop_tasks.set(len(asyncio.all_tasks()))
+    registry = proxy_metrics.registry
     body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

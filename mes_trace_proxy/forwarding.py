@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, TypeAlias
@@ -17,10 +17,12 @@ from urllib.parse import unquote
 from mes_trace_proxy.problems import ClientRejection, Rejection, rejection
 
 __all__ = [
+    "ALLOWED_METHODS",
     "HOP_BY_HOP",
     "ForwardPolicy",
     "HeaderList",
     "Headers",
+    "check_header_values",
     "check_host_headers",
     "check_target",
     "downstream_response_headers",
@@ -113,7 +115,7 @@ _MAX_PORT: Final = 65535  # RFC 793 §3.1: ports are 16-bit.
 
 # RFC 9110 §15.5.6: a 405 must list what is allowed. These are the methods the proxy
 # forwards; CONNECT is refused and TRACE deliberately not advertised.
-_ALLOW: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 _NO_NAMES: Final[frozenset[str]] = frozenset()
 
@@ -126,7 +128,7 @@ def _bad_target(detail: str) -> Rejection:
 _REJECT_CONNECT: Final = rejection(
     ClientRejection.METHOD_NOT_ALLOWED,
     detail="CONNECT is not accepted: this is a reverse proxy, not a tunnel.",
-    headers=(("Allow", _ALLOW),),
+    headers=(("Allow", ALLOWED_METHODS),),
 )
 _REJECT_ABSOLUTE: Final = _bad_target("Absolute-form request targets are not accepted; send a path.")
 _REJECT_AUTHORITY: Final = _bad_target("Authority-form request targets are only for CONNECT.")
@@ -148,6 +150,15 @@ _REJECT_NO_HOST: Final = rejection(
     ClientRejection.BAD_REQUEST, detail="The request has no Host header field."
 )
 _REJECT_BAD_HOST: Final = rejection(ClientRejection.BAD_REQUEST, detail="The Host header field is not valid.")
+_REJECT_NOT_UTF8: Final = rejection(
+    ClientRejection.BAD_REQUEST,
+    detail="A header field value holds bytes that are not UTF-8; they cannot be forwarded unchanged.",
+)
+
+# aiohttp decodes field values as UTF-8 with "surrogateescape": a byte that is not UTF-8
+# (RFC 9110 §5.5 obs-text, a Latin-1 "é" say) becomes a lone surrogate U+DC80..U+DCFF, and
+# aiohttp's header writer drops those silently when the request is forwarded.
+_UNDECODED_BYTE: Final = re.compile("[\udc80-\udcff]")
 
 
 class _Action(enum.Enum):
@@ -482,6 +493,25 @@ def check_host_headers(headers: Headers, *, require: bool = False) -> Rejection 
         return _REJECT_NO_HOST if require else None
     if not _HOST_VALUE.match(value.strip(" \t")):
         return _REJECT_BAD_HOST
+    return None
+
+
+def check_header_values(values: Iterable[str]) -> Rejection | None:
+    """Refuse a request whose header values hold bytes that were not UTF-8.
+
+    They are legal obs-text (RFC 9110 §5.5), but the client library that forwards the
+    request would drop them, so the upstream would get other values than were sent; a
+    clear 400 loses nothing, a silently altered header might.
+
+    Args:
+        values: the request's field values as aiohttp decoded them (UTF-8, surrogateescape).
+
+    Returns:
+        ``None`` when every value can be forwarded byte for byte, else a 400 rejection.
+    """
+    for value in values:
+        if not value.isascii() and _UNDECODED_BYTE.search(value):
+            return _REJECT_NOT_UTF8
     return None
 
 

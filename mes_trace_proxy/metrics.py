@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -100,6 +100,14 @@ class ProxyMetrics(Observer):
             ("status",),
             registry=r,
         )
+        self.loop_tasks = Gauge(
+            "mes_proxy_event_loop_tasks",
+            "Unfinished asyncio tasks on the event loop, counted at scrape time (a leak grows it).",
+            registry=r,
+        )
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...:
+        # with the task gauge, what a soak run watches for unbounded growth.
+        ProcessCollector(registry=r)
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
         self._export_stats: Callable[[], ExportStats] | None = None
         self._order_counts: Callable[[], Mapping[str, int]] | None = None

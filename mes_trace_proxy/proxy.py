@@ -33,7 +33,9 @@ from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.correlation import order_trace_for
 from mes_trace_proxy.extract import NO_FACTS, OrderFacts, is_json_content_type, request_facts, response_facts
 from mes_trace_proxy.forwarding import (
+    ALLOWED_METHODS,
     ForwardPolicy,
+    check_header_values,
     check_host_headers,
     check_target,
     downstream_response_headers,
@@ -53,7 +55,7 @@ from mes_trace_proxy.rules import RouteMatch
 from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
 from mes_trace_proxy.tracing import Tracing
 
-__all__ = ["ListenerState", "Observer", "classify_failure", "handle", "make_handler"]
+__all__ = ["ListenerState", "Observer", "classify_failure", "handle", "make_handler", "one_spelling"]
 
 log = logging.getLogger("mes_trace_proxy.proxy")
 
@@ -61,6 +63,8 @@ log = logging.getLogger("mes_trace_proxy.proxy")
 # slow client never makes us hold more than a few of them per connection.
 CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
+#: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
+CLIENT_ABORTED: Final = "client_aborted"
 # Answers up to this size with a Content-Length are relayed in one write; larger or chunked
 # ones stream. 64 KiB matches the read chunk, so memory per request stays the same bound.
 SMALL_BODY: Final = CHUNK_SIZE
@@ -130,6 +134,30 @@ def classify_failure(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamFailure.PAYLOAD_ERROR
     return UpstreamFailure.INVALID_RESPONSE
+
+
+def one_spelling(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Spell every repetition of a field name as its first occurrence was spelled.
+
+    aiohttp's ``ClientSession`` merges request headers with a case-sensitive set of names
+    seen, so ``X-A: 1`` then ``x-a: 2`` becomes ``x-a: 2`` alone: a value lost. Field names
+    are case-insensitive (RFC 9110 §5.1), values are not, so the name's spelling gives way.
+
+    Args:
+        headers: the fields to send upstream, in order.
+
+    Returns:
+        ``headers`` itself when no name repeats with another spelling, else a respelled copy.
+    """
+    first: dict[str, str] = {}
+    fixed: list[tuple[str, str]] | None = None
+    for index, (name, value) in enumerate(headers):
+        spelled = first.setdefault(name.lower(), name)
+        if spelled != name:
+            if fixed is None:
+                fixed = list(headers)
+            fixed[index] = (spelled, value)
+    return headers if fixed is None else fixed
 
 
 def _rejection_response(rejection: Rejection, trace_id: str | None) -> web.Response:
@@ -329,6 +357,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     rejection = (
         check_target(method, raw)
         or check_host_headers(header_items)
+        or check_header_values(request.headers.values())
         or _body_too_large(request, state.config.limits.max_body_size)
     )
     if rejection is not None:
@@ -343,6 +372,20 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
             error_type=rejection.problem_type,
         )
         return refused
+    if raw == "*":
+        # OPTIONS * (RFC 9110 §9.3.7) asks about the server, not a resource, and the client
+        # library can only send origin-form targets upstream: the proxy answers it itself,
+        # as load balancers that ping with it expect.
+        state.observer.request_done(
+            listener=state.config.name,
+            route="",
+            method=method,
+            status=200,
+            duration=time.perf_counter() - started,
+            upstream_duration=None,
+            error_type=None,
+        )
+        return web.Response(status=200, headers={"Allow": ALLOWED_METHODS})
 
     match = state.config.rules.match(method, path)
     upgrade = request.headers.get("Upgrade", "").lower() == "websocket" and method == "GET"
@@ -424,7 +467,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     )
     carrier: dict[str, str] = {}
     tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, server_ctx))
-    out = CIMultiDict(out_headers)
+    out = CIMultiDict(one_spelling(out_headers))
     for name in _TRACE_HEADERS:
         value = carrier.get(name)
         if value is not None:
@@ -506,6 +549,12 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                 response_headers = upstream_response.headers
                 response_body = bytes(captured) if captured is not None else None
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if isinstance(exc, ConnectionResetError) and response is not None and response.prepared:
+                # Writing to the caller failed: it hung up mid-download. aiohttp raises that
+                # as ClientConnectionResetError, a ClientError too, but MES did nothing wrong;
+                # leaving the `async with` above has already dropped the upstream call.
+                error_type = CLIENT_ABORTED
+                return response
             if isinstance(exc.__cause__, BodyTooLarge) and (response is None or not response.prepared):
                 refused_body = make_rejection(ClientRejection.PAYLOAD_TOO_LARGE)
                 error_type = ClientRejection.PAYLOAD_TOO_LARGE.value
@@ -540,7 +589,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     except asyncio.CancelledError:
         # The caller went away (or we cut a broken stream): the upstream request was
         # cancelled with the `async with` above; record it and let cancellation go on.
-        error_type = error_type or "client_aborted"
+        error_type = error_type or CLIENT_ABORTED
         raise
     finally:
         try:
@@ -572,7 +621,9 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                 if status_code >= 400 and error_type is None:
                     client_span.set_attribute(A.ERROR_TYPE, str(status_code))
                     client_span.set_status(Status(StatusCode.ERROR))
-                if status_code >= 500:
+                # A stream cut after its status line went out failed the caller as surely
+                # as a 502 would have: the SERVER span says so, whatever the status line.
+                if status_code >= 500 or error_type is not None:
                     server_span.set_attribute(A.ERROR_TYPE, error_type or str(status_code))
                     server_span.set_status(Status(StatusCode.ERROR))
             elif error_type is not None:

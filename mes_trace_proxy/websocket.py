@@ -61,7 +61,7 @@ async def proxy_websocket(
     request: web.BaseRequest, state: ListenerState, match: RouteMatch | None, started: float
 ) -> web.StreamResponse:
     """Relay one WebSocket connection; the SERVER span covers the connection's life."""
-    from mes_trace_proxy.proxy import classify_failure
+    from mes_trace_proxy.proxy import classify_failure, one_spelling
 
     method = request.method
     path, _, _query = request.raw_path.partition("?")
@@ -100,7 +100,7 @@ async def proxy_websocket(
     ]
     carrier: dict[str, str] = {}
     state.tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(span))
-    out = CIMultiDict(headers)
+    out = CIMultiDict(one_spelling(headers))
     out.update(carrier)
     if not state.trust.trusts(request.remote):
         out.popall("baggage", None)  # as in proxy.handle: untrusted baggage stops here

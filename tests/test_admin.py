@@ -69,6 +69,9 @@ async def test_metrics_expose_requests_and_span_counters(
     ) in text
     assert "mes_orders{" in text
     assert "SECRET-ORDER-42" not in text
+    # The scrape counts the loop's tasks: at least its own handler is running.
+    tasks = next(line for line in text.splitlines() if line.startswith("mes_proxy_event_loop_tasks "))
+    assert float(tasks.split()[1]) >= 1
 
 
 async def test_egress_upstream_down_does_not_make_the_pod_unready(

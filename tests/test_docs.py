@@ -17,6 +17,7 @@ from typing import Final
 
 import pytest
 
+from bench import soak
 from mes_trace_proxy import config, demo, rules
 from mes_trace_proxy.cli import build_parser
 from mes_trace_proxy.sim import otlp_sink
@@ -35,6 +36,7 @@ EXTERNAL: Final = ("http://", "https://", "mailto:")
 OTHER_PROGRAMS: Final = (
     ("python -m mes_trace_proxy.demo", demo.build_parser),
     ("python -m mes_trace_proxy.sim.otlp_sink", otlp_sink.build_parser),
+    ("python -m bench.soak", soak.build_parser),
 )
 
 

@@ -12,6 +12,7 @@ from mes_trace_proxy.forwarding import (
     HOP_BY_HOP,
     ForwardPolicy,
     HeaderList,
+    check_header_values,
     check_host_headers,
     check_target,
     downstream_response_headers,
@@ -574,6 +575,23 @@ def test_check_host_headers(headers: HeaderList, require: bool, status: int | No
     """Several Host fields, an invalid one, or none on HTTP/1.1 get a 400 (RFC 9112 §3.2)."""
     rej = check_host_headers(headers, require=require)
     assert (None if rej is None else rej.status) == status
+
+
+@pytest.mark.parametrize(
+    ("raw", "refused"),
+    [
+        pytest.param(b"plain ascii", False, id="ascii"),
+        pytest.param("привет".encode(), False, id="utf8"),
+        pytest.param(b"caf\xe9", True, id="latin1"),
+        pytest.param(b"\xff\xfe", True, id="not-text"),
+        pytest.param(b"ok \xc3\x28", True, id="broken-utf8-sequence"),
+    ],
+)
+def test_check_header_values_refuses_what_cannot_be_forwarded_unchanged(raw: bytes, refused: bool) -> None:
+    """A value decoded from bytes that are not UTF-8 gets a 400; UTF-8 and ASCII pass (as aiohttp decodes)."""
+    value = raw.decode("utf-8", "surrogateescape")
+    rej = check_header_values(["first", value])
+    assert (rej is not None and rej.status == 400) is refused
 
 
 # ── upstream Host value and policy validation ─────────────────────────────────────────────

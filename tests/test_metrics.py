@@ -82,3 +82,13 @@ def test_scrape_time_gauges_read_their_sources() -> None:
     assert 'mes_orders_stuck{status="SUBMITTED"} 1.0' in text
     assert "mes_state_store_errors_total 7.0" in text
     assert "mes_state_store_pending 2.0" in text
+
+
+def test_process_figures_are_exposed() -> None:
+    """RSS, open descriptors and the event-loop task gauge are on the proxy's own registry."""
+    metrics = ProxyMetrics()
+    metrics.loop_tasks.set(3)
+    text = _text(metrics)
+    assert "process_resident_memory_bytes " in text
+    assert "process_open_fds " in text
+    assert "mes_proxy_event_loop_tasks 3.0" in text

@@ -327,6 +327,45 @@ async def test_websocket_echo_through_the_proxy(
     assert upstream.last().header("traceparent") is not None
 
 
+async def test_repeated_header_spelled_differently_keeps_every_value(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+) -> None:
+    """X-Dup: 1, X-Other, x-DUP: 2 reach the upstream as two X-Dup values in order, none lost."""
+    base, upstream = recording_upstream
+    url = await _proxy_url(make_config, start_proxy, base)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Dup: 1\r\nX-Other: q\r\nx-DUP: 2\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    kept = [(k, v) for k, v in upstream.last().headers if k.lower() in {"x-dup", "x-other"}]
+    assert kept == [("X-Dup", "1"), ("X-Other", "q"), ("X-Dup", "2")]
+
+
+async def test_options_asterisk_is_answered_by_the_proxy(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+) -> None:
+    """OPTIONS * (a load balancer's ping) gets 200 with Allow from the proxy, not a 500."""
+    base, upstream = recording_upstream
+    url = await _proxy_url(make_config, start_proxy, base)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"\r\nAllow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" in answer
+    assert upstream.received == []
+
+
 @pytest.mark.parametrize(
     "request_line",
     [
