@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import signal
 import socket
 import sys
@@ -153,3 +154,64 @@ async def test_bad_config_exits_2_naming_the_flag() -> None:
     _out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert "--upstream" in err.decode()
+
+
+async def test_two_workers_share_the_listen_socket_and_stop_together(
+    recording_upstream: tuple[str, RecordingUpstream],
+) -> None:
+    """--workers 2 starts two processes on one port (SO_REUSEPORT) that answer and drain on SIGTERM."""
+    base, upstream = recording_upstream
+    # Hold the port with SO_REUSEPORT (bound, not listening) so no one else can take it
+    # while both workers bind it too; release it once they are up.
+    holders = []
+    for _ in range(2):
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holders.append(holder)
+    port, admin_port = (h.getsockname()[1] for h in holders)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mes_trace_proxy",
+        "serve",
+        "--workers",
+        "2",
+        "--upstream",
+        base,
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin-listen",
+        f"127.0.0.1:{admin_port}",
+        "--state",
+        "memory",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"OTEL_TRACES_EXPORTER": "none", "PATH": "", "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    try:
+        ready = 0
+        seen: list[str] = []
+        async with asyncio.timeout(30):
+            while ready < 2:
+                line = await process.stdout.readline()
+                assert line, "the workers exited before they were ready: " + "".join(seen)
+                seen.append(line.decode(errors="replace"))
+                if json.loads(line).get("message") == "mes-trace-proxy ready":
+                    ready += 1
+        for holder in holders:
+            holder.close()
+        async with aiohttp.ClientSession() as client:
+            for _ in range(20):
+                async with client.get(f"http://127.0.0.1:{port}/api/v1/health") as resp:
+                    assert resp.status == 200
+        assert len(upstream.received) == 20
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        for holder in holders:
+            holder.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
