@@ -65,6 +65,8 @@ CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
 #: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
 CLIENT_ABORTED: Final = "client_aborted"
+#: a request still running when the drain's grace period ended, cancelled by the shutdown
+SHUTDOWN_CANCELLED: Final = "shutdown_cancelled"
 # Answers up to this size with a Content-Length are relayed in one write; larger or chunked
 # ones stream. 64 KiB matches the read chunk, so memory per request stays the same bound.
 SMALL_BODY: Final = CHUNK_SIZE
@@ -113,6 +115,8 @@ class ListenerState:
     correlation: str = "link"
     #: told the id of an order whose state changed, so it is stored behind the hot path
     on_order_changed: Callable[[str], None] | None = None
+    #: true once the process drains for shutdown (read when a handler is cancelled)
+    draining: Callable[[], bool] = lambda: False
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
@@ -587,9 +591,10 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
             return problem
         return response
     except asyncio.CancelledError:
-        # The caller went away (or we cut a broken stream): the upstream request was
-        # cancelled with the `async with` above; record it and let cancellation go on.
-        error_type = error_type or CLIENT_ABORTED
+        # The caller went away, or the drain's grace period ran out (aiohttp cancels both
+        # the same way; only our own draining flag tells them apart). The upstream request
+        # was cancelled with the `async with` above; record why and let cancellation go on.
+        error_type = error_type or (SHUTDOWN_CANCELLED if state.draining() else CLIENT_ABORTED)
         raise
     finally:
         try:
