@@ -71,6 +71,7 @@ SHUTDOWN_CANCELLED: Final = "shutdown_cancelled"
 # ones stream. 64 KiB matches the read chunk, so memory per request stays the same bound.
 SMALL_BODY: Final = CHUNK_SIZE
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
+_HTTP_11: Final = aiohttp.HttpVersion(1, 1)
 _NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 # Semantic conventions, HTTP spans: ``http.request.header.<key>``, lower-case, values as an array.
 _HEADER_ATTRIBUTE_PREFIX: Final = "http.request.header."
@@ -398,6 +399,12 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
 
         return await proxy_websocket(request, state, match, started)
 
+    if request.version >= _HTTP_11 and request.headers.get("Expect", "").lower() == "100-continue":
+        # RFC 9110 §10.1.1: the caller waits for 100 before sending the body. The request
+        # passed our checks, so invite the body now rather than leave the caller to time out
+        # (curl waits a second); the Expect header still goes upstream, as it was sent.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
     body, data = await _request_body(request, match, state.config.inspect_body_limit)
     max_body = state.config.limits.max_body_size
     if max_body is not None and request.content_length is None and data is not None and body is None:

@@ -501,3 +501,30 @@ async def test_new_root_when_no_or_invalid_traceparent(
     server = next(span for span in spans if span.kind == "SERVER")
     assert server.parent_span_id == ""
     assert server.trace_id != "0" * 32
+
+
+async def test_expect_100_continue_is_answered_before_the_body(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+) -> None:
+    """A caller that waits for 100 Continue gets it from the proxy, then its body reaches MES intact."""
+    base, upstream = recording_upstream
+    url = await _proxy_url(make_config, start_proxy, base)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"PUT /api/v1/orders/A-1/status HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 24\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b'{"status": "PACKAGING"} ')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert upstream.last().body == b'{"status": "PACKAGING"} '
