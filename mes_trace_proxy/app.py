@@ -169,6 +169,7 @@ def build_proxy_server(
         clock=shared.clock,
         correlation=config.watchdog.correlation,
         on_order_changed=shared.on_order_changed,
+        draining=lambda: shared.readiness.draining,
     )
     server = GuardedServer(
         make_handler(state),

@@ -65,10 +65,13 @@ CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
 #: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
 CLIENT_ABORTED: Final = "client_aborted"
+#: a request still running when the drain's grace period ended, cancelled by the shutdown
+SHUTDOWN_CANCELLED: Final = "shutdown_cancelled"
 # Answers up to this size with a Content-Length are relayed in one write; larger or chunked
 # ones stream. 64 KiB matches the read chunk, so memory per request stays the same bound.
 SMALL_BODY: Final = CHUNK_SIZE
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
+_HTTP_11: Final = aiohttp.HttpVersion(1, 1)
 _NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 # Semantic conventions, HTTP spans: ``http.request.header.<key>``, lower-case, values as an array.
 _HEADER_ATTRIBUTE_PREFIX: Final = "http.request.header."
@@ -113,6 +116,8 @@ class ListenerState:
     correlation: str = "link"
     #: told the id of an order whose state changed, so it is stored behind the hot path
     on_order_changed: Callable[[str], None] | None = None
+    #: true once the process drains for shutdown (read when a handler is cancelled)
+    draining: Callable[[], bool] = lambda: False
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
@@ -394,6 +399,12 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
 
         return await proxy_websocket(request, state, match, started)
 
+    if request.version >= _HTTP_11 and request.headers.get("Expect", "").lower() == "100-continue":
+        # RFC 9110 §10.1.1: the caller waits for 100 before sending the body. The request
+        # passed our checks, so invite the body now rather than leave the caller to time out
+        # (curl waits a second); the Expect header still goes upstream, as it was sent.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
     body, data = await _request_body(request, match, state.config.inspect_body_limit)
     max_body = state.config.limits.max_body_size
     if max_body is not None and request.content_length is None and data is not None and body is None:
@@ -587,9 +598,10 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
             return problem
         return response
     except asyncio.CancelledError:
-        # The caller went away (or we cut a broken stream): the upstream request was
-        # cancelled with the `async with` above; record it and let cancellation go on.
-        error_type = error_type or CLIENT_ABORTED
+        # The caller went away, or the drain's grace period ran out (aiohttp cancels both
+        # the same way; only our own draining flag tells them apart). The upstream request
+        # was cancelled with the `async with` above; record why and let cancellation go on.
+        error_type = error_type or (SHUTDOWN_CANCELLED if state.draining() else CLIENT_ABORTED)
         raise
     finally:
         try:

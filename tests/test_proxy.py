@@ -30,6 +30,18 @@ async def _proxy_url(make_config: MakeConfig, start_proxy: StartProxy, upstream:
     return proxy.url("ingress")
 
 
+async def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send raw request bytes (``Connection: close``) and read the whole answer, bounded in time."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "PURGE"])
 async def test_every_method_is_forwarded(
     method: str,
@@ -74,12 +86,9 @@ async def test_path_and_query_reach_upstream_byte_exact(
     """The request target is forwarded exactly as received: no decoding, re-encoding or normalising."""
     base, upstream = recording_upstream
     url = await _proxy_url(make_config, start_proxy, base)
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    answer = await reader.read()
-    writer.close()
+    answer = await _raw_exchange(
+        url, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
     assert answer.startswith(b"HTTP/1.1 200")
     assert upstream.last().raw_path == target
 
@@ -335,14 +344,10 @@ async def test_repeated_header_spelled_differently_keeps_every_value(
     """X-Dup: 1, X-Other, x-DUP: 2 reach the upstream as two X-Dup values in order, none lost."""
     base, upstream = recording_upstream
     url = await _proxy_url(make_config, start_proxy, base)
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Dup: 1\r\nX-Other: q\r\nx-DUP: 2\r\nConnection: close\r\n\r\n"
+    answer = await _raw_exchange(
+        url, b"GET /x HTTP/1.1\r\nHost: x\r\nX-Dup: 1\r\nX-Other: q\r\nx-DUP: 2\r\nConnection: close\r\n\r\n"
     )
-    await writer.drain()
-    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200")
-    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
     kept = [(k, v) for k, v in upstream.last().headers if k.lower() in {"x-dup", "x-other"}]
     assert kept == [("X-Dup", "1"), ("X-Other", "q"), ("X-Dup", "2")]
 
@@ -355,12 +360,7 @@ async def test_options_asterisk_is_answered_by_the_proxy(
     """OPTIONS * (a load balancer's ping) gets 200 with Allow from the proxy, not a 500."""
     base, upstream = recording_upstream
     url = await _proxy_url(make_config, start_proxy, base)
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
+    answer = await _raw_exchange(url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200")
     assert b"\r\nAllow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" in answer
     assert upstream.received == []
@@ -385,12 +385,7 @@ async def test_open_proxy_attempts_never_leave(
     """Targets that would reach another host or escape the path get 400/405 and nothing goes upstream."""
     base, upstream = recording_upstream
     url = await _proxy_url(make_config, start_proxy, base)
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
-    await writer.drain()
-    answer = await reader.read()
-    writer.close()
+    answer = await _raw_exchange(url, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
     status = int(answer.split(b" ", 2)[1])
     assert status in (400, 405)
     assert b"application/problem+json" in answer
@@ -506,3 +501,30 @@ async def test_new_root_when_no_or_invalid_traceparent(
     server = next(span for span in spans if span.kind == "SERVER")
     assert server.parent_span_id == ""
     assert server.trace_id != "0" * 32
+
+
+async def test_expect_100_continue_is_answered_before_the_body(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+) -> None:
+    """A caller that waits for 100 Continue gets it from the proxy, then its body reaches MES intact."""
+    base, upstream = recording_upstream
+    url = await _proxy_url(make_config, start_proxy, base)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"PUT /api/v1/orders/A-1/status HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 24\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b'{"status": "PACKAGING"} ')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert upstream.last().body == b'{"status": "PACKAGING"} '

@@ -124,6 +124,9 @@ async def test_grace_period_bounds_the_drain(
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(stuck, 10)
     await faulty_upstream.wait_for(lambda: faulty_upstream.aborted["hold"] == 1)
+    # Recorded as the shutdown's doing, not as a caller that hung up.
+    errors = [line.get("error_type") for line in proxy.json_lines() if line.get("route") is not None]
+    assert errors == ["shutdown_cancelled"]
 
 
 STUCK_EVENT: Final = "order.stuck"
