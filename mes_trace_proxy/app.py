@@ -18,7 +18,7 @@ from mes_trace_proxy.config import Config, ListenerConfig
 from mes_trace_proxy.forwarding import ForwardPolicy
 from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.metrics import ProxyMetrics
-from mes_trace_proxy.orders import OrderBook
+from mes_trace_proxy.orders import Findings, OrderBook
 from mes_trace_proxy.proxy import ListenerState, Observer, make_handler
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tls import client_context
@@ -59,7 +59,6 @@ class _ReadinessObserver(Observer):
     def __init__(self, readiness: Readiness, inner: Observer) -> None:
         self._readiness = readiness
         self._inner = inner
-        self.order_findings = inner.order_findings  # type: ignore[method-assign]
 
     def request_done(
         self,
@@ -83,6 +82,9 @@ class _ReadinessObserver(Observer):
             upstream_duration=upstream_duration,
             error_type=error_type,
         )
+
+    def order_findings(self, *, listener: str, findings: Findings) -> None:
+        self._inner.order_findings(listener=listener, findings=findings)
 
 
 @dataclass(slots=True, kw_only=True)
