@@ -422,12 +422,13 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     route = match.rule.route if match is not None else None
     parent, links = _parent_context(state, request)
     exporting = tracing.exporting
+    name = A.span_name(method, route)
     with tracing.ids.using(_order_trace(state, parent, facts)):
         # Only http.route goes in at start: it is all the sampler reads, and the rest is
         # built only for a span that records (dashboard polling is sampled at 1 %).
         server_span = (
             tracer.start_span(
-                A.span_name(method, route),
+                name,
                 context=parent,
                 kind=SpanKind.SERVER,
                 attributes={A.HTTP_ROUTE: route} if route is not None else None,
@@ -451,7 +452,7 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         tracing.passthrough(server_ctx)
         if not exporting
         else tracer.start_span(
-            A.span_name(method, route),
+            name,
             context=server_ctx,
             kind=SpanKind.CLIENT,
             attributes={

@@ -30,10 +30,15 @@ async def _proxy_url(make_config: MakeConfig, start_proxy: StartProxy, upstream:
     return proxy.url("ingress")
 
 
+async def _connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection to ``http://host:port``, for requests a client library would not send."""
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
 async def _raw_exchange(url: str, request: bytes) -> bytes:
     """Send raw request bytes (``Connection: close``) and read the whole answer, bounded in time."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await _connect(url)
     try:
         writer.write(request)
         await writer.drain()
@@ -260,8 +265,7 @@ async def test_client_abort_cancels_upstream_request(
     """A caller that disconnects mid-request makes the proxy drop the upstream call too."""
     base, upstream = recording_upstream
     url = await _proxy_url(make_config, start_proxy, base)
-    host, port = url.removeprefix("http://").split(":")
-    _reader, writer = await asyncio.open_connection(host, int(port))
+    _reader, writer = await _connect(url)
     writer.write(b"GET /t/slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     await asyncio.wait_for(upstream.slow_started.wait(), 5)
@@ -511,8 +515,7 @@ async def test_expect_100_continue_is_answered_before_the_body(
     """A caller that waits for 100 Continue gets it from the proxy, then its body reaches MES intact."""
     base, upstream = recording_upstream
     url = await _proxy_url(make_config, start_proxy, base)
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await _connect(url)
     try:
         writer.write(
             b"PUT /api/v1/orders/A-1/status HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
