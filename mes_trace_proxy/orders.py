@@ -452,40 +452,41 @@ class _Links:
 class _Chain:
     """A doubly linked list of slots over the shared ``_Links``, oldest first."""
 
-    __slots__ = ("head", "links", "size", "tail")
+    __slots__ = ("head", "next", "prev", "size", "tail")
 
     def __init__(self, links: _Links) -> None:
-        self.links = links
+        # The arrays themselves, not ``links``: one attribute lookup less per step on the hot path.
+        self.next = links.next
+        self.prev = links.prev
         self.head = self.tail = _NIL
         self.size = 0
 
     def push(self, slot: int) -> None:
-        links = self.links
-        links.next[slot] = _NIL
-        links.prev[slot] = self.tail
-        if self.tail == _NIL:
+        tail = self.tail
+        self.next[slot] = _NIL
+        self.prev[slot] = tail
+        if tail == _NIL:
             self.head = slot
         else:
-            links.next[self.tail] = slot
+            self.next[tail] = slot
         self.tail = slot
         self.size += 1
 
     def unlink(self, slot: int) -> None:
-        links = self.links
-        before, after = links.prev[slot], links.next[slot]
+        before, after = self.prev[slot], self.next[slot]
         if before == _NIL:
             self.head = after
         else:
-            links.next[before] = after
+            self.next[before] = after
         if after == _NIL:
             self.tail = before
         else:
-            links.prev[after] = before
+            self.prev[after] = before
         self.size -= 1
 
     def __iter__(self) -> Iterator[int]:
         # Callers do not change the chain while they walk it (they collect, then act).
-        after = self.links.next
+        after = self.next
         slot = self.head
         while slot != _NIL:
             yield slot
@@ -506,17 +507,18 @@ class _Queue:
     next ordered read re-sorts it.
     """
 
-    __slots__ = ("dirty", "links", "stuck", "tail", "waiting")
+    __slots__ = ("dirty", "flags", "links", "stuck", "tail", "waiting")
 
     def __init__(self, links: _Links) -> None:
         self.links = links
+        self.flags = links.stuck
         self.waiting = _Chain(links)
         self.stuck = _Chain(links)
         self.tail = -math.inf
         self.dirty = False
 
     def add(self, slot: int, since: float, *, stuck: bool = False) -> None:
-        self.links.stuck[slot] = stuck
+        self.flags[slot] = stuck
         (self.stuck if stuck else self.waiting).push(slot)
         if since < self.tail:
             self.dirty = True
@@ -525,7 +527,7 @@ class _Queue:
 
     def remove(self, slot: int) -> bool:
         """Remove the order; return True when it was reported stuck."""
-        if self.links.stuck[slot]:
+        if self.flags[slot]:
             self.stuck.unlink(slot)
             return True
         self.waiting.unlink(slot)
@@ -534,7 +536,7 @@ class _Queue:
     def flag_stuck(self, slot: int) -> None:
         self.waiting.unlink(slot)
         self.stuck.push(slot)
-        self.links.stuck[slot] = True
+        self.flags[slot] = True
 
     def ordered(self, orders: Mapping[str, bytes]) -> None:
         if self.dirty:
