@@ -191,13 +191,15 @@ def _processor(transport: object, **overrides: float) -> OtlpExportProcessor:
     )
 
 
+@pytest.mark.parametrize("compression", ["none", "gzip"])
 @pytest.mark.parametrize("protocol", [HTTP, "grpc"])
-async def test_spans_reach_a_real_receiver_over_both_protocols(otlp_sink: OtlpSink, protocol: str) -> None:
+async def test_spans_reach_a_real_receiver_over_both_protocols(
+    otlp_sink: OtlpSink, protocol: str, compression: str
+) -> None:
     """Spans are encoded as they end and arrive whole, grouped under their resource and scope."""
     endpoint = otlp_sink.http_endpoint if protocol == HTTP else otlp_sink.grpc_endpoint
-    processor = _processor(
-        make_transport(otlp_settings({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}, protocol))
-    )
+    environ = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_COMPRESSION": compression}
+    processor = _processor(make_transport(otlp_settings(environ, protocol)))
     processor.start()
     provider = _provider(processor)
     _spans(provider, 25)
