@@ -42,9 +42,11 @@ _STDLIB: Final = re.compile(r"^.*?/lib/python3\.[0-9]+/")
 _REPO: Final = re.compile(r"^.*?/(?=(?:mes_trace_proxy|bench)/)")
 
 NATIVE: Final = "(no Python frame)"
-EXPORT_COMPONENT: Final = "span export thread (encoding, transport)"
+EXPORT_COMPONENT: Final = "span export (encoding, transport)"
 #: Where own time goes, by the file of the innermost Python frame; the first match wins.
 COMPONENTS: Final = (
+    ("mes_trace_proxy/export.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/otlp_encode.py", EXPORT_COMPONENT),
     ("mes_trace_proxy/", "our code (mes_trace_proxy)"),
     ("bench/peers/", "the peer's own handler"),
     ("aiohttp/web_", "aiohttp server"),
@@ -177,9 +179,9 @@ FOCUS: Final = (
     ("_record_order", "ours: order book and its span verdicts"),
     ("ProxyMetrics.request_done", "ours: Prometheus metrics"),
     ("access_logger.<locals>.write", "ours: the JSON access-log line"),
-    ("BatchExportProcessor._run", "export thread, all of it"),
-    ("encode_spans", "export: OTLP protobuf encoding"),
-    ("_OTLPHTTPClient.export", "export: HTTP POST (requests)"),
+    ("BatchExportProcessor._run", "export thread, all of it (console exporter)"),
+    ("OtlpSpanEncoder.encode_span", "export: OTLP encoding as each span ends"),
+    ("OtlpExportProcessor._export_batch", "export: joining a batch and sending it"),
 )
 
 

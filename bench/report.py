@@ -36,11 +36,20 @@ CONFIGS: Final = (
     ("proxy-watchdog", "mes-trace-proxy, tracing on (HTTP), watchdog every 1 s"),
     ("proxy-sqlite", "mes-trace-proxy, tracing on (HTTP), watchdog 1 s, SQLite store"),
     ("proxy-nolog", "mes-trace-proxy, tracing on (HTTP), no access log"),
+    ("proxy-contrib", "mes-trace-proxy, tracing on (HTTP), contrib aiohttp-client CLIENT span"),
 )
 AIOHTTP: Final = "aiohttp"
 NGINX: Final = "nginx"
 TRACING_ON: Final = ("proxy-http", "proxy-grpc")
-PROXIES: Final = ("proxy-off", "proxy-http", "proxy-grpc", "proxy-watchdog", "proxy-sqlite", "proxy-nolog")
+PROXIES: Final = (
+    "proxy-off",
+    "proxy-http",
+    "proxy-grpc",
+    "proxy-watchdog",
+    "proxy-sqlite",
+    "proxy-nolog",
+    "proxy-contrib",
+)
 WORKERS: Final = (("workers-1", "1 worker, not pinned"), ("workers-2", "--workers 2, not pinned"))
 MIB: Final = 1024 * 1024
 # Other processes using more than a tenth of a core during a run is worth a warning.

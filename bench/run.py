@@ -123,6 +123,11 @@ TARGETS: Final = {
         ),
         # What the JSON access log (one unbuffered line per request, as in the image) costs.
         Target(name="proxy-nolog", kind="proxy", exporter="http", flags=("--no-access-log",)),
+        # The card's opentelemetry-instrumentation-aiohttp-client making the CLIENT span
+        # (--client-span instrumentation), against proxy-http's lean SDK-made one.
+        Target(
+            name="proxy-contrib", kind="proxy", exporter="http", flags=("--client-span", "instrumentation")
+        ),
         Target(name="workers-1", kind="proxy", exporter="http"),
         Target(name="workers-2", kind="proxy", exporter="http", workers=2),
     )

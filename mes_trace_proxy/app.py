@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -19,7 +19,7 @@ from mes_trace_proxy.forwarding import ForwardPolicy
 from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import Findings, OrderBook
-from mes_trace_proxy.proxy import ListenerState, Observer, make_handler
+from mes_trace_proxy.proxy import ListenerState, Observer, make_handler, upstream_error_type
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tls import client_context
 from mes_trace_proxy.tracecontext import TrustPolicy
@@ -105,8 +105,14 @@ class Shared:
     watchdog: Watchdog | None = None
 
 
-def make_session(listener: ListenerConfig) -> aiohttp.ClientSession:
+def make_session(
+    listener: ListenerConfig, trace_configs: Sequence[aiohttp.TraceConfig] = ()
+) -> aiohttp.ClientSession:
     """The one upstream session of a listener: pooled, transparent, no cookies, no redirects.
+
+    Args:
+        listener: the listener whose upstream the session calls.
+        trace_configs: aiohttp trace configs (the CLIENT-span instrumentation, when chosen).
 
     Raises:
         ConfigError: the listener's ``upstream_tls`` files are unusable.
@@ -132,6 +138,7 @@ def make_session(listener: ListenerConfig) -> aiohttp.ClientSession:
         read_bufsize=READ_BUFFER,
         raise_for_status=False,
         trust_env=False,
+        trace_configs=list(trace_configs) or None,
     )
 
 
@@ -149,8 +156,21 @@ def build_proxy_server(
 
     The caller (``server.py``) owns both: it closes the session after the server drained.
     """
-    session = make_session(listener)
     config = shared.config
+    # tracing.client_span: instrumentation — only when spans are exported; otherwise the
+    # handler's pass-through span carries the trace on, as in SDK mode.
+    instrumented = config.tracing.client_span == "instrumentation" and shared.tracing.exporting
+    trace_configs: tuple[aiohttp.TraceConfig, ...] = ()
+    if instrumented:
+        from mes_trace_proxy.client_span import instrumentation_trace_configs
+
+        readiness = shared.readiness
+        trace_configs = instrumentation_trace_configs(
+            shared.tracing.provider,
+            shared.tracing.propagator,
+            error_type=lambda exc: upstream_error_type(exc, draining=readiness.draining),
+        )
+    session = make_session(listener, trace_configs)
     observer: Observer = _ReadinessObserver(shared.readiness, shared.metrics)
     state = ListenerState(
         config=listener,
@@ -172,6 +192,7 @@ def build_proxy_server(
         correlation=config.watchdog.correlation,
         on_order_changed=shared.on_order_changed,
         draining=lambda: shared.readiness.draining,
+        instrumented_client=instrumented,
     )
     server = GuardedServer(
         make_handler(state),

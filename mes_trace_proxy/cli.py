@@ -52,6 +52,7 @@ _HELP: Final = {
     "max_connections": "open connections accepted by the ingress listener [default 4096]",
     "admin_token_file": "ROLE:TOKEN lines; admin endpoints but /healthz, /readyz then need a bearer token",
     "trusted_callers": "comma-separated CIDRs whose trace context is continued [default *]",
+    "client_span": "who makes the CLIENT span: sdk or instrumentation (the contrib package) [default sdk]",
 }
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "ServerTls",
     "ServiceConfig",
     "Timeouts",
+    "TracingConfig",
     "Upstream",
     "UpstreamTls",
     "WatchdogConfig",
@@ -231,6 +232,19 @@ class ServerConfig:
     access_log: bool
 
 
+#: ``tracing.client_span``: who makes the CLIENT span around the upstream call. ``sdk`` (the
+#: default) starts it directly with the SDK; ``instrumentation`` lets the card's
+#: opentelemetry-instrumentation-aiohttp-client make it, shaped to match (docs/performance.md).
+CLIENT_SPAN_MODES: Final = ("sdk", "instrumentation")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracingConfig:
+    """How the proxy makes its spans (the exporters stay the SDK's ``OTEL_*`` variables)."""
+
+    client_span: str = "sdk"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything the proxy needs, validated; built only by :func:`load_config`."""
@@ -242,6 +256,7 @@ class Config:
     watchdog: WatchdogConfig
     server: ServerConfig
     lifecycle: Lifecycle
+    tracing: TracingConfig = TracingConfig()
 
     def describe(self) -> dict[str, object]:
         """The effective configuration as plain data with secrets masked (``check-config``)."""
@@ -321,6 +336,7 @@ class Config:
                 "log_level": self.server.log_level,
                 "access_log": self.server.access_log,
             },
+            "tracing": {"client_span": self.tracing.client_span},
             "lifecycle": {
                 "statuses": list(self.lifecycle.statuses),
                 "cancel": self.lifecycle.cancel,
@@ -462,6 +478,13 @@ def _parse_correlation(value: object) -> str:
     return text
 
 
+def _parse_client_span(value: object) -> str:
+    text = str(value).strip().lower()
+    if text not in CLIENT_SPAN_MODES:
+        raise ValueError(f"{value!r}: use {' or '.join(CLIENT_SPAN_MODES)}")
+    return text
+
+
 def _parse_state(value: object) -> str:
     text = str(value).strip()
     if text == "memory" or text.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
@@ -556,6 +579,7 @@ OPTIONS: Final = (
     _Option(
         "trusted_callers", "--trusted-callers", "MES_PROXY_TRUSTED_CALLERS", ("privacy", "trusted_callers")
     ),
+    _Option("client_span", "--client-span", "MES_PROXY_CLIENT_SPAN", ("tracing", "client_span")),
 )
 ENV_USER_ID_KEY: Final = "MES_PROXY_USER_ID_KEY"
 ENV_DWELL_LIMITS: Final = "MES_PROXY_DWELL_LIMITS"
@@ -608,7 +632,7 @@ DEFAULT_LIMITS: Final = Limits(
 )
 
 _TOP_KEYS: Final = frozenset(
-    {"service", "listeners", "admin", "rule_sets", "lifecycle", "watchdog", "privacy", "server"}
+    {"service", "listeners", "admin", "rule_sets", "lifecycle", "watchdog", "privacy", "server", "tracing"}
 )
 _LISTENER_KEYS: Final = frozenset(
     {
@@ -644,6 +668,7 @@ _SECTION_KEYS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
             }
         ),
         "server": frozenset({"workers", "grace_period", "log_level", "access_log"}),
+        "tracing": frozenset({"client_span"}),
     }
 )
 
@@ -1005,6 +1030,7 @@ def load_config(
     server = doc.section("server")
     watchdog = doc.section("watchdog")
     privacy = doc.section("privacy")
+    tracing = doc.section("tracing")
 
     key_source: str | None = None
     secret: bytes | None = None
@@ -1065,6 +1091,9 @@ def load_config(
             access_log=_get(doc, server, ("server", "access_log"), _parse_bool, True),
         ),
         lifecycle=_lifecycle(doc),
+        tracing=TracingConfig(
+            client_span=_get(doc, tracing, ("tracing", "client_span"), _parse_client_span, "sdk"),
+        ),
     )
 
 

@@ -22,6 +22,7 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -29,6 +30,7 @@ from opentelemetry.util.types import AttributeValue
 from yarl import URL
 
 from mes_trace_proxy import attributes as A
+from mes_trace_proxy.client_span import ClientSpanPlan, upstream_context
 from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.correlation import order_trace_for
 from mes_trace_proxy.extract import NO_FACTS, OrderFacts, is_json_content_type, request_facts, response_facts
@@ -55,7 +57,15 @@ from mes_trace_proxy.rules import RouteMatch
 from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
 from mes_trace_proxy.tracing import Tracing
 
-__all__ = ["ListenerState", "Observer", "classify_failure", "handle", "make_handler", "one_spelling"]
+__all__ = [
+    "ListenerState",
+    "Observer",
+    "classify_failure",
+    "handle",
+    "make_handler",
+    "one_spelling",
+    "upstream_error_type",
+]
 
 log = logging.getLogger("mes_trace_proxy.proxy")
 
@@ -118,6 +128,9 @@ class ListenerState:
     on_order_changed: Callable[[str], None] | None = None
     #: true once the process drains for shutdown (read when a handler is cancelled)
     draining: Callable[[], bool] = lambda: False
+    #: the session's trace config (opentelemetry-instrumentation-aiohttp-client) makes the
+    #: CLIENT span (``tracing.client_span: instrumentation``); else the handler starts it
+    instrumented_client: bool = False
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
@@ -139,6 +152,24 @@ def classify_failure(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamFailure.PAYLOAD_ERROR
     return UpstreamFailure.INVALID_RESPONSE
+
+
+def upstream_error_type(exc: BaseException, *, draining: bool) -> str:
+    """The CLIENT span's ``error.type`` for an upstream call that raised before it answered.
+
+    Args:
+        exc: what the call raised.
+        draining: whether the process is draining (a cancelled call is then the shutdown's).
+
+    Returns:
+        ``client_aborted``/``shutdown_cancelled`` for a cancelled call, ``payload_too_large``
+        for a request body over ``max_body_size``, else the upstream-failure value.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        return SHUTDOWN_CANCELLED if draining else CLIENT_ABORTED
+    if isinstance(exc.__cause__, BodyTooLarge):
+        return ClientRejection.PAYLOAD_TOO_LARGE.value
+    return classify_failure(exc).value
 
 
 def one_spelling(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -397,6 +428,13 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     if upgrade:
         from mes_trace_proxy.websocket import proxy_websocket
 
+        if state.instrumented_client:
+            # The relay has a SERVER span only, injected as the upstream's parent; the
+            # instrumentation would add a root CLIENT span for the handshake and overwrite it.
+            from opentelemetry.instrumentation.utils import suppress_http_instrumentation
+
+            with suppress_http_instrumentation():
+                return await proxy_websocket(request, state, match, started)
         return await proxy_websocket(request, state, match, started)
 
     if request.version >= _HTTP_11 and request.headers.get("Expect", "").lower() == "100-continue":
@@ -448,27 +486,36 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     server_ctx = trace_api.set_span_in_context(server_span)
     upstream = state.config.upstream
     url_text = f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}"
-    client_span = (
-        tracing.passthrough(server_ctx)
-        if not exporting
-        else tracer.start_span(
+    client_attrs: dict[str, AttributeValue] | None = None
+    if recording:
+        client_attrs = {
+            A.HTTP_REQUEST_METHOD: attrs[A.HTTP_REQUEST_METHOD],
+            A.SERVER_ADDRESS: upstream.host,
+            A.SERVER_PORT: upstream.port,
+            A.URL_FULL: f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}"
+            + str(attrs[A.URL_PATH])
+            + (f"?{attrs[A.URL_QUERY]!s}" if A.URL_QUERY in attrs else ""),
+        }
+        original = attrs.get(A.HTTP_REQUEST_METHOD_ORIGINAL)
+        if original is not None:
+            client_attrs[A.HTTP_REQUEST_METHOD_ORIGINAL] = original
+    # With the instrumentation the session's trace config makes the CLIENT span (and injects
+    # it); the handler's stand-in records nothing, so every set_* below is a no-op for it.
+    instrumented = exporting and state.instrumented_client
+    client_span: trace_api.Span
+    if not exporting:
+        client_span = tracing.passthrough(server_ctx)
+    elif instrumented:
+        client_span = trace_api.INVALID_SPAN
+    else:
+        client_span = tracer.start_span(
             name,
             context=server_ctx,
             kind=SpanKind.CLIENT,
-            attributes={
-                A.HTTP_REQUEST_METHOD: attrs[A.HTTP_REQUEST_METHOD],
-                A.SERVER_ADDRESS: upstream.host,
-                A.SERVER_PORT: upstream.port,
-                A.URL_FULL: f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}"
-                + str(attrs[A.URL_PATH])
-                + (f"?{attrs[A.URL_QUERY]!s}" if A.URL_QUERY in attrs else ""),
-            }
-            if recording
-            else None,
+            attributes=client_attrs,
             record_exception=False,
             set_status_on_exception=False,
         )
-    )
     out_headers = upstream_request_headers(
         header_items,
         policy=state.forward_policy,
@@ -478,28 +525,35 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         drop_trace_headers=True,
     )
     carrier: dict[str, str] = {}
-    tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, server_ctx))
+    if not instrumented:
+        tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, server_ctx))
     out = CIMultiDict(one_spelling(out_headers))
-    for name in _TRACE_HEADERS:
-        value = carrier.get(name)
+    for trace_header in _TRACE_HEADERS:
+        value = carrier.get(trace_header)
         if value is not None:
-            out[name] = value
+            out[trace_header] = value
     if not state.trust.trusts(request.remote):
         # W3C Baggage from a caller we do not trust is not passed on: it could steer what
         # the services behind us record or decide.
         out.popall("baggage", None)
     elif "baggage" in carrier and "baggage" not in out:
         out["baggage"] = carrier["baggage"]
+    plan = ClientSpanPlan(name=name, attributes=client_attrs, headers=out) if instrumented else None
 
     server_sc = server_span.get_span_context()
     trace_id_hex = format_trace_id(server_sc.trace_id)
     status_code = 0
+    #: what MES answered (0: nothing); status_code may be our own 502/504/413 instead
+    upstream_status = 0
     error_type: str | None = None
     upstream_duration: float | None = None
     response_body: bytes | None = None
     response_headers: CIMultiDictProxy[str] | None = None
     response: web.StreamResponse | None = None
     sent = 0
+    # The instrumentation's span parents on the current context: the SERVER span, attached
+    # with the plan its hooks read, until the answer's head is in (its span ends there).
+    upstream_token = context_api.attach(upstream_context(server_ctx, plan)) if plan is not None else None
     try:
         upstream_started = time.perf_counter()
         try:
@@ -511,7 +565,10 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                 allow_redirects=False,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
             ) as upstream_response:
-                status_code = upstream_response.status
+                if upstream_token is not None:
+                    context_api.detach(upstream_token)
+                    upstream_token = None
+                status_code = upstream_status = upstream_response.status
                 response = web.StreamResponse(status=status_code, reason=upstream_response.reason)
                 headers = response.headers
                 for name, value in downstream_response_headers(tuple(upstream_response.headers.items())):
@@ -603,8 +660,15 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         # the same way; only our own draining flag tells them apart). The upstream request
         # was cancelled with the `async with` above; record why and let cancellation go on.
         error_type = error_type or (SHUTDOWN_CANCELLED if state.draining() else CLIENT_ABORTED)
+        if not status_code:
+            # MES never answered: the call failed as surely as a refused one (the
+            # instrumentation's span says the same, from the cancellation it saw).
+            client_span.set_attribute(A.ERROR_TYPE, error_type)
+            client_span.set_status(Status(StatusCode.ERROR, error_type))
         raise
     finally:
+        if upstream_token is not None:
+            context_api.detach(upstream_token)
         try:
             now = state.clock()
             findings = None
@@ -629,7 +693,8 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                     server_span.set_attribute(A.MES_ORDER_STATUS, state.redactor.value(facts.status))
                 findings = _record_order(state, server_span, facts, status_code, now)
             if status_code:
-                client_span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, status_code)
+                if upstream_status:
+                    client_span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, upstream_status)
                 server_span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, status_code)
                 if status_code >= 400 and error_type is None:
                     client_span.set_attribute(A.ERROR_TYPE, str(status_code))

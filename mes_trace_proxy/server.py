@@ -179,6 +179,8 @@ async def running(
     certificates: dict[str, CertReloader] = {}
     servers: dict[str, GuardedServer] = {}
     await watchdog.restore()
+    # Spans are encoded as they end and sent by tasks on this loop (export.py).
+    tracing.start()
     writer.start()
     log_task = asyncio.create_task(access_log.run(), name="access-log-flush") if access_log else None
     try:
@@ -248,7 +250,9 @@ async def running(
             await store.close()
         except Exception as exc:  # a store that fails to close must not keep spans unflushed
             log.error("closing the state store failed: %s", type(exc).__name__)
-        # Flushing spans blocks on the exporter; do it off the loop so nothing else stalls.
+        # The OTLP exporters flush on this loop, within OTEL_BSP_EXPORT_TIMEOUT; what is left
+        # (a console exporter, test processors) blocks, so it runs off the loop.
+        await tracing.aclose()
         await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
         log.info("mes-trace-proxy stopped")
 

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import requests
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.propagate import get_global_textmap
@@ -40,6 +39,7 @@ from mes_trace_proxy import __version__
 from mes_trace_proxy.attributes import HTTP_ROUTE
 from mes_trace_proxy.config import Config
 from mes_trace_proxy.correlation import OrderTraceIds
+from mes_trace_proxy.export import ExportStats, OtlpExportProcessor, make_transport, otlp_settings
 
 __all__ = [
     "BatchExportProcessor",
@@ -126,16 +126,6 @@ class RouteSampler(Sampler):
 
     def get_description(self) -> str:
         return f"RouteSampler{{default={self._default.get_description()},routes={len(self._per_route)}}}"
-
-
-@dataclass(slots=True)
-class ExportStats:
-    """Counters of the export path, read by ``/metrics``."""
-
-    queued: int = 0
-    exported: int = 0
-    dropped_queue_full: int = 0
-    failed: int = 0
 
 
 class BatchExportProcessor(SpanProcessor):
@@ -279,82 +269,55 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
     return value
 
 
-def _timeout(environ: Mapping[str, str]) -> float | None:
-    """``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`` in seconds (the SDK's unit for these), or the SDK default."""
-    raw = environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_TIMEOUT={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_TIMEOUT={raw!r} must be positive")
-    return value
+def _processors(environ: Mapping[str, str]) -> list[OtlpExportProcessor | BatchExportProcessor]:
+    """One counting processor per ``OTEL_TRACES_EXPORTER`` entry.
 
+    OTLP goes through our own export path (``export.py``: spans encoded as they end, sent
+    from the event loop); ``console`` keeps the SDK's exporter in a worker thread, since it
+    is for debugging and its cost does not matter.
 
-_PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-
-
-def _session(environ: Mapping[str, str]) -> requests.Session:
-    """The OTLP/HTTP exporter's session; it ignores ``.netrc`` unless proxies are configured.
-
-    ``requests`` looks for a ``.netrc`` file and proxy variables on every export when
-    ``trust_env`` is on; the profile put that at 2 % of the proxy's time. Proxy variables
-    are still honoured when set, since a collector behind an egress proxy needs them.
+    Raises:
+        ValueError: an unknown exporter or protocol, or an unusable ``OTEL_EXPORTER_OTLP_*``.
     """
-    session = requests.Session()
-    session.trust_env = any(environ.get(name) or environ.get(name.upper()) for name in _PROXY_VARIABLES)
-    return session
-
-
-def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
     names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
-    exporters: list[SpanExporter] = []
+    processors: list[OtlpExportProcessor | BatchExportProcessor] = []
     for name in names:
         if name == "none":
             continue
+        # Read only when something exports, as the SDK does: OTEL_BSP_* are ignored otherwise.
+        max_queue_size = _env_int(environ, "OTEL_BSP_MAX_QUEUE_SIZE")
+        max_batch = _env_int(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
+        delay_seconds = _env_int(environ, "OTEL_BSP_SCHEDULE_DELAY") / 1000
+        export_timeout_seconds = _env_int(environ, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
         if name == "console":
-            exporters.append(ConsoleSpanExporter())
+            processors.append(
+                BatchExportProcessor(
+                    ConsoleSpanExporter(),
+                    max_queue_size=max_queue_size,
+                    max_batch=max_batch,
+                    delay_seconds=delay_seconds,
+                    export_timeout_seconds=export_timeout_seconds,
+                )
+            )
         elif name == "otlp":
             protocol = environ.get(
                 "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                 environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ).strip()
+            settings = otlp_settings(environ, protocol)
+            processors.append(
+                OtlpExportProcessor(
+                    make_transport(settings),
+                    max_queue_size=max_queue_size,
+                    max_batch=max_batch,
+                    delay_seconds=delay_seconds,
+                    export_timeout_seconds=export_timeout_seconds,
+                    send_timeout_seconds=settings.timeout,
+                )
             )
-            # The exporters read OTEL_EXPORTER_OTLP_* (headers, certificate, compression,
-            # timeout) from the process environment themselves, exactly as the SDK documents
-            # them; the endpoint is passed from `environ` so tests and embedders can aim it.
-            if protocol == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                    OTLPSpanExporter as GrpcExporter,
-                )
-
-                endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT"
-                )
-                insecure = None
-                if endpoint and endpoint.startswith("http://"):
-                    insecure = True
-                exporters.append(
-                    GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=_timeout(environ))
-                )
-            elif protocol == "http/protobuf":
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                    OTLPSpanExporter as HttpExporter,
-                )
-
-                endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                if not endpoint and environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-                    # OTLP spec: the signal path is appended to the generic endpoint only.
-                    endpoint = environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
-                exporters.append(
-                    HttpExporter(endpoint=endpoint, timeout=_timeout(environ), session=_session(environ))
-                )
-            else:
-                raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
         else:
             raise ValueError(f"OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none")
-    return exporters
+    return processors
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,7 +327,7 @@ class Tracing:
     provider: TracerProvider
     tracer: trace_api.Tracer
     propagator: TextMapPropagator
-    processors: tuple[BatchExportProcessor, ...]
+    processors: tuple[OtlpExportProcessor | BatchExportProcessor, ...]
     #: the provider's id generator: ``ids.using(trace_id)`` picks a root span's trace id
     ids: OrderTraceIds
 
@@ -405,8 +368,20 @@ class Tracing:
             total.failed += processor.stats.failed
         return total
 
+    def start(self) -> None:
+        """Start the export tasks on the running loop (the lifecycle calls it once, at start-up)."""
+        for processor in self.processors:
+            if isinstance(processor, OtlpExportProcessor):
+                processor.start()
+
+    async def aclose(self) -> None:
+        """Export what is queued (within ``OTEL_BSP_EXPORT_TIMEOUT``) and close the exporters, on the loop."""
+        for processor in self.processors:
+            if isinstance(processor, OtlpExportProcessor):
+                await processor.aclose()
+
     def shutdown(self) -> None:
-        """Flush every queued span and stop the exporters."""
+        """Flush every queued span and stop the exporters (blocking; call off the loop)."""
         self.provider.shutdown()
 
 
@@ -443,26 +418,17 @@ def build_tracing(
                 # Every status change is recorded whatever the default ratio: it is what the
                 # watchdog links stuck orders to.
                 per_route[rule.route] = ALWAYS_ON
-    exporters = _exporters(env)
+    processors = _processors(env)
     sampler: Sampler = RouteSampler(default_sampler(env), per_route)
-    if not exporters and not extra_processors:
+    if not processors and not extra_processors:
         # Nothing will be exported: the proxy's own spans become pass-through ones (see
         # Tracing.passthrough); anything else started (watchdog, WebSocket) records nothing.
         sampler = ALWAYS_OFF
     resource = Resource.create(resource_attributes(config, env))
     ids = OrderTraceIds()
     provider = TracerProvider(resource=resource, sampler=sampler, id_generator=ids)
-    processors = []
-    for exporter in exporters:
-        processor = BatchExportProcessor(
-            exporter,
-            max_queue_size=_env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE"),
-            max_batch=_env_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-            delay_seconds=_env_int(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000,
-            export_timeout_seconds=_env_int(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000,
-        )
+    for processor in processors:
         provider.add_span_processor(processor)
-        processors.append(processor)
     for extra in extra_processors:
         provider.add_span_processor(extra)
     tracer = provider.get_tracer("mes_trace_proxy", __version__)

@@ -305,7 +305,7 @@ def test_profile_top_frames_and_components() -> None:
     shares = dict(by_component(stacks))
     assert shares["aiohttp client"] == pytest.approx(50 / 114)
     assert shares["our code (mes_trace_proxy)"] == pytest.approx(30 / 114)
-    assert shares["span export thread (encoding, transport)"] == pytest.approx(30 / 114)
+    assert shares["span export (encoding, transport)"] == pytest.approx(30 / 114)
     assert shares["other"] == pytest.approx(4 / 114)
     assert component("f (opentelemetry/sdk/trace/__init__.py)") == (
         "OpenTelemetry API/SDK (spans, context, propagation)"

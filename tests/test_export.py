@@ -1,0 +1,432 @@
+"""The OTLP export path: settings from OTEL_* variables, the processor's queue, retries and counts.
+
+Spans travel through real transports to real receivers on loopback: the OtlpSink (HTTP and
+gRPC, decoded with opentelemetry-proto) and, where a test needs to see headers or script the
+collector's answers, a small aiohttp collector in this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
+
+from mes_trace_proxy.export import (
+    Attempt,
+    HttpTransport,
+    OtlpExportProcessor,
+    OtlpSettings,
+    make_transport,
+    otlp_settings,
+)
+from mes_trace_proxy.sim.otlp_sink import OtlpSink
+
+# ── settings ────────────────────────────────────────────────────────────────────────────────
+
+HTTP = "http/protobuf"
+
+
+@pytest.mark.parametrize(
+    ("environ", "protocol", "expected"),
+    [
+        pytest.param({}, HTTP, "http://localhost:4318/v1/traces", id="http-default"),
+        pytest.param({}, "grpc", "http://localhost:4317", id="grpc-default"),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"},
+            HTTP,
+            "http://c:4318/v1/traces",
+            id="generic+path",
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:9/x", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://d"},
+            HTTP,
+            "http://c:9/x",
+            id="traces-wins-as-given",
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, "grpc", "http://c:4317", id="grpc-no-path"
+        ),
+    ],
+)
+def test_endpoint_follows_the_specification(environ: dict[str, str], protocol: str, expected: str) -> None:
+    """The traces endpoint is used as given; the generic one gets /v1/traces for HTTP only."""
+    assert otlp_settings(environ, protocol).endpoint == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "protocol", "named"),
+    [
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_HEADERS": "novalue"}, HTTP, "OTEL_EXPORTER_OTLP_HEADERS", id="header"
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "=x"},
+            HTTP,
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            id="empty-key",
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_COMPRESSION": "brotli"}, HTTP, "OTEL_EXPORTER_OTLP_COMPRESSION", id="codec"
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_COMPRESSION": "deflate"},
+            "grpc",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+            id="grpc-deflate",
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, HTTP, "OTEL_EXPORTER_OTLP_TIMEOUT", id="timeout"
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "-1"},
+            HTTP,
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            id="negative",
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_CLIENT_KEY": "/k.pem"}, HTTP, "OTEL_EXPORTER_OTLP_CLIENT_KEY", id="half-pair"
+        ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, HTTP, "OTEL_EXPORTER_OTLP_ENDPOINT", id="url"
+        ),
+        pytest.param({}, "http/json", "OTEL_EXPORTER_OTLP_PROTOCOL", id="protocol"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_variable(
+    environ: dict[str, str], protocol: str, named: str
+) -> None:
+    """Every unusable OTEL_EXPORTER_OTLP_* value stops start-up with its variable's name."""
+    with pytest.raises(ValueError, match=named):
+        otlp_settings(environ, protocol)
+
+
+def test_headers_are_percent_decoded_and_traces_variables_win() -> None:
+    """Headers are W3C-baggage-style pairs with percent-encoded values; the traces variable wins."""
+    settings = otlp_settings(
+        {
+            "OTEL_EXPORTER_OTLP_HEADERS": "ignored=1",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "Authorization=Bearer%20abc, x-tenant = a%3Db ,",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP",
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2.5",
+        },
+        HTTP,
+    )
+    assert settings.headers == (("authorization", "Bearer abc"), ("x-tenant", "a=b"))
+    assert (settings.compression, settings.timeout) == ("gzip", 2.5)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "insecure_variable", "insecure"),
+    [
+        pytest.param("http://c:4317", "", True, id="http-scheme"),
+        pytest.param("https://c:4317", "true", False, id="https-scheme-wins"),
+        pytest.param("c:4317", "true", True, id="no-scheme-variable"),
+        pytest.param("c:4317", "", False, id="no-scheme-default-tls"),
+    ],
+)
+def test_grpc_plaintext_follows_the_scheme_then_the_variable(
+    endpoint: str, insecure_variable: str, insecure: bool
+) -> None:
+    """gRPC uses TLS unless the endpoint says http:// or, without a scheme, OTEL_EXPORTER_OTLP_INSECURE."""
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": insecure_variable}
+    assert otlp_settings(environ, "grpc").insecure is insecure
+
+
+def test_unreadable_certificate_is_refused_at_start() -> None:
+    """A CA file that cannot be read stops start-up naming OTEL_EXPORTER_OTLP_CERTIFICATE."""
+    settings = OtlpSettings(protocol=HTTP, endpoint="https://c/v1/traces", certificate="/nonexistent/ca.pem")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_CERTIFICATE"):
+        make_transport(settings)
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_CERTIFICATE"):
+        make_transport(dataclasses.replace(settings, protocol="grpc"))
+
+
+# ── spans through the processor ─────────────────────────────────────────────────────────────
+
+
+def _provider(processor: OtlpExportProcessor) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": "export-test"}))
+    provider.add_span_processor(processor)
+    return provider
+
+
+def _spans(provider: TracerProvider, count: int, prefix: str = "span") -> None:
+    tracer = provider.get_tracer("export-test")
+    for number in range(count):
+        with tracer.start_as_current_span(
+            f"{prefix}-{number}", kind=SpanKind.SERVER, attributes={"mes.order.id": f"ORD-{number}"}
+        ):
+            pass
+
+
+def _processor(transport: object, **overrides: float) -> OtlpExportProcessor:
+    settings: dict[str, float] = {
+        "max_queue_size": 100,
+        "max_batch": 10,
+        "delay_seconds": 0.05,
+        "export_timeout_seconds": 5.0,
+        "send_timeout_seconds": 2.0,
+    }
+    settings.update(overrides)
+    return OtlpExportProcessor(
+        transport,  # type: ignore[arg-type]
+        max_queue_size=int(settings["max_queue_size"]),
+        max_batch=int(settings["max_batch"]),
+        delay_seconds=settings["delay_seconds"],
+        export_timeout_seconds=settings["export_timeout_seconds"],
+        send_timeout_seconds=settings["send_timeout_seconds"],
+    )
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+@pytest.mark.parametrize("protocol", [HTTP, "grpc"])
+async def test_spans_reach_a_real_receiver_over_both_protocols(
+    otlp_sink: OtlpSink, protocol: str, compression: str
+) -> None:
+    """Spans are encoded as they end and arrive whole, grouped under their resource and scope."""
+    endpoint = otlp_sink.http_endpoint if protocol == HTTP else otlp_sink.grpc_endpoint
+    environ = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_COMPRESSION": compression}
+    processor = _processor(make_transport(otlp_settings(environ, protocol)))
+    processor.start()
+    provider = _provider(processor)
+    _spans(provider, 25)
+    received = await otlp_sink.wait_for_spans(25)
+    await processor.aclose()
+    assert sorted(s.name for s in received) == sorted(f"span-{n}" for n in range(25))
+    assert {s.resource["service.name"] for s in received} == {"export-test"}
+    assert {s.attributes["mes.order.id"] for s in received} == {f"ORD-{n}" for n in range(25)}
+    assert (processor.stats.queued, processor.stats.exported, processor.stats.failed) == (25, 25, 0)
+
+
+@dataclass
+class Collector:
+    """A scripted OTLP/HTTP collector: answers come from ``answers`` in turn, then 200."""
+
+    answers: list[Callable[[], web.Response]] = field(default_factory=list)
+    requests: list[tuple[Mapping[str, str], bytes]] = field(default_factory=list)
+    url: str = ""
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        # aiohttp's server has already inflated a gzip body; the header says it came so.
+        body = await request.read()
+        self.requests.append((dict(request.headers), body))
+        self.arrived.set()
+        if self.answers:
+            return self.answers.pop(0)()
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString())
+
+    def spans(self) -> list[str]:
+        names = []
+        for _, body in self.requests:
+            message = ExportTraceServiceRequest.FromString(body)
+            names += [s.name for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        return names
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    """A scripted collector on loopback."""
+    found = Collector()
+    app = web.Application()
+    app.router.add_post("/v1/traces", found.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    found.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    yield found
+    await runner.cleanup()
+
+
+def _http(collector: Collector, **environ: str) -> HttpTransport:
+    return HttpTransport(
+        otlp_settings({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url, **environ}, HTTP)
+    )
+
+
+async def test_headers_and_gzip_reach_the_collector(collector: Collector) -> None:
+    """Configured headers go with every export, and gzip bodies decode to the same request."""
+    processor = _processor(
+        _http(
+            collector, OTEL_EXPORTER_OTLP_HEADERS="x-tenant=jewellery", OTEL_EXPORTER_OTLP_COMPRESSION="gzip"
+        )
+    )
+    processor.start()
+    _spans(_provider(processor), 3)
+    await processor.aclose()
+    headers, _ = collector.requests[0]
+    assert headers["x-tenant"] == "jewellery"
+    assert headers["Content-Encoding"] == "gzip"
+    assert headers["Content-Type"] == "application/x-protobuf"
+    assert sorted(collector.spans()) == ["span-0", "span-1", "span-2"]
+
+
+async def test_retryable_answers_are_retried_until_accepted(collector: Collector) -> None:
+    """A 503 (with Retry-After) and a 429 are sent again; the batch then counts as exported once."""
+    collector.answers = [
+        lambda: web.Response(status=503, headers={"Retry-After": "0"}),
+        lambda: web.Response(status=429, headers={"Retry-After": "0.01"}),
+    ]
+    processor = _processor(_http(collector))
+    processor.start()
+    _spans(_provider(processor), 4)
+    await processor.aclose()
+    assert len(collector.requests) == 3
+    assert (processor.stats.exported, processor.stats.failed) == (4, 0)
+
+
+async def test_a_refused_batch_is_not_retried_and_is_counted(collector: Collector) -> None:
+    """A 400 is final: the batch's spans count as failed, and later batches still go."""
+    collector.answers = [lambda: web.Response(status=400)]
+    processor = _processor(_http(collector), max_batch=2)
+    processor.start()
+    provider = _provider(processor)
+    _spans(provider, 2, "refused")
+    await asyncio.wait_for(collector.arrived.wait(), 5)
+    _spans(provider, 2, "kept")
+    await processor.aclose()
+    assert (processor.stats.failed, processor.stats.exported) == (2, 2)
+    assert sorted(collector.spans()) == ["kept-0", "kept-1", "refused-0", "refused-1"]
+    assert len(collector.requests) == 2
+
+
+async def test_partial_success_counts_the_rejected_spans(collector: Collector) -> None:
+    """Spans a collector says it rejected inside a success answer are counted as failed."""
+    partial = ExportTraceServiceResponse(
+        partial_success=ExportTracePartialSuccess(rejected_spans=3, error_message="too old")
+    )
+    collector.answers = [lambda: web.Response(body=partial.SerializeToString())]
+    processor = _processor(_http(collector))
+    processor.start()
+    _spans(_provider(processor), 5)
+    await processor.aclose()
+    assert (processor.stats.exported, processor.stats.failed) == (2, 3)
+
+
+async def test_a_dead_collector_costs_counted_spans_and_nothing_else() -> None:
+    """With nothing listening, every span ends up counted as failed within the send timeout."""
+    transport = HttpTransport(
+        otlp_settings({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"}, HTTP)
+    )
+    processor = _processor(transport, send_timeout_seconds=0.3)
+    processor.start()
+    _spans(_provider(processor), 12)
+    await processor.aclose()
+    assert processor.stats.queued == 12
+    assert (processor.stats.exported, processor.stats.failed) == (0, 12)
+
+
+class HeldTransport:
+    """A transport whose sends wait until released, to fill the queue behind them."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sending = asyncio.Event()
+        self.sent: list[bytes] = []
+
+    async def send(self, body: bytes, budget: float) -> Attempt:
+        self.sending.set()
+        await self.release.wait()
+        self.sent.append(body)
+        return Attempt(ok=True)
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+
+async def test_a_full_queue_drops_and_counts_never_blocks() -> None:
+    """Past the queue bound spans are dropped and counted; every span is accounted for once."""
+    transport = HeldTransport()
+    processor = _processor(transport, max_queue_size=20, max_batch=5)
+    processor.start()
+    provider = _provider(processor)
+    _spans(provider, 5)
+    await asyncio.wait_for(transport.sending.wait(), 5)  # the first batch is out of the queue
+    _spans(provider, 30)
+    transport.release.set()
+    await processor.aclose()
+    stats = processor.stats
+    assert stats.dropped_queue_full == 10
+    assert stats.queued == 25
+    assert stats.exported + stats.failed == stats.queued
+    assert stats.exported == 25
+
+
+async def test_shutdown_flushes_what_is_queued() -> None:
+    """Spans queued below the batch size and before their delay are sent at shutdown."""
+    transport = HeldTransport()
+    transport.release.set()
+    processor = _processor(transport, max_batch=50, delay_seconds=60)
+    processor.start()
+    _spans(_provider(processor), 7)
+    await processor.aclose()
+    assert processor.stats.exported == 7
+    assert len(transport.sent) == 1
+
+
+async def test_force_flush_from_another_thread_waits_for_the_export() -> None:
+    """The SDK's blocking force_flush, called off the loop, returns after the queue went out."""
+    transport = HeldTransport()
+    transport.release.set()
+    processor = _processor(transport, max_batch=50, delay_seconds=60)
+    processor.start()
+    _spans(_provider(processor), 3)
+    flushed = await asyncio.to_thread(processor.force_flush, 5000)
+    assert flushed
+    assert processor.stats.exported == 3
+    await processor.aclose()
+
+
+async def test_spans_ended_on_another_thread_wake_the_exporter() -> None:
+    """A full batch ended on a worker thread is sent without waiting for the delay."""
+    transport = HeldTransport()
+    transport.release.set()
+    processor = _processor(transport, max_batch=4, delay_seconds=60)
+    processor.start()
+    provider = _provider(processor)
+    worker = threading.Thread(target=_spans, args=(provider, 4))
+    worker.start()
+    await asyncio.to_thread(worker.join, 5)
+    for _ in range(200):
+        if processor.stats.exported == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert processor.stats.exported == 4
+    await processor.aclose()
+
+
+def test_an_unstarted_processor_counts_its_queue_as_failed_at_shutdown() -> None:
+    """Spans queued by a processor whose task never ran are counted as failed, not lost silently."""
+    processor = _processor(HeldTransport())
+    provider = _provider(processor)
+    _spans(provider, 3)
+    provider.shutdown()
+    assert (processor.stats.queued, processor.stats.failed, processor.stats.exported) == (3, 3, 0)
+    _spans(provider, 1)
+    assert processor.stats.queued == 3
+
+
+def test_unsampled_spans_are_not_queued() -> None:
+    """Only sampled spans are encoded and queued."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    processor = _processor(HeldTransport())
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(processor)
+    _spans(provider, 3)
+    assert processor.stats.queued == 0
+    provider.shutdown()
