@@ -178,7 +178,7 @@ async def test_unknown_order_is_a_404_problem_that_does_not_echo_the_id(admin: A
 
 
 async def test_order_timeline_carries_each_calls_trace_id(admin: Admin) -> None:
-    """/orders/{id} lists every change; first and newest with the caller's trace id, the rest with a search."""
+    """/orders/{id} lists each change; the first and newest with the trace id the caller got back."""
     traces = []
     for new in ("SUBMITTED", "PRICE_CALCULATED", "MANUFACTURING_APPROVED"):
         traces.append(await admin.set_status("ORD%2F7", new))  # the order id is "ORD/7"
