@@ -21,7 +21,7 @@ from mes_trace_proxy.admin_page import (
     render,
 )
 from mes_trace_proxy.app import Shared
-from mes_trace_proxy.orders import OrderBook, OrderView, StuckOrder
+from mes_trace_proxy.orders import HistoryEntry, OrderBook, OrderView, StuckOrder
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
 __all__ = ["ROUTE_ACCESS", "Page", "add_order_routes", "page_params"]
@@ -237,20 +237,29 @@ class _Orders:
         doc["previous_status"] = view.prev
         limit = view.dwell_limit
         doc["over_limit_by_seconds"] = round(now - view.since - limit, 3) if limit is not None else None
-        doc["timeline"] = [
-            {
-                "status": entry.status,
-                "at": iso_utc(entry.at),
-                "transition": entry.kind.value,
-                "observed": entry.observed,
-                "source": entry.source,
-                "trace_id": entry.span.trace_id_hex,
-                "span_id": entry.span.span_id_hex,
-                "trace_url": jaeger_trace_url(self._jaeger, entry.span.trace_id_hex),
-            }
-            for entry in view.history
-        ]
+        doc["timeline"] = [self._timeline_entry(view.order_id, entry) for entry in view.history]
         return web.json_response(doc)
+
+    def _timeline_entry(self, order_id: str, entry: HistoryEntry) -> dict[str, object]:
+        # The book keeps the span of the first and the newest change only; for the ones between
+        # the ids are null (the trace id stays when it is the first change's) and the link
+        # searches the order's spans around that change instead.
+        span = entry.span
+        trace = span.trace_id_hex if span.trace_id else None
+        return {
+            "status": entry.status,
+            "at": iso_utc(entry.at),
+            "transition": entry.kind.value,
+            "observed": entry.observed,
+            "source": entry.source,
+            "trace_id": trace,
+            "span_id": span.span_id_hex if span.span_id else None,
+            "trace_url": (
+                jaeger_trace_url(self._jaeger, trace)
+                if trace is not None
+                else self._search(order_id, entry.at, entry.at)
+            ),
+        }
 
     async def purge(self, _request: web.Request) -> web.StreamResponse:
         """Forget closed and cancelled orders past the retention now, as the watchdog does."""

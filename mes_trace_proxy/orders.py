@@ -8,8 +8,9 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+from array import array
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
@@ -32,17 +33,29 @@ __all__ = [
 OTHER: Final = "(other)"
 """Stands for any status or source past the book's name-table cap (bounds memory and labels)."""
 
-# One history entry: at (f64), trace id (2 x u64), span id (u64), status, kind, flags, source.
+# A packed history is the first entry in full, the entries between as compact ones, and the
+# newest in full (one entry alone is just the full one). Full: at (f64), trace id (2 x u64),
+# span id (u64), status, kind, flags, source. Compact: at and the four codes only; its span is
+# not kept (24 of its 36 bytes), as only the first span (links) and the newest one (the span
+# that started the current wait) are ever used; a flag keeps "same trace as the first entry".
+# Both end with the codes, so the current status is always the last-but-three byte.
 _ENTRY: Final = struct.Struct("<dQQQBBBB")
 _E: Final = _ENTRY.size
+_MID: Final = struct.Struct("<dBBBB")
+_M: Final = _MID.size
 _AT: Final = struct.Struct("<d")
-_SPAN: Final = struct.Struct("<QQQ")  # trace hi, trace lo, span; at offset 8 of an entry
+_SPAN: Final = struct.Struct("<QQQ")  # trace hi, trace lo, span; at offset 8 of a full entry
+# The book's own bytes start with the order's slot in the queue links (u32); records do not.
+_SLOT: Final = struct.Struct("<I")
+_H: Final = _SLOT.size
 _U64: Final = (1 << 64) - 1
 _FLAG_OBSERVED: Final = 1
+_FLAG_FIRST_TRACE: Final = 2
 _KINDS: Final = tuple(TransitionKind)
 _KIND_CODE: Final[Mapping[TransitionKind, int]] = MappingProxyType({k: i for i, k in enumerate(_KINDS)})
 # A code is one byte; one value stays free so the tables can always hold OTHER.
 _MAX_NAMES: Final = 255
+_NO_SPAN: Final[tuple[int, int]] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +109,14 @@ class Findings:
     changed: bool = False
     dwell: float | None = None
     """Seconds the order spent in the status this call moved it out of (None: no move)."""
-    # The order's packed history: ``first_span`` decodes it only when asked, which keeps
-    # ``apply`` to one small allocation when the caller does not link.
+    # The book's bytes for the order (slot, then packed history): ``first_span`` decodes them
+    # only when asked, which keeps ``apply`` to one small allocation when the caller does not link.
     history: bytes = field(default=b"", repr=False)
 
     @property
     def first_span(self) -> SpanRef | None:
         """The order's first recorded span (for span links), or None for an untracked order."""
-        return _span_at(self.history, 0) if self.history else None
+        return _span_at(self.history, _H) if self.history else None
 
     @property
     def anomaly(self) -> bool:
@@ -170,9 +183,11 @@ class BookSnapshot:
 class OrderRecord:
     """The persistable state of one order, cheap to make on the hot path.
 
-    ``packed`` is the history in the 36-byte entry layout; its status and source codes index
-    ``statuses`` and ``sources``. ``to_record`` shares the book's immutable bytes and name
-    tuples, so it is O(1). Equality compares the decoded content, not the tables.
+    ``packed`` is the history in the book's layout (the first and the newest entry in full,
+    36 bytes each, the ones between compact, 12 bytes, without their span); its status and
+    source codes index ``statuses`` and ``sources``. ``to_record`` shares the book's name
+    tuples and skips the validation of bytes the book made itself, so it is O(1) apart from
+    one copy of the bytes. Equality compares the decoded content, not the tables.
     ``updated_at`` is the time of the last status change, the version replicas compare.
 
     Raises:
@@ -186,9 +201,12 @@ class OrderRecord:
     sources: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not self.packed or len(self.packed) % _E:
-            raise ValueError(f"OrderRecord: packed history must be a non-empty multiple of {_E} bytes")
-        for *_, status, kind, _flags, source in _ENTRY.iter_unpack(self.packed):
+        size = len(self.packed)
+        if not (size == _E or (size >= 2 * _E and (size - 2 * _E) % _M == 0)):
+            raise ValueError(
+                f"OrderRecord: packed history must be one {_E}-byte entry, or two and {_M}-byte ones between"
+            )
+        for *_, status, kind, _flags, source in _rows(self.packed, 0):
             if status >= len(self.statuses) or kind >= len(_KINDS) or source >= len(self.sources):
                 raise ValueError("OrderRecord: packed history names a code outside its tables")
 
@@ -198,29 +216,32 @@ class OrderRecord:
     ) -> OrderRecord:
         """Build a record from decoded entries (store loading, tests).
 
+        The spans of the entries between the first and the newest are not kept (see the class).
+
         Raises:
             ValueError: when ``entries`` is empty or holds more than 255 distinct names.
         """
         entries = tuple(entries)
+        if not entries:
+            raise ValueError("OrderRecord: a record needs at least one entry")
         statuses = {e.status: None for e in entries}
         sources = {"": None} | {e.source: None for e in entries}
         if len(statuses) > _MAX_NAMES or len(sources) > _MAX_NAMES:
             raise ValueError("OrderRecord: more than 255 distinct statuses or sources")
         status_code = {name: code for code, name in enumerate(statuses)}
         source_code = {name: code for code, name in enumerate(sources)}
-        packed = b"".join(_pack(e, status_code[e.status], source_code[e.source]) for e in entries)
         return cls(
             order_id=order_id,
             stuck_reported=stuck_reported,
-            packed=packed,
+            packed=_pack_all(entries, status_code.__getitem__, source_code.__getitem__),
             statuses=tuple(statuses),
             sources=tuple(sources),
         )
 
     @property
     def entries(self) -> tuple[HistoryEntry, ...]:
-        """The history, oldest first."""
-        return _unpack_all(self.packed, self.statuses, self.sources)
+        """The history, oldest first; the entries between the first and newest carry no span id."""
+        return _unpack_all(self.packed, 0, self.statuses, self.sources)
 
     @property
     def status(self) -> str:
@@ -250,7 +271,22 @@ class OrderRecord:
         return hash((self.order_id, self.stuck_reported, self.entries))
 
 
-def _pack(entry: HistoryEntry, status_code: int, source_code: int) -> bytes:
+def _trusted_record(
+    order_id: str, stuck_reported: bool, packed: bytes, statuses: tuple[str, ...], sources: tuple[str, ...]
+) -> OrderRecord:
+    # For bytes the book packed itself: the same fields without ``__post_init__``'s decoding
+    # of every entry, which would cost more than the rest of a change on the hot path.
+    record = object.__new__(OrderRecord)
+    setattr_ = object.__setattr__
+    setattr_(record, "order_id", order_id)
+    setattr_(record, "stuck_reported", stuck_reported)
+    setattr_(record, "packed", packed)
+    setattr_(record, "statuses", statuses)
+    setattr_(record, "sources", sources)
+    return record
+
+
+def _full(entry: HistoryEntry, status_code: int, source_code: int) -> bytes:
     trace = entry.span.trace_id
     return _ENTRY.pack(
         entry.at,
@@ -264,19 +300,53 @@ def _pack(entry: HistoryEntry, status_code: int, source_code: int) -> bytes:
     )
 
 
+def _pack_all(
+    entries: Sequence[HistoryEntry], status_code: Callable[[str], int], source_code: Callable[[str], int]
+) -> bytes:
+    first = entries[0]
+    parts = [_full(first, status_code(first.status), source_code(first.source))]
+    if len(entries) > 1:
+        first_trace = first.span.trace_id
+        for e in entries[1:-1]:
+            flags = _FLAG_OBSERVED if e.observed else 0
+            if first_trace and e.span.trace_id == first_trace:
+                flags |= _FLAG_FIRST_TRACE
+            parts.append(
+                _MID.pack(e.at, status_code(e.status), _KIND_CODE[e.kind], flags, source_code(e.source))
+            )
+        last = entries[-1]
+        parts.append(_full(last, status_code(last.status), source_code(last.source)))
+    return b"".join(parts)
+
+
+def _rows(packed: bytes, start: int) -> Iterator[tuple[float, int, int, int, int, int, int]]:
+    """(at, trace, span, status, kind, flags, source) per entry of the history at ``start``."""
+    at, hi, lo, span, status, kind, flags, source = _ENTRY.unpack_from(packed, start)
+    first_trace = (hi << 64) | lo
+    yield at, first_trace, span, status, kind, flags, source
+    end = len(packed) - _E
+    if end == start:
+        return
+    for offset in range(start + _E, end, _M):
+        at, status, kind, flags, source = _MID.unpack_from(packed, offset)
+        yield at, first_trace if flags & _FLAG_FIRST_TRACE else 0, 0, status, kind, flags, source
+    at, hi, lo, span, status, kind, flags, source = _ENTRY.unpack_from(packed, end)
+    yield at, (hi << 64) | lo, span, status, kind, flags, source
+
+
 def _unpack_all(
-    packed: bytes, statuses: tuple[str, ...], sources: tuple[str, ...]
+    packed: bytes, start: int, statuses: tuple[str, ...], sources: tuple[str, ...]
 ) -> tuple[HistoryEntry, ...]:
     return tuple(
         HistoryEntry(
             status=statuses[status],
             at=at,
-            span=SpanRef((hi << 64) | lo, span),
+            span=SpanRef(trace, span),
             kind=_KINDS[kind],
             observed=bool(flags & _FLAG_OBSERVED),
             source=sources[source],
         )
-        for at, hi, lo, span, status, kind, flags, source in _ENTRY.iter_unpack(packed)
+        for at, trace, span, status, kind, flags, source in _rows(packed, start)
     )
 
 
@@ -288,6 +358,28 @@ def _since(hist: bytes) -> float:
 def _span_at(hist: bytes, offset: int) -> SpanRef:
     hi, lo, span = _SPAN.unpack_from(hist, offset + 8)
     return SpanRef((hi << 64) | lo, span)
+
+
+def _unite(*histories: Iterable[HistoryEntry]) -> list[HistoryEntry]:
+    """The union of histories, oldest first; a compact copy of an entry yields to the full one.
+
+    A full entry is unique per call (its span). An entry kept compact by one side (no span id)
+    is the same call as the entry with the same time, status, kind, flags and source.
+    """
+    full: set[HistoryEntry] = set()
+    compact: dict[tuple[float, str, TransitionKind, bool, str], HistoryEntry] = {}
+    for e in itertools.chain(*histories):
+        if e.span.span_id:
+            full.add(e)
+            continue
+        key = (e.at, e.status, e.kind, e.observed, e.source)
+        known = compact.get(key)
+        if known is None or (e.span.trace_id and not known.span.trace_id):
+            compact[key] = e
+    covered = {(e.at, e.status, e.kind, e.observed, e.source) for e in full}
+    united = [*full, *(e for key, e in compact.items() if key not in covered)]
+    united.sort(key=lambda e: (e.at, e.span.trace_id, e.span.span_id, e.status))
+    return united
 
 
 class _Names:
@@ -319,46 +411,146 @@ class _Names:
         return self._add(OTHER) if other is None else other
 
 
-class _Queue:
-    """The ids of the orders in one status, oldest first: ``waiting``, and ``stuck`` (reported).
+_NIL: Final = 0xFFFFFFFF  # no slot: the end of a chain
 
-    Dicts keep insertion order and orders enter a status at ``now``, so the front is the
-    oldest. An insertion older than the tail (clock step, merge from a replica) marks the
-    queue ``dirty``, and the next ordered read re-sorts it.
+
+class _Links:
+    """The book's order slots: slot -> order id, stuck flag and chain links, in flat arrays.
+
+    About 17 bytes per order (two u32 links, one flag byte, one list pointer) where a dict
+    entry per order and status would cost 40-60; freed slots are reused.
     """
 
-    __slots__ = ("dirty", "stuck", "tail", "waiting")
+    __slots__ = ("free", "ids", "next", "prev", "stuck")
 
     def __init__(self) -> None:
-        self.waiting: dict[str, None] = {}
-        self.stuck: dict[str, None] = {}
+        self.ids: list[str] = []
+        self.next = array("I")
+        self.prev = array("I")
+        self.stuck = bytearray()
+        self.free = _NIL
+
+    def alloc(self, order_id: str) -> int:
+        slot = self.free
+        if slot != _NIL:
+            self.free = self.next[slot]
+            self.ids[slot] = order_id
+            return slot
+        slot = len(self.ids)
+        self.ids.append(order_id)
+        self.next.append(_NIL)
+        self.prev.append(_NIL)
+        self.stuck.append(0)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.ids[slot] = ""
+        self.next[slot] = self.free
+        self.free = slot
+
+
+class _Chain:
+    """A doubly linked list of slots over the shared ``_Links``, oldest first."""
+
+    __slots__ = ("head", "next", "prev", "size", "tail")
+
+    def __init__(self, links: _Links) -> None:
+        # The arrays themselves, not ``links``: one attribute lookup less per step on the hot path.
+        self.next = links.next
+        self.prev = links.prev
+        self.head = self.tail = _NIL
+        self.size = 0
+
+    def push(self, slot: int) -> None:
+        tail = self.tail
+        self.next[slot] = _NIL
+        self.prev[slot] = tail
+        if tail == _NIL:
+            self.head = slot
+        else:
+            self.next[tail] = slot
+        self.tail = slot
+        self.size += 1
+
+    def unlink(self, slot: int) -> None:
+        before, after = self.prev[slot], self.next[slot]
+        if before == _NIL:
+            self.head = after
+        else:
+            self.next[before] = after
+        if after == _NIL:
+            self.tail = before
+        else:
+            self.prev[after] = before
+        self.size -= 1
+
+    def __iter__(self) -> Iterator[int]:
+        # Callers do not change the chain while they walk it (they collect, then act).
+        after = self.next
+        slot = self.head
+        while slot != _NIL:
+            yield slot
+            slot = after[slot]
+
+    def relink(self, slots: Sequence[int]) -> None:
+        self.head = self.tail = _NIL
+        self.size = 0
+        for slot in slots:
+            self.push(slot)
+
+
+class _Queue:
+    """The orders in one status, oldest first: ``waiting``, and ``stuck`` (reported).
+
+    Orders enter a status at ``now``, so appending keeps each chain ordered. An insertion
+    older than the tail (clock step, merge from a replica) marks the queue ``dirty``, and the
+    next ordered read re-sorts it.
+    """
+
+    __slots__ = ("dirty", "flags", "links", "stuck", "tail", "waiting")
+
+    def __init__(self, links: _Links) -> None:
+        self.links = links
+        self.flags = links.stuck
+        self.waiting = _Chain(links)
+        self.stuck = _Chain(links)
         self.tail = -math.inf
         self.dirty = False
 
-    def add(self, order_id: str, since: float, *, stuck: bool = False) -> None:
-        (self.stuck if stuck else self.waiting)[order_id] = None
+    def add(self, slot: int, since: float, *, stuck: bool = False) -> None:
+        self.flags[slot] = stuck
+        (self.stuck if stuck else self.waiting).push(slot)
         if since < self.tail:
             self.dirty = True
         else:
             self.tail = since
 
-    def remove(self, order_id: str) -> bool:
+    def remove(self, slot: int) -> bool:
         """Remove the order; return True when it was reported stuck."""
-        try:
-            del self.waiting[order_id]
-        except KeyError:
-            del self.stuck[order_id]
+        if self.flags[slot]:
+            self.stuck.unlink(slot)
             return True
+        self.waiting.unlink(slot)
         return False
+
+    def flag_stuck(self, slot: int) -> None:
+        self.waiting.unlink(slot)
+        self.stuck.push(slot)
+        self.flags[slot] = True
 
     def ordered(self, orders: Mapping[str, bytes]) -> None:
         if self.dirty:
-            self.waiting = dict.fromkeys(sorted(self.waiting, key=lambda i: _since(orders[i])))
-            self.stuck = dict.fromkeys(sorted(self.stuck, key=lambda i: _since(orders[i])))
+            ids = self.links.ids
+            for chain in (self.waiting, self.stuck):
+                chain.relink(sorted(chain, key=lambda s: _since(orders[ids[s]])))
             self.dirty = False
 
+    def slots(self) -> Iterator[int]:
+        """Reported stuck orders first, then waiting ones (call ``ordered`` first)."""
+        return itertools.chain(self.stuck, self.waiting)
+
     def __len__(self) -> int:
-        return len(self.waiting) + len(self.stuck)
+        return self.waiting.size + self.stuck.size
 
 
 _NOTHING: Final = Findings()
@@ -378,13 +570,15 @@ _REMOVED_BUFFER: Final = 100_000
 class OrderBook:
     """Every tracked order's status, with findings per call and exactly-once stuck reports.
 
-    Memory: an order is one entry ``order id -> bytes`` (its history packed at 36 bytes per
-    entry: time, trace id, span id, status/kind/flags/source codes; its status is the newest
-    entry's) and one id in its status's queue: about 360 bytes with 4-5 changes, id string
-    included (``tests/test_orders.py::test_memory_per_order`` prints the figure). Status and
-    source strings live once, in the book's name tables. ``bytes`` are not tracked by the
-    garbage collector, so a million orders add no GC pauses. History records status *changes*
-    only and keeps the first entry (the span later calls link to) plus the newest ones.
+    Memory: an order is one entry ``order id -> bytes`` (its slot, then its history: the first
+    and newest entries at 36 bytes with time, trace id, span id and status/kind/flags/source
+    codes, the ones between at 12 bytes without their span; its status is the newest entry's)
+    and one slot in its status's queue, a linked list in flat arrays: about 270 bytes with 4-5
+    changes, id string included (``tests/test_orders.py::test_memory_per_order`` prints the
+    figure). Status and source strings live once, in the book's name tables. ``bytes`` are not
+    tracked by the garbage collector, so a million orders add no GC pauses. History records
+    status *changes* only and keeps the first entry (the span later calls link to) plus the
+    newest ones.
 
     Args:
         lifecycle: The status table.
@@ -403,7 +597,7 @@ class OrderBook:
         lifecycle: Lifecycle,
         *,
         # 16: a full reference lifecycle is 10 statuses; room for a few anomalies while one
-        # order's history stays under 600 bytes.
+        # order's history stays under 250 bytes.
         history_limit: int = 16,
         # 2,000,000: twice the million orders the memory budget is sized for, so the cap
         # only bites when retention or purging is misconfigured.
@@ -415,14 +609,16 @@ class OrderBook:
             raise ValueError(f"max_orders must be at least 1, got {max_orders}")
         self._lifecycle = lifecycle
         self._history_limit = history_limit
-        self._hist_max = history_limit * _E
+        # Bytes of a full history: slot, first and newest entries in full, the rest compact.
+        self._hist_max = _H + 2 * _E + (history_limit - 2) * _M
         self._max_orders = max_orders
         # 1 %: amortises the scan for the oldest over many inserts and keeps 99 % of state.
         self._evict_batch = max(1, max_orders // 100)
         self._orders: dict[str, bytes] = {}
         self._statuses = _Names(lifecycle.known, _EXTRA_STATUSES)
         self._sources = _Names(("",), _MAX_SOURCES)
-        self._queues: dict[str, _Queue] = {status: _Queue() for status in lifecycle.known}
+        self._links = _Links()
+        self._queues: dict[str, _Queue] = {status: _Queue(self._links) for status in lifecycle.known}
         self._limits: Mapping[str, float] = lifecycle.dwell_limits
         self._transitions: dict[tuple[str | None, str, bool], Transition] = {}
         self._removed: deque[str] = deque()
@@ -492,25 +688,27 @@ class OrderBook:
         if new == current:
             return Findings(transition=transition, observed_mismatch=mismatch, history=hist)
         dwell = now - _since(hist)
-        was_stuck = self._queues[current].remove(order_id)
+        slot: int = _SLOT.unpack_from(hist)[0]
+        was_stuck = self._queues[current].remove(slot)
         if not was_stuck:
             limit = self._limits.get(current)
             was_stuck = limit is not None and dwell > limit
-        if len(hist) >= self._hist_max:
-            hist = hist[:_E] + hist[2 * _E :]
         trace = span.trace_id
-        hist += _ENTRY.pack(
-            now,
-            trace >> 64,
-            trace & _U64,
-            span.span_id,
-            code,
-            _KIND_CODE[transition.kind],
-            _FLAG_OBSERVED if mismatch else 0,
-            self._sources.code(source),
+        hist = self._append(
+            hist,
+            _ENTRY.pack(
+                now,
+                trace >> 64,
+                trace & _U64,
+                span.span_id,
+                code,
+                _KIND_CODE[transition.kind],
+                _FLAG_OBSERVED if mismatch else 0,
+                self._sources.code(source),
+            ),
         )
         self._orders[order_id] = hist
-        self._queue(new).add(order_id, now)
+        self._queue(new).add(slot, now)
         return Findings(
             transition=transition,
             observed_mismatch=mismatch,
@@ -533,7 +731,7 @@ class OrderBook:
         code = self._statuses.code(new)
         transition = self._transition(None, self._statuses.names[code], from_observed)
         trace = span.trace_id
-        hist = _ENTRY.pack(
+        entry = _ENTRY.pack(
             now,
             trace >> 64,
             trace & _U64,
@@ -543,12 +741,30 @@ class OrderBook:
             _FLAG_OBSERVED if from_observed else 0,
             self._sources.code(source),
         )
-        self._insert(order_id, hist, now)
+        hist = self._insert(order_id, entry, now)
         return Findings(
             transition=transition,
             observed_mismatch=from_observed and status is not None,
             history=hist,
             changed=True,
+        )
+
+    def _append(self, hist: bytes, entry: bytes) -> bytes:
+        # The newest full entry becomes a compact one (its span goes) and ``entry`` the newest;
+        # past the limit, the oldest compact entry goes too (or, at a limit of 2, the old newest).
+        size = len(hist)
+        if size == _H + _E:
+            return hist + entry
+        newest = size - _E
+        codes = hist[-4:]
+        if hist[newest + 8 : newest + 24] == hist[_H + 8 : _H + 24]:
+            codes = bytes((codes[0], codes[1], codes[2] | _FLAG_FIRST_TRACE, codes[3]))
+        if size < self._hist_max:
+            return b"".join((hist[:newest], hist[newest : newest + 8], codes, entry))
+        if newest == _H + _E:
+            return hist[:newest] + entry
+        return b"".join(
+            (hist[: _H + _E], hist[_H + _E + _M : newest], hist[newest : newest + 8], codes, entry)
         )
 
     def _transition(self, prev: str | None, new: str, observed: bool) -> Transition:
@@ -565,17 +781,23 @@ class OrderBook:
         queue = self._queues.get(status)
         if queue is None:
             # Only for statuses outside the lifecycle; bounded by the name table's cap.
-            queue = self._queues[status] = _Queue()
+            queue = self._queues[status] = _Queue(self._links)
         return queue
 
-    def _insert(self, order_id: str, hist: bytes, since: float, *, stuck: bool = False) -> None:
+    def _insert(self, order_id: str, packed: bytes, since: float, *, stuck: bool = False) -> bytes:
         if len(self._orders) >= self._max_orders:
             self._evict(self._evict_batch)
+        slot = self._links.alloc(order_id)
+        hist = _SLOT.pack(slot) + packed
         self._orders[order_id] = hist
-        self._queue(self._status(hist)).add(order_id, since, stuck=stuck)
+        self._queue(self._status(hist)).add(slot, since, stuck=stuck)
+        return hist
 
     def _remove(self, order_id: str) -> None:
-        self._queues[self._status(self._orders.pop(order_id))].remove(order_id)
+        hist = self._orders.pop(order_id)
+        slot: int = _SLOT.unpack_from(hist)[0]
+        self._queues[self._status(hist)].remove(slot)
+        self._links.release(slot)
         if len(self._removed) >= _REMOVED_BUFFER:
             self._removed.popleft()
             self.removed_lost_total += 1
@@ -583,6 +805,7 @@ class OrderBook:
 
     def _evict(self, count: int) -> None:
         is_terminal = self._lifecycle.is_terminal
+        ids = self._links.ids
         victims: list[str] = []
         for terminal in (True, False):
             need = count - len(victims)
@@ -594,7 +817,8 @@ class OrderBook:
                 if is_terminal(status) != terminal:
                     continue
                 queue.ordered(self._orders)
-                for order_id in itertools.islice(itertools.chain(queue.stuck, queue.waiting), need):
+                for slot in itertools.islice(queue.slots(), need):
+                    order_id = ids[slot]
                     candidates.append((_since(self._orders[order_id]), order_id))
             candidates.sort()
             victims.extend(order_id for _, order_id in candidates[:need])
@@ -619,27 +843,28 @@ class OrderBook:
             The newly stuck orders, oldest first within each status.
         """
         orders = self._orders
+        ids = self._links.ids
         found: list[StuckOrder] = []
         for status, limit in self._limits.items():
             queue = self._queues[status]
             queue.ordered(orders)
-            due: list[str] = []
-            for order_id in queue.waiting:
-                if now - _since(orders[order_id]) <= limit:
+            due: list[int] = []
+            for slot in queue.waiting:
+                if now - _since(orders[ids[slot]]) <= limit:
                     break
-                due.append(order_id)
-            for order_id in due:
-                del queue.waiting[order_id]
-                queue.stuck[order_id] = None
-                found.append(self._stuck_order(order_id, status, limit, now))
+                due.append(slot)
+            for slot in due:
+                queue.flag_stuck(slot)
+                found.append(self._stuck_order(ids[slot], status, limit, now))
         return found
 
     def stuck(self, now: float) -> list[StuckOrder]:
         """Every order currently flagged stuck, the longest over its limit first."""
+        ids = self._links.ids
         found = [
-            self._stuck_order(order_id, status, limit, now)
+            self._stuck_order(ids[slot], status, limit, now)
             for status, limit in self._limits.items()
-            for order_id in self._queues[status].stuck
+            for slot in self._queues[status].stuck
         ]
         found.sort(key=lambda s: s.over_by, reverse=True)
         return found
@@ -654,7 +879,7 @@ class OrderBook:
             limit=limit,
             over_by=now - since - limit,
             span=_span_at(hist, len(hist) - _E),
-            first_span=_span_at(hist, 0),
+            first_span=_span_at(hist, _H),
         )
 
     def purge(self, now: float, retention: float) -> int:
@@ -674,7 +899,8 @@ class OrderBook:
             if not self._lifecycle.is_terminal(status):
                 continue
             queue.ordered(self._orders)
-            for order_id in queue.waiting:
+            for slot in queue.waiting:
+                order_id = self._links.ids[slot]
                 if now - _since(self._orders[order_id]) <= retention:
                     break
                 victims.append(order_id)
@@ -696,14 +922,14 @@ class OrderBook:
         hist = self._orders.get(order_id)
         if hist is None:
             return None
-        history = _unpack_all(hist, self._statuses.names, self._sources.names)
+        history = _unpack_all(hist, _H, self._statuses.names, self._sources.names)
         status = history[-1].status
         return OrderView(
             order_id=order_id,
             status=status,
             prev=history[-2].status if len(history) > 1 else None,
             since=history[-1].at,
-            stuck=order_id in self._queues[status].stuck,
+            stuck=bool(self._links.stuck[_SLOT.unpack_from(hist)[0]]),
             dwell_limit=self._limits.get(status),
             span=history[-1].span,
             first_span=history[0].span,
@@ -722,8 +948,9 @@ class OrderBook:
         if queue is None:
             return []
         queue.ordered(self._orders)
-        ids = itertools.islice(itertools.chain(queue.stuck, queue.waiting), offset, offset + limit)
-        return [view for order_id in ids if (view := self.get(order_id)) is not None]
+        ids = self._links.ids
+        slots = itertools.islice(queue.slots(), offset, offset + limit)
+        return [view for slot in slots if (view := self.get(ids[slot])) is not None]
 
     def counts(self) -> Mapping[str, int]:
         """Orders per status, every known status included (zeros keep gauges alive)."""
@@ -734,14 +961,14 @@ class OrderBook:
         oldest: dict[str, float] = {}
         for status, queue in self._queues.items():
             queue.ordered(self._orders)
-            front = next(itertools.chain(queue.stuck, queue.waiting), None)
+            front = next(queue.slots(), None)
             if front is not None:
-                oldest[status] = _since(self._orders[front])
+                oldest[status] = _since(self._orders[self._links.ids[front]])
         return BookSnapshot(
             orders=len(self._orders),
             capacity=self._max_orders,
             by_status=self.counts(),
-            stuck_by_status=MappingProxyType({s: len(self._queues[s].stuck) for s in self._limits}),
+            stuck_by_status=MappingProxyType({s: self._queues[s].stuck.size for s in self._limits}),
             oldest_since=MappingProxyType(oldest),
             evicted_total=self.evicted_total,
             purged_total=self.purged_total,
@@ -752,18 +979,18 @@ class OrderBook:
     # ── persistence and replicas ────────────────────────────────────────────────────────────
 
     def to_record(self, order_id: str) -> OrderRecord:
-        """The order's persistable state, in O(1) (shares the immutable history bytes).
+        """The order's persistable state: one copy of its packed history, not decoded or checked.
 
         Raises:
             KeyError: when the order is not tracked.
         """
         hist = self._orders[order_id]
-        return OrderRecord(
-            order_id=order_id,
-            stuck_reported=order_id in self._queues[self._status(hist)].stuck,
-            packed=hist,
-            statuses=self._statuses.names,
-            sources=self._sources.names,
+        return _trusted_record(
+            order_id,
+            bool(self._links.stuck[_SLOT.unpack_from(hist)[0]]),
+            hist[_H:],
+            self._statuses.names,
+            self._sources.names,
         )
 
     def load(self, records: Iterable[OrderRecord]) -> int:
@@ -773,11 +1000,12 @@ class OrderBook:
     def merge(self, record: OrderRecord) -> bool:
         """Merge one order's record, from the store or from another replica.
 
-        The histories are united (an entry is unique per call) and sorted by time, so the
-        newest status change wins whichever replica saw it, and replicas converge on the
-        same record. The stuck flag belongs to a stay: it is kept when the merged newest
-        entry is the newest entry of a side that had reported the stay, so a stay reported
-        by one replica is not reported again by another that learns of it.
+        The histories are united (an entry is unique per call; a compact copy of an entry, kept
+        without its span, yields to the full one) and sorted by time, so the newest status
+        change wins whichever replica saw it, and replicas converge on the same record. The
+        stuck flag belongs to a stay: it is kept when the merged newest entry is the newest
+        entry of a side that had reported the stay, so a stay reported by one replica is not
+        reported again by another that learns of it.
 
         Returns:
             True when the book changed.
@@ -788,20 +1016,20 @@ class OrderBook:
             if not record.order_id or len(record.order_id) > _MAX_ID_LENGTH:
                 self.ignored_total += 1
                 return False
-            self._place(record.order_id, None, self._trim(incoming), stuck=record.stuck_reported)
-            return True
-        local = _unpack_all(hist, self._statuses.names, self._sources.names)
-        local_stuck = record.order_id in self._queues[local[-1].status].stuck
-        merged = self._trim(
-            sorted(
-                set(local) | set(incoming), key=lambda e: (e.at, e.span.trace_id, e.span.span_id, e.status)
+            entries = self._trim(incoming)
+            self._place(
+                record.order_id, None, self._pack(entries), entries[-1].at, stuck=record.stuck_reported
             )
-        )
+            return True
+        local = _unpack_all(hist, _H, self._statuses.names, self._sources.names)
+        local_stuck = bool(self._links.stuck[_SLOT.unpack_from(hist)[0]])
+        merged = self._trim(_unite(local, incoming))
         newest = merged[-1]
         stuck = (record.stuck_reported and incoming[-1] == newest) or (local_stuck and local[-1] == newest)
-        if merged == local and stuck == local_stuck:
+        packed = self._pack(merged)
+        if packed == hist[_H:] and stuck == local_stuck:
             return False
-        self._place(record.order_id, local[-1].status, merged, stuck=stuck)
+        self._place(record.order_id, hist, packed, merged[-1].at, stuck=stuck)
         return True
 
     def _trim(self, entries: Sequence[HistoryEntry]) -> tuple[HistoryEntry, ...]:
@@ -809,17 +1037,17 @@ class OrderBook:
             return tuple(entries)
         return (entries[0], *entries[len(entries) - self._history_limit + 1 :])
 
-    def _place(
-        self, order_id: str, old_status: str | None, entries: tuple[HistoryEntry, ...], *, stuck: bool
-    ) -> None:
-        hist = b"".join(
-            _pack(e, self._statuses.code(e.status), self._sources.code(e.source)) for e in entries
-        )
+    def _pack(self, entries: Sequence[HistoryEntry]) -> bytes:
+        return _pack_all(entries, self._statuses.code, self._sources.code)
+
+    def _place(self, order_id: str, old: bytes | None, packed: bytes, since: float, *, stuck: bool) -> None:
         # A flag for a status without a dwell limit here (replicas configured apart) is moot.
-        stuck = stuck and self._status(hist) in self._limits
-        if old_status is None:
-            self._insert(order_id, hist, entries[-1].at, stuck=stuck)
+        stuck = stuck and self._status(packed) in self._limits
+        if old is None:
+            self._insert(order_id, packed, since, stuck=stuck)
             return
-        self._queues[old_status].remove(order_id)
+        slot: int = _SLOT.unpack_from(old)[0]
+        self._queues[self._status(old)].remove(slot)
+        hist = old[:_H] + packed
         self._orders[order_id] = hist
-        self._queue(self._status(hist)).add(order_id, entries[-1].at, stuck=stuck)
+        self._queue(self._status(hist)).add(slot, since, stuck=stuck)

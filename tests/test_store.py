@@ -54,7 +54,34 @@ def test_encode_decode_round_trip() -> None:
     assert decode_record(text) == original
     assert decode_record(text.encode()) == original
     doc = json.loads(text)
-    assert doc["history"][1][2] == f"{(2 << 70) | 7:032x}"
+    assert doc["history"][2][2:4] == [f"{(3 << 70) | 7:032x}", f"{3:016x}"]
+
+
+def test_records_stored_with_every_span_still_load() -> None:
+    """A record written when every entry kept its span loads; the spans between the ends go."""
+    spans = [[f"{(i << 70) | 7:032x}", f"{i:016x}"] for i in (1, 2, 3)]
+    doc = {
+        "v": 1,
+        "id": "o-1",
+        "stuck": False,
+        "history": [
+            ["SUBMITTED", T0, *spans[0], "first", False, "ingress"],
+            ["PRICE_CALCULATED", T0 + 1, *spans[1], "forward", True, "egress"],
+            ["MANUFACTURING_APPROVED", T0 + 2, *spans[2], "forward", False, "ingress"],
+        ],
+    }
+    loaded = decode_record(json.dumps(doc))
+    assert [e.span for e in loaded.entries] == [
+        SpanRef(1 << 70 | 7, 1),
+        SpanRef(0, 0),
+        SpanRef(3 << 70 | 7, 3),
+    ]
+    assert [(e.status, e.at, e.observed, e.source) for e in loaded.entries][1] == (
+        "PRICE_CALCULATED",
+        T0 + 1,
+        True,
+        "egress",
+    )
 
 
 BAD_RECORDS = (
