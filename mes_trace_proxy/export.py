@@ -3,7 +3,7 @@
 The SDK's exporters encode a whole batch at once in a worker thread, which holds the GIL
 against the event loop for milliseconds (the p99 in docs/performance.md). Here each span is
 encoded when it ends (``otlp_encode``, about 10 µs), and a task on the proxy's own loop joins
-and sends the bytes: OTLP/HTTP with aiohttp, OTLP/gRPC through grpc's C core in one thread.
+and sends the bytes: OTLP/HTTP with aiohttp, OTLP/gRPC with grpc.aio.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import unquote, urlsplit
@@ -70,9 +69,13 @@ FIRST_BACKOFF: Final = 0.5
 #: gzip level 6 (zlib's default): most of level 9's ratio for a fraction of its CPU, which is
 #: paid on the event loop.
 GZIP_LEVEL: Final = 6
-#: Connections to the collector: one export is in flight at a time, the second one covers a
-#: connection the collector closed while idle.
-HTTP_POOL: Final = 2
+#: Exports in flight at once. One would do on an idle loop, but under load every reply waits
+#: its turn on the loop behind the requests: at 64 connections, one export at a time could not
+#: keep up with about 3,400 spans/s over gRPC and the queue overflowed (docs/performance.md).
+#: Four keep the queue short without flooding a collector that is struggling already.
+MAX_IN_FLIGHT: Final = 4
+#: One connection to the collector per export in flight.
+HTTP_POOL: Final = MAX_IN_FLIGHT
 #: While the collector keeps failing, one warning per this many seconds instead of per batch.
 FAILURE_LOG_INTERVAL: Final = 60.0
 
@@ -336,14 +339,15 @@ def _gzip(body: bytes) -> bytes:
 
 
 class GrpcTransport:
-    """OTLP/gRPC: the request bytes go through grpc's C core, which waits without the GIL.
+    """OTLP/gRPC through ``grpc.aio`` on the proxy's own event loop.
 
-    grpc's synchronous stub is called from one dedicated thread; the event loop only awaits
-    its result. The request is already encoded, so the thread holds the GIL for microseconds.
+    The request is already protobuf bytes, so the call has no serializer; grpc's C core does
+    the HTTP/2 work. A blocking stub in a thread was tried first: under load that thread waited
+    for the GIL after every step and the queue overflowed (docs/performance.md).
     """
 
     def __init__(self, settings: OtlpSettings) -> None:
-        """Open the channel (grpc connects lazily).
+        """Read the TLS files now (so a bad one stops start-up); open the channel on the first send.
 
         Raises:
             ValueError: a certificate or key file is unusable.
@@ -353,42 +357,51 @@ class GrpcTransport:
         self._grpc: Any = grpc
         target = settings.endpoint
         if "://" in target:
-            parts = urlsplit(target)
-            target = parts.netloc
-        options: list[tuple[str, Any]] = [("grpc.primary_user_agent", f"mes-trace-proxy/{__version__}")]
-        compression = grpc.Compression.Gzip if settings.compression == "gzip" else None
-        if settings.insecure:
-            self._channel: Any = grpc.insecure_channel(target, options=options, compression=compression)
-        else:
-            credentials = grpc.ssl_channel_credentials(
+            target = urlsplit(target).netloc
+        self._target = target
+        self._options: list[tuple[str, Any]] = [("grpc.primary_user_agent", f"mes-trace-proxy/{__version__}")]
+        self._compression = grpc.Compression.Gzip if settings.compression == "gzip" else None
+        self._credentials: Any = None
+        if not settings.insecure:
+            self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(settings.certificate, "OTEL_EXPORTER_OTLP_CERTIFICATE"),
                 private_key=_read(settings.client_key, "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
                 certificate_chain=_read(settings.client_certificate, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
             )
-            self._channel = grpc.secure_channel(target, credentials, options=options, compression=compression)
-        # No serializers: the request is already protobuf bytes and the reply is read as bytes.
-        self._call: Any = self._channel.unary_unary(GRPC_METHOD)
         self._metadata = settings.headers
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mes-trace-proxy-otlp-grpc")
+        self._channel: Any = None
+        self._call: Any = None
 
-    def _send(self, body: bytes, timeout: float) -> Attempt:
+    def _open(self) -> None:
+        aio = self._grpc.aio
+        if self._credentials is None:
+            self._channel = aio.insecure_channel(
+                self._target, options=self._options, compression=self._compression
+            )
+        else:
+            self._channel = aio.secure_channel(
+                self._target, self._credentials, options=self._options, compression=self._compression
+            )
+        # No serializers: the request is already protobuf bytes and the reply is read as bytes.
+        self._call = self._channel.unary_unary(GRPC_METHOD)
+
+    async def send(self, body: bytes, budget: float) -> Attempt:
+        """One unary Export call."""
+        if self._call is None:
+            self._open()
         try:
-            reply = self._call(body, timeout=timeout, metadata=self._metadata or None)
-        except self._grpc.RpcError as exc:
+            reply = await self._call(body, timeout=budget, metadata=self._metadata or None)
+        except self._grpc.aio.AioRpcError as exc:
             code = exc.code()
             name = getattr(code, "name", str(code))
             return Attempt(ok=False, retryable=name in RETRYABLE_GRPC, reason=f"gRPC {name}")
         rejected, message = rejected_spans(reply if isinstance(reply, bytes) else b"")
         return Attempt(ok=True, rejected=rejected, reason=message)
 
-    async def send(self, body: bytes, budget: float) -> Attempt:
-        """One unary Export call, run in the transport's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._send, body, budget)
-
     async def aclose(self) -> None:
-        """Close the channel and let the thread go."""
-        self._channel.close()
-        self._thread.shutdown(wait=False)
+        """Close the channel."""
+        if self._channel is not None:
+            await self._channel.close()
 
 
 def _read(path: str | None, variable: str) -> bytes | None:
@@ -414,7 +427,7 @@ class OtlpExportProcessor(SpanProcessor):
     """Encodes each sampled span as it ends and exports batches from a task on the event loop.
 
     Bounded like the SDK's batch processor (``OTEL_BSP_*``): a queue of encoded spans, batches
-    by size or delay, one export in flight. Every span is counted once as exported, dropped
+    by size or delay, up to ``MAX_IN_FLIGHT`` exports at once. Every span is counted once as exported, dropped
     (queue full) or failed (the collector refused it, or it could not be sent before its
     deadline or before shutdown ended). :meth:`start` binds it to the running loop; spans
     that end before that wait in the queue.
@@ -445,7 +458,9 @@ class OtlpExportProcessor(SpanProcessor):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
-        self._sending = asyncio.Lock()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        #: exports in flight and the spans each carries (counted as failed if shutdown cancels it)
+        self._in_flight: dict[asyncio.Task[None], int] = {}
         self._stopping = False
         self._closed = False
         self._failing_since: float | None = None
@@ -535,9 +550,15 @@ class OtlpExportProcessor(SpanProcessor):
             self._wake.set()
 
     async def flush(self) -> None:
-        """Export everything queued now, batch by batch."""
+        """Export everything queued now and wait until every export in flight has finished."""
+        await self._drain()
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def _drain(self) -> None:
+        """Start exports for everything queued, full batches first and then the rest."""
         while self._queue:
-            await self._export_batch()
+            await self._start_batch()
 
     async def aclose(self) -> None:
         """Export what is queued within ``OTEL_BSP_EXPORT_TIMEOUT``, count the rest as failed, close."""
@@ -553,8 +574,12 @@ class OtlpExportProcessor(SpanProcessor):
         try:
             await asyncio.wait_for(asyncio.shield(task), self._shutdown_budget)
         except TimeoutError:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            cancelled = dict(self._in_flight)
+            for running in (task, *cancelled):
+                running.cancel()
+            await asyncio.gather(task, *cancelled, return_exceptions=True)
+            # The exports cut short never counted their spans; some never even started.
+            self.stats.failed += sum(count for export, count in cancelled.items() if export.cancelled())
             log.error(
                 "span export did not finish within OTEL_BSP_EXPORT_TIMEOUT (%.1f s)", self._shutdown_budget
             )
@@ -584,35 +609,45 @@ class OtlpExportProcessor(SpanProcessor):
             except TimeoutError:
                 timed_out = True
             wake.clear()
-            if timed_out or self._stopping:
+            if self._stopping:
                 await self.flush()
+                if not self._queue:
+                    return
+            elif timed_out:
+                await self._drain()
             else:
                 # Woken by a full batch: send full batches and let the rest wait its delay.
                 while len(self._queue) >= self._max_batch:
-                    await self._export_batch()
-            if self._stopping and not self._queue:
-                return
+                    await self._start_batch()
 
-    async def _export_batch(self) -> None:
-        async with self._sending:
-            queue = self._queue
-            count = min(len(queue), self._max_batch)
-            if not count:
-                return
-            batch = [queue.popleft() for _ in range(count)]
-            try:
-                body = self._encoder.assemble(batch)
-            except Exception:
-                log.exception("assembling an export request failed; %d spans lost", count)
-                self.stats.failed += count
-                return
-            del batch
-            try:
-                await self._send(body, count)
-            except asyncio.CancelledError:
-                # Shutdown ran out of time with this batch in flight: it is lost, and counted.
-                self.stats.failed += count
-                raise
+    async def _start_batch(self) -> None:
+        """Take one batch off the queue and send it in a task of its own, once a slot is free."""
+        await self._slots.acquire()
+        queue = self._queue
+        count = min(len(queue), self._max_batch)
+        if not count:
+            self._slots.release()
+            return
+        batch = [queue.popleft() for _ in range(count)]
+        try:
+            body = self._encoder.assemble(batch)
+        except Exception:
+            log.exception("assembling an export request failed; %d spans lost", count)
+            self.stats.failed += count
+            self._slots.release()
+            return
+        task = asyncio.get_running_loop().create_task(self._send_batch(body, count))
+        self._in_flight[task] = count
+        task.add_done_callback(self._export_done)
+
+    def _export_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+
+    async def _send_batch(self, body: bytes, count: int) -> None:
+        try:
+            await self._send(body, count)
+        finally:
+            self._slots.release()
 
     async def _send(self, body: bytes, count: int) -> None:
         """Send one request, retrying what may succeed later until its deadline."""

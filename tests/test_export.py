@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 
 from mes_trace_proxy.export import (
+    MAX_IN_FLIGHT,
     Attempt,
     HttpTransport,
     OtlpExportProcessor,
@@ -430,3 +431,59 @@ def test_unsampled_spans_are_not_queued() -> None:
     _spans(provider, 3)
     assert processor.stats.queued == 0
     provider.shutdown()
+
+
+class CountingTransport:
+    """A transport that holds each send until released and records how many ran at once."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.running = 0
+        self.most = 0
+        self.sends = 0
+
+    async def send(self, body: bytes, budget: float) -> Attempt:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        self.sends += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return Attempt(ok=True)
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+
+async def test_exports_overlap_up_to_the_limit_and_no_further() -> None:
+    """Full batches go out concurrently, at most MAX_IN_FLIGHT at once; the rest wait their turn."""
+    transport = CountingTransport()
+    processor = _processor(transport, max_batch=2, max_queue_size=100, delay_seconds=60)
+    processor.start()
+    _spans(_provider(processor), 2 * (MAX_IN_FLIGHT + 3))
+    for _ in range(200):
+        if transport.running == MAX_IN_FLIGHT:
+            break
+        await asyncio.sleep(0.005)
+    assert transport.running == MAX_IN_FLIGHT
+    transport.release.set()
+    await processor.aclose()
+    assert transport.most == MAX_IN_FLIGHT
+    assert transport.sends == MAX_IN_FLIGHT + 3
+    assert processor.stats.exported == 2 * (MAX_IN_FLIGHT + 3)
+
+
+async def test_shutdown_out_of_time_counts_exports_in_flight_and_queued_as_failed() -> None:
+    """When OTEL_BSP_EXPORT_TIMEOUT runs out, every span still in flight or queued counts as failed."""
+    transport = CountingTransport()  # never released: a collector that never answers
+    processor = _processor(transport, max_batch=2, max_queue_size=100, export_timeout_seconds=0.2)
+    processor.start()
+    _spans(_provider(processor), 2 * (MAX_IN_FLIGHT + 3))
+    await processor.aclose()
+    stats = processor.stats
+    assert (stats.queued, stats.exported, stats.failed) == (
+        2 * (MAX_IN_FLIGHT + 3),
+        0,
+        2 * (MAX_IN_FLIGHT + 3),
+    )
