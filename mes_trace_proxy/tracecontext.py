@@ -53,6 +53,25 @@ def order_trace_id(order_id: str, *, salt: str = "mes-trace-proxy") -> int:
     return value or 1
 
 
+_IPV4_MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _canonical_network(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped IPv6 network (``::ffff:10.0.0.0/104``) as the IPv4 network it means.
+
+    Callers' addresses are compared in their canonical form (a mapped address as its IPv4
+    self), so the networks must be too, or one caller would be trusted under one spelling
+    and not under another.
+    """
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_IPV4_MAPPED):
+        mapped = net.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
+    return net
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrustPolicy:
     """Which callers' trace context is continued; others start a new trace with a link.
@@ -79,7 +98,7 @@ class TrustPolicy:
         networks = []
         hosts = set()
         for item in items:
-            net = ipaddress.ip_network(item, strict=False)
+            net = _canonical_network(ipaddress.ip_network(item, strict=False))
             # Single addresses go to a set: a set lookup is cheaper than a walk over networks.
             if net.num_addresses == 1:
                 hosts.add(str(net.network_address))

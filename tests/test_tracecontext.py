@@ -254,3 +254,20 @@ def test_tracestate_over_512_characters_is_kept() -> None:
     context = _extract({"traceparent": VALID, "tracestate": tracestate})
     assert context.is_valid
     assert len(context.trace_state) == 6
+
+
+@pytest.mark.parametrize(
+    ("cidr", "address", "trusted"),
+    [
+        pytest.param("::ffff:0:0/128", "::ffff:0:0", True, id="mapped-host-as-written"),
+        pytest.param("::ffff:0:0/128", "0:0:0:0:0:ffff:0:0", True, id="mapped-host-other-spelling"),
+        pytest.param("::ffff:0:0/128", "0.0.0.0", True, id="mapped-host-ipv4-self"),
+        pytest.param("::ffff:10.0.0.0/104", "10.9.8.7", True, id="mapped-network-ipv4-caller"),
+        pytest.param("::ffff:10.0.0.0/104", "::ffff:10.9.8.7", True, id="mapped-network-mapped-caller"),
+        pytest.param("::ffff:10.0.0.0/104", "11.0.0.1", False, id="mapped-network-outside"),
+        pytest.param("10.0.0.0/8", "::ffff:10.1.1.1", True, id="ipv4-network-mapped-caller"),
+    ],
+)
+def test_ipv4_mapped_entries_mean_their_ipv4_selves(cidr: str, address: str, trusted: bool) -> None:
+    """An IPv4-mapped entry and caller are compared as IPv4, so no spelling changes the verdict."""
+    assert TrustPolicy.from_cidrs([cidr]).trusts(address) is trusted

@@ -87,6 +87,7 @@ def test_any_trace_headers_parse_without_raising(traceparent: str, tracestate: s
         assert traceparent.strip().lower()[3:35] == format_trace_id(context.trace_id)
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _networks = st.one_of(
     st.tuples(st.ip_addresses(v=4), st.integers(0, 32)),
     st.tuples(st.ip_addresses(v=6), st.integers(0, 128)),
@@ -100,12 +101,14 @@ def test_trust_policy_never_raises_and_agrees_with_ipaddress(
     address: ipaddress.IPv4Address | ipaddress.IPv6Address,
     text: str,
 ) -> None:
-    """Any peer text is judged without raising; an address (an IPv4-mapped one as its IPv4 self) is
-    trusted exactly when it is in the network."""
+    """Any peer text is judged without raising; an address is trusted exactly when it is in the
+    network, both taken in canonical form (IPv4-mapped addresses and networks as their IPv4 selves)."""
     policy = TrustPolicy.from_cidrs([str(network)])
     assert policy.trusts(text) in (True, False)
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     canonical = mapped or address
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        network = ipaddress.IPv4Network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
     expected = canonical.version == network.version and canonical in network
     assert policy.trusts(str(address)) is expected
 
