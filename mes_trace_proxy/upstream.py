@@ -542,6 +542,10 @@ class UpstreamPool:
         """
         return _Call(self, method, target, headers, body)
 
+    def idle_connections(self) -> int:
+        """How many pooled connections are idle and still open."""
+        return sum(1 for conn, _ in self._idle if not conn.closed)
+
     async def acquire(self, deadline: float | None, *, fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection for one request, and whether it was reused from the pool."""
         if self._closed:
