@@ -8,6 +8,7 @@ time from the order book, so the request path does no bookkeeping for them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -18,7 +19,7 @@ from mes_trace_proxy.orders import Findings
 from mes_trace_proxy.proxy import Observer
 from mes_trace_proxy.tracing import ExportStats
 
-__all__ = ["ProxyMetrics"]
+__all__ = ["ConnectionStats", "ProxyMetrics"]
 
 # Latency buckets for a sidecar in front of a business API: sub-millisecond proxy overhead
 # up to the 60 s read timeout.
@@ -35,6 +36,16 @@ class _CallbackCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self._callback()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionStats:
+    """One listener's connection counters, read from its server at scrape time."""
+
+    open: int
+    refused_cap: int
+    header_timeouts: int
+    malformed: int
 
 
 class ProxyMetrics(Observer):
@@ -113,6 +124,7 @@ class ProxyMetrics(Observer):
         self._order_counts: Callable[[], Mapping[str, int]] | None = None
         self._stuck_counts: Callable[[], Mapping[str, int]] | None = None
         self._store_stats: Callable[[], Mapping[str, int]] | None = None
+        self._connection_stats: Callable[[], Mapping[str, ConnectionStats]] | None = None
         r.register(_CallbackCollector(self._collect))
 
     def bind(
@@ -122,12 +134,14 @@ class ProxyMetrics(Observer):
         order_counts: Callable[[], Mapping[str, int]] | None = None,
         stuck_counts: Callable[[], Mapping[str, int]] | None = None,
         store_stats: Callable[[], Mapping[str, int]] | None = None,
+        connection_stats: Callable[[], Mapping[str, ConnectionStats]] | None = None,
     ) -> None:
         """Attach the scrape-time sources (set once by the composition root)."""
         self._export_stats = export_stats or self._export_stats
         self._order_counts = order_counts or self._order_counts
         self._stuck_counts = stuck_counts or self._stuck_counts
         self._store_stats = store_stats or self._store_stats
+        self._connection_stats = connection_stats or self._connection_stats
 
     def _collect(self) -> Iterable[Metric]:
         if self._export_stats is not None:
@@ -167,6 +181,28 @@ class ProxyMetrics(Observer):
                 "Order records waiting to be written.",
                 value=stats_map.get("pending", 0),
             )
+
+        if self._connection_stats is not None:
+            by_listener = sorted(self._connection_stats().items())
+            open_now = GaugeMetricFamily(
+                "mes_proxy_open_connections",
+                "Client connections open now, per listener.",
+                labels=("listener",),
+            )
+            refused = CounterMetricFamily(
+                "mes_proxy_connections_refused",
+                "Client connections and requests the listener's limits refused before the handler: "
+                "over the connection cap (503), a head not read in time (408), or an unparsable or "
+                "oversized head (400, 414, 431).",
+                labels=("listener", "reason"),
+            )
+            for listener, counts in by_listener:
+                open_now.add_metric((listener,), counts.open)
+                refused.add_metric((listener, "connection_cap"), counts.refused_cap)
+                refused.add_metric((listener, "header_timeout"), counts.header_timeouts)
+                refused.add_metric((listener, "malformed_head"), counts.malformed)
+            yield open_now
+            yield refused
 
     def _label(self, status: str) -> str:
         return status if status in self._known else "_OTHER"

@@ -28,7 +28,7 @@ from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
 from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.logs import AccessLog
-from mes_trace_proxy.metrics import ProxyMetrics
+from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.store import StoreWriter, open_store
@@ -180,6 +180,17 @@ async def running(
     listeners: dict[str, tuple[str, int]] = {}
     certificates: dict[str, CertReloader] = {}
     servers: dict[str, GuardedServer] = {}
+    metrics.bind(
+        connection_stats=lambda: {
+            name: ConnectionStats(
+                open=server.open_connections,
+                refused_cap=server.refused_connections,
+                header_timeouts=server.head_timeouts,
+                malformed=server.parse_refusals,
+            )
+            for name, server in servers.items()
+        }
+    )
     await watchdog.restore()
     # Spans are encoded as they end and sent by tasks on this loop (export.py).
     tracing.start()

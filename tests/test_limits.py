@@ -72,6 +72,18 @@ async def _exchange(address: tuple[str, int], data: bytes) -> bytes:
             await writer.wait_closed()
 
 
+async def _refused(proxy: RunningProxy, reason: str) -> float:
+    """The listener's refusal counter for ``reason``, read from the real /metrics page."""
+    host, port = proxy.admin
+    async with aiohttp.ClientSession() as session, session.get(f"http://{host}:{port}/metrics") as response:
+        text = await response.text()
+    wanted = f'mes_proxy_connections_refused_total{{listener="ingress",reason="{reason}"}} '
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            return float(line[len(wanted) :])
+    raise AssertionError(f"no {wanted!r} in /metrics")
+
+
 def _status_and_problem(answer: bytes) -> tuple[int, dict[str, object]]:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"application/problem+json" in head
@@ -126,6 +138,8 @@ async def test_oversized_or_malformed_heads_get_problem_answers(
     assert b"aaaa" not in answer
     assert b"cccc" not in answer
     assert upstream.received == []
+    assert await _refused(proxy, "malformed_head") == 1
+    assert await _refused(proxy, "header_timeout") == 0
 
 
 async def test_declared_body_over_the_limit_is_refused_before_upstream(
@@ -201,6 +215,7 @@ async def test_slow_request_head_gets_408_and_is_closed(
     assert str(problem["type"]).endswith("request_timeout")
     assert proxy.servers["ingress"].head_timeouts == 1
     assert upstream.received == []
+    assert await _refused(proxy, "header_timeout") == 1
 
 
 async def test_head_timer_does_not_touch_bodies_or_idle_connections(
@@ -258,6 +273,7 @@ async def test_connections_beyond_the_cap_get_503_until_one_closes(
         assert status == 503
         assert b"Retry-After: 1" in answer
         assert server.refused_connections == 1
+        assert await _refused(proxy, "connection_cap") == 1
     finally:
         for _, writer in held:
             writer.close()
