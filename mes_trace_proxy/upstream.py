@@ -296,7 +296,7 @@ class _Call:
                     )
                 ):
                     raise
-                self._drop()
+                self._drop(keep_deadline=True)
                 conn, _ = await pool.acquire(self._deadline, fresh=True)
                 message = await self._exchange(conn)
         except BaseException:
@@ -468,9 +468,18 @@ class _Call:
             self._total_timer.cancel()
             self._total_timer = None
 
-    def _drop(self) -> None:
-        """Give up the connection in use (closed, never pooled) and everything running for it."""
-        self._stop_timers()
+    def _drop(self, *, keep_deadline: bool = False) -> None:
+        """Give up the connection in use (closed, never pooled) and everything running for it.
+
+        Args:
+            keep_deadline: the call goes on (a retry): its total timeout keeps running.
+        """
+        if keep_deadline:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+        else:
+            self._stop_timers()
         writer = self._writer
         self._writer = None
         if writer is not None and not writer.done():
