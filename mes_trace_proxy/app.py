@@ -24,11 +24,12 @@ from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tls import client_context
 from mes_trace_proxy.tracecontext import TrustPolicy
 from mes_trace_proxy.tracing import Tracing
+from mes_trace_proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from mes_trace_proxy.watchdog import Watchdog
 
-__all__ = ["Readiness", "Shared", "build_proxy_server", "make_session", "trust_policy"]
+__all__ = ["Readiness", "Shared", "build_proxy_server", "make_pool", "make_session", "trust_policy"]
 
 log = logging.getLogger("mes_trace_proxy.app")
 
@@ -142,6 +143,20 @@ def make_session(
     )
 
 
+def make_pool(listener: ListenerConfig) -> UpstreamPool:
+    """The lean upstream client of a listener: the same pool bound, keep-alive and read buffer.
+
+    Args:
+        listener: the listener whose upstream the pool calls; call inside a running loop.
+
+    Raises:
+        ConfigError: the listener's ``upstream_tls`` files are unusable.
+    """
+    return UpstreamPool(
+        listener, size=UPSTREAM_POOL_SIZE, keepalive=UPSTREAM_KEEPALIVE, read_buffer=READ_BUFFER
+    )
+
+
 def trust_policy(cidrs: tuple[str, ...]) -> TrustPolicy:
     """The trust policy for ``privacy.trusted_callers``: ``*`` trusts all, an empty list none."""
     if not cidrs:
@@ -151,10 +166,13 @@ def trust_policy(cidrs: tuple[str, ...]) -> TrustPolicy:
 
 def build_proxy_server(
     listener: ListenerConfig, shared: Shared
-) -> tuple[GuardedServer, aiohttp.ClientSession]:
-    """Build one listener's low-level server and its upstream session; call inside a running loop.
+) -> tuple[GuardedServer, aiohttp.ClientSession, UpstreamPool | None]:
+    """Build one listener's low-level server and its upstream clients; call inside a running loop.
 
-    The caller (``server.py``) owns both: it closes the session after the server drained.
+    Plain requests go through the lean pool; the aiohttp session serves the WebSocket relay
+    and, with ``tracing.client_span: instrumentation``, every request (its hooks live there;
+    the pool is then ``None``). The caller (``server.py``) owns all three: it closes the
+    session and the pool after the server drained.
     """
     config = shared.config
     # tracing.client_span: instrumentation — only when spans are exported; otherwise the
@@ -171,6 +189,7 @@ def build_proxy_server(
             error_type=lambda exc: upstream_error_type(exc, draining=readiness.draining),
         )
     session = make_session(listener, trace_configs)
+    pool = None if instrumented else make_pool(listener)
     observer: Observer = _ReadinessObserver(shared.readiness, shared.metrics)
     state = ListenerState(
         config=listener,
@@ -193,6 +212,7 @@ def build_proxy_server(
         on_order_changed=shared.on_order_changed,
         draining=lambda: shared.readiness.draining,
         instrumented_client=instrumented,
+        upstream=pool,
     )
     server = GuardedServer(
         make_handler(state),
@@ -203,4 +223,4 @@ def build_proxy_server(
         auto_decompress=False,
         access_log=None,
     )
-    return server, session
+    return server, session, pool

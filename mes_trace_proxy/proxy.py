@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Final
 
@@ -56,6 +57,7 @@ from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
 from mes_trace_proxy.rules import RouteMatch
 from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
 from mes_trace_proxy.tracing import Tracing
+from mes_trace_proxy.upstream import Answer, RequestBody, UpstreamError, UpstreamPool
 
 __all__ = [
     "ListenerState",
@@ -131,10 +133,14 @@ class ListenerState:
     #: the session's trace config (opentelemetry-instrumentation-aiohttp-client) makes the
     #: CLIENT span (``tracing.client_span: instrumentation``); else the handler starts it
     instrumented_client: bool = False
+    #: the lean upstream client (the default); ``None``: calls go through ``session``
+    upstream: UpstreamPool | None = None
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
-    """Map an aiohttp client exception onto the upstream-failure table (most specific first)."""
+    """Map an upstream client exception onto the upstream-failure table (most specific first)."""
+    if isinstance(exc, UpstreamError):
+        return exc.failure
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return UpstreamFailure.TLS_ERROR
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -234,7 +240,7 @@ def _body_too_large(request: web.BaseRequest, limit: int | None) -> Rejection | 
     return make_rejection(ClientRejection.PAYLOAD_TOO_LARGE)
 
 
-async def _capped(source: object, limit: int) -> AsyncIterator[bytes]:
+async def _capped(source: RequestBody, limit: int) -> AsyncIterator[bytes]:
     """The body, unchanged, raising :class:`BodyTooLarge` once more than ``limit`` bytes passed."""
     chunks: AsyncIterator[bytes]
     if isinstance(source, aiohttp.StreamReader):
@@ -258,7 +264,7 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 async def _request_body(
     request: web.BaseRequest, match: RouteMatch | None, limit: int
-) -> tuple[bytes | None, object]:
+) -> tuple[bytes | None, RequestBody]:
     """Decide how the body goes upstream, reading it only when a rule needs it and it is small.
 
     Returns:
@@ -485,7 +491,6 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         attrs = _log_attributes(state, method, facts)
     server_ctx = trace_api.set_span_in_context(server_span)
     upstream = state.config.upstream
-    url_text = f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}"
     client_attrs: dict[str, AttributeValue] | None = None
     if recording:
         client_attrs = {
@@ -557,14 +562,21 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     try:
         upstream_started = time.perf_counter()
         try:
-            async with state.session.request(
-                method,
-                URL(url_text, encoded=True),
-                headers=out,
-                data=data,
-                allow_redirects=False,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-            ) as upstream_response:
+            call: AbstractAsyncContextManager[Answer]
+            if state.upstream is not None:
+                # An empty query ("/x?") goes as "/x", as the URL class of the aiohttp path sends it.
+                target = f"{upstream.base_path}{raw if query else path}"
+                call = state.upstream.request(method, target, out.items(), data)
+            else:
+                call = state.session.request(
+                    method,
+                    URL(f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}", encoded=True),
+                    headers=out,
+                    data=data,
+                    allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                )
+            async with call as upstream_response:
                 if upstream_token is not None:
                     context_api.detach(upstream_token)
                     upstream_token = None

@@ -34,6 +34,7 @@ from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.store import StoreWriter, open_store
 from mes_trace_proxy.tls import CertReloader
 from mes_trace_proxy.tracing import build_tracing
+from mes_trace_proxy.upstream import UpstreamPool
 from mes_trace_proxy.watchdog import Watchdog
 
 __all__ = ["BindError", "RunningProxy", "StartupError", "run", "running"]
@@ -175,6 +176,7 @@ async def running(
     )
     runners: list[web.BaseRunner] = []
     sessions = []
+    pools: list[UpstreamPool] = []
     listeners: dict[str, tuple[str, int]] = {}
     certificates: dict[str, CertReloader] = {}
     servers: dict[str, GuardedServer] = {}
@@ -198,9 +200,11 @@ async def running(
         for listener in config.listeners:
             if listener.tls is not None:
                 certificates[listener.name] = CertReloader(listener.name, listener.tls)
-            proxy_server, session = build_proxy_server(listener, shared)
+            proxy_server, session, pool = build_proxy_server(listener, shared)
             servers[listener.name] = proxy_server
             sessions.append(session)
+            if pool is not None:
+                pools.append(pool)
             runner = web.ServerRunner(
                 proxy_server, handle_signals=False, shutdown_timeout=config.server.grace_period
             )
@@ -251,6 +255,8 @@ async def running(
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
         for session in sessions:
             await session.close()
+        for pool in pools:
+            await pool.close()
         if log_task is not None:
             # The drained requests' lines are queued by now; cancelling flushes them.
             log_task.cancel()
