@@ -166,7 +166,8 @@ def component(frame: str) -> str:
 #: Functions whose total (inclusive) time tells where a traced request's cost goes.
 FOCUS: Final = (
     ("handle", "our handler, with everything it calls"),
-    ("ClientSession._request", "aiohttp client: the upstream exchange"),
+    ("_Call.__aenter__", "lean upstream client: the exchange up to the answer's head"),
+    ("ClientSession._request", "aiohttp client (WebSocket, --client-span instrumentation)"),
     ("Tracer.start_span", "SDK: starting the two spans"),
     ("Span.end", "SDK: ending them (span processor on_end)"),
     ("Span.set_attribute", "SDK: attributes set after start"),
@@ -178,10 +179,11 @@ FOCUS: Final = (
     ("request_facts", "ours: order id and status from the request"),
     ("_record_order", "ours: order book and its span verdicts"),
     ("ProxyMetrics.request_done", "ours: Prometheus metrics"),
-    ("access_logger.<locals>.write", "ours: the JSON access-log line"),
+    ("AccessLog.__call__", "ours: the JSON access-log line (queued; written in batches)"),
     ("BatchExportProcessor._run", "export thread, all of it (console exporter)"),
     ("OtlpSpanEncoder.encode_span", "export: OTLP encoding as each span ends"),
-    ("OtlpExportProcessor._export_batch", "export: joining a batch and sending it"),
+    ("OtlpExportProcessor._start_batch", "export: joining a batch"),
+    ("OtlpExportProcessor._send_batch", "export: sending it, retries included"),
 )
 
 
