@@ -532,18 +532,25 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     carrier: dict[str, str] = {}
     if not instrumented:
         tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, server_ctx))
-    out = CIMultiDict(one_spelling(out_headers))
+    # The incoming trace headers were dropped above, so ours are appended, never merged.
     for trace_header in _TRACE_HEADERS:
         value = carrier.get(trace_header)
         if value is not None:
-            out[trace_header] = value
+            out_headers.append((trace_header, value))
     if not state.trust.trusts(request.remote):
         # W3C Baggage from a caller we do not trust is not passed on: it could steer what
         # the services behind us record or decide.
-        out.popall("baggage", None)
-    elif "baggage" in carrier and "baggage" not in out:
-        out["baggage"] = carrier["baggage"]
-    plan = ClientSpanPlan(name=name, attributes=client_attrs, headers=out) if instrumented else None
+        out_headers = [(n, v) for n, v in out_headers if n.lower() != "baggage"]
+    elif "baggage" in carrier and not any(n.lower() == "baggage" for n, _ in out_headers):
+        out_headers.append(("baggage", carrier["baggage"]))
+    # The lean client sends the fields exactly as listed; aiohttp's session needs a multidict
+    # with one spelling per name, or it drops repeated values (see one_spelling).
+    out = None if state.upstream is not None else CIMultiDict(one_spelling(out_headers))
+    plan = (
+        ClientSpanPlan(name=name, attributes=client_attrs, headers=out)
+        if instrumented and out is not None
+        else None
+    )
 
     server_sc = server_span.get_span_context()
     trace_id_hex = format_trace_id(server_sc.trace_id)
@@ -566,8 +573,9 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
             if state.upstream is not None:
                 # An empty query ("/x?") goes as "/x", as the URL class of the aiohttp path sends it.
                 target = f"{upstream.base_path}{raw if query else path}"
-                call = state.upstream.request(method, target, out.items(), data)
+                call = state.upstream.request(method, target, out_headers, data)
             else:
+                assert out is not None
                 call = state.session.request(
                     method,
                     URL(f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}{raw}", encoded=True),
