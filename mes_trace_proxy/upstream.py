@@ -74,7 +74,17 @@ class _Connection(BaseProtocol):
     (``pause_reading``/``resume_reading``, ``pause_writing``/``resume_writing``, drain).
     """
 
-    __slots__ = ("closed", "got_data", "head", "last_read", "message", "payload")
+    __slots__ = (
+        "_read_timer",
+        "closed",
+        "got_data",
+        "head",
+        "last_read",
+        "message",
+        "payload",
+        "read_armed",
+        "read_timeout",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -86,6 +96,12 @@ class _Connection(BaseProtocol):
         #: any byte of an answer arrived on this exchange (a retry is then never safe)
         self.got_data = False
         self.last_read = 0.0
+        #: the read timeout runs for the exchange in flight (armed once its request is all out)
+        self.read_armed = False
+        self.read_timeout = 0.0
+        # One timer per connection, re-armed only when it fires: a call_at and a cancel per
+        # request cost 1.6 % of the proxy's CPU in the profile (docs/performance.md).
+        self._read_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -121,6 +137,9 @@ class _Connection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.closed = True
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
         parser = self._parser
         if parser is None:
             return
@@ -163,8 +182,37 @@ class _Connection(BaseProtocol):
         self.head = head
         return head
 
+    def arm_read(self, timeout: float) -> None:
+        """Start the read timeout of the exchange in flight: ``timeout`` seconds without a byte fail it."""
+        loop = self._loop
+        self.last_read = loop.time()
+        self.read_timeout = timeout
+        self.read_armed = True
+        if self._read_timer is None:
+            self._read_timer = loop.call_at(self.last_read + timeout, self._on_read_timer)
+
+    def _on_read_timer(self) -> None:
+        self._read_timer = None
+        if not self.read_armed or self.closed:
+            return  # idle, or the exchange ended: the next exchange arms it again
+        payload = self.payload
+        if payload is not None and payload.is_eof():
+            return  # the answer is all in; the caller reads at its own pace
+        loop = self._loop
+        now = loop.time()
+        if self._reading_paused:
+            # We paused the upstream (the caller is slow): not the upstream's silence.
+            self._read_timer = loop.call_at(now + self.read_timeout, self._on_read_timer)
+            return
+        due = self.last_read + self.read_timeout
+        if now < due:
+            self._read_timer = loop.call_at(due, self._on_read_timer)
+            return
+        self.fail(aiohttp.SocketTimeoutError("upstream sent nothing within the read timeout"))
+
     def finish(self) -> None:
         """End the exchange; the connection is idle (or closed) from here on."""
+        self.read_armed = False
         self._parser = None
         self.head = None
         self.message = None
@@ -197,6 +245,9 @@ class _Connection(BaseProtocol):
     def close(self) -> None:
         """Close the connection now (the exchange in flight, if any, sees it as lost)."""
         self.closed = True
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
         if self.transport is not None:
             self.transport.close()
 
@@ -230,7 +281,6 @@ class _Call:
         "_headers",
         "_method",
         "_pool",
-        "_read_timer",
         "_sent",
         "_target",
         "_total_timer",
@@ -257,7 +307,6 @@ class _Call:
         self._body = body
         self._conn: _Connection | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._read_timer: asyncio.TimerHandle | None = None
         self._total_timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         #: whether any byte of the request was written (a pooled connection found closed: not)
@@ -426,32 +475,9 @@ class _Call:
 
     def _arm_read_timer(self) -> None:
         read = self._pool.timeouts.read
-        if read is not None and self._read_timer is None:
-            conn = self._conn
-            assert conn is not None
-            conn.last_read = self._pool.loop.time()
-            self._read_timer = self._pool.loop.call_at(conn.last_read + read, self._on_read_timer)
-
-    def _on_read_timer(self) -> None:
-        self._read_timer = None
         conn = self._conn
-        read = self._pool.timeouts.read
-        if conn is None or read is None:
-            return
-        loop = self._pool.loop
-        now = loop.time()
-        payload = conn.payload
-        if payload is not None and payload.is_eof():
-            return  # the answer is all in; the caller reads at its own pace
-        if conn.reading_paused:
-            # We paused the upstream (the caller is slow): not the upstream's silence.
-            self._read_timer = loop.call_at(now + read, self._on_read_timer)
-            return
-        due = conn.last_read + read
-        if now < due:
-            self._read_timer = loop.call_at(due, self._on_read_timer)
-            return
-        conn.fail(aiohttp.SocketTimeoutError("upstream sent nothing within the read timeout"))
+        if read is not None and conn is not None:
+            conn.arm_read(read)
 
     def _on_total_timeout(self) -> None:
         self._total_timer = None
@@ -461,9 +487,6 @@ class _Call:
         # (while waiting for a free connection, acquire's own deadline applies)
 
     def _stop_timers(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
         if self._total_timer is not None:
             self._total_timer.cancel()
             self._total_timer = None
@@ -474,11 +497,7 @@ class _Call:
         Args:
             keep_deadline: the call goes on (a retry): its total timeout keeps running.
         """
-        if keep_deadline:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
-        else:
+        if not keep_deadline:
             self._stop_timers()
         writer = self._writer
         self._writer = None

@@ -366,6 +366,30 @@ async def test_connect_refused_read_timeout_and_total_timeout(
     await scripted.start()  # for the fixture's stop
 
 
+async def test_the_read_timeout_holds_on_a_reused_connection(
+    scripted: Scripted, make_config: MakeConfig
+) -> None:
+    """A kept-alive connection's next exchange gets a full read timeout of its own; silence then fails it."""
+
+    def silent_head(_: Seen) -> bytes | None:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n"  # the body never comes
+
+    scripted.answers += [ok(b"one"), ok(b"two"), silent_head]
+    loop = asyncio.get_running_loop()
+    async with pool_for(listener_for(make_config, scripted.port, read=0.3, total=None)) as pool:
+        assert (await fetch(pool))[2] == b"one"
+        await asyncio.sleep(0.2)  # part of a read timeout passes while the connection is idle
+        assert (await fetch(pool))[2] == b"two"  # the timer armed by the first call must not cut this one
+        async with pool.request("GET", "/t", [("Host", "mes")]) as answer:
+            started = loop.time()
+            with pytest.raises(aiohttp.ClientError) as read_timeout:
+                await answer.content.read()
+            waited = loop.time() - started
+    assert classify_failure(read_timeout.value) is UpstreamFailure.READ_TIMEOUT
+    assert waited >= 0.25  # a full read timeout from the last byte, not what was left of an old one
+    assert [s.connection for s in scripted.seen] == [1, 1, 1]
+
+
 async def test_a_cancelled_call_closes_its_connection_and_frees_its_place(
     scripted: Scripted, make_config: MakeConfig
 ) -> None:
