@@ -25,10 +25,10 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import SpanProcessor
 
 from mes_trace_proxy import __version__
-from mes_trace_proxy.otlp_encode import EncodedSpan, OtlpSpanEncoder, rejected_spans
+from mes_trace_proxy.otlp_encode import EncodableSpan, EncodedSpan, OtlpSpanEncoder, rejected_spans
 
 __all__ = [
     "Attempt",
@@ -471,8 +471,12 @@ class OtlpExportProcessor(SpanProcessor):
     def on_start(self, span: object, parent_context: Context | None = None) -> None:
         """Nothing to do at start."""
 
-    def on_end(self, span: ReadableSpan) -> None:
-        """Encode a finished sampled span into the queue; count it as dropped when the queue is full."""
+    def on_end(self, span: EncodableSpan) -> None:
+        """Encode a finished sampled span into the queue; count it as dropped when the queue is full.
+
+        Any span the encoder can read will do: the SDK's ``ReadableSpan``, or the proxy's lean
+        ``spans.ProxySpan``, which ``SpanFactory`` hands over directly.
+        """
         context = span.context
         if context is None or not context.trace_flags.sampled:
             return
