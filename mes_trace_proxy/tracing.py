@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Final
 
 from opentelemetry import trace as trace_api
@@ -21,7 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.propagate import get_global_textmap
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -40,6 +41,7 @@ from mes_trace_proxy.attributes import HTTP_ROUTE
 from mes_trace_proxy.config import Config
 from mes_trace_proxy.correlation import OrderTraceIds
 from mes_trace_proxy.export import ExportStats, OtlpExportProcessor, make_transport, otlp_settings
+from mes_trace_proxy.spans import SpanFactory
 
 __all__ = [
     "BatchExportProcessor",
@@ -106,6 +108,16 @@ class RouteSampler(Sampler):
     def __init__(self, default: Sampler, per_route: Mapping[str, Sampler]) -> None:
         self._default = default
         self._per_route = dict(per_route)
+
+    @property
+    def default(self) -> Sampler:
+        """The sampler of every span not routed (``OTEL_TRACES_SAMPLER``)."""
+        return self._default
+
+    @property
+    def per_route(self) -> Mapping[str, Sampler]:
+        """The SERVER spans' samplers by ``http.route`` (read-only view)."""
+        return MappingProxyType(self._per_route)
 
     def should_sample(
         self,
@@ -330,6 +342,8 @@ class Tracing:
     processors: tuple[OtlpExportProcessor | BatchExportProcessor, ...]
     #: the provider's id generator: ``ids.using(trace_id)`` picks a root span's trace id
     ids: OrderTraceIds
+    #: the proxy's own SERVER and CLIENT spans, made lean on the provider's configuration
+    spans: SpanFactory
 
     #: whether any span will ever leave the process (an exporter or an extra processor)
     exporting: bool = True
@@ -426,17 +440,27 @@ def build_tracing(
         sampler = ALWAYS_OFF
     resource = Resource.create(resource_attributes(config, env))
     ids = OrderTraceIds()
-    provider = TracerProvider(resource=resource, sampler=sampler, id_generator=ids)
+    # Read from the environment as the provider would; given to the span factory as well.
+    limits = SpanLimits()
+    provider = TracerProvider(resource=resource, sampler=sampler, id_generator=ids, span_limits=limits)
     for processor in processors:
         provider.add_span_processor(processor)
     for extra in extra_processors:
         provider.add_span_processor(extra)
     tracer = provider.get_tracer("mes_trace_proxy", __version__)
+    spans = SpanFactory(
+        provider,
+        processors=(*processors, *extra_processors),
+        limits=limits,
+        scope_name="mes_trace_proxy",
+        scope_version=__version__,
+    )
     return Tracing(
         provider=provider,
         tracer=tracer,
         propagator=get_global_textmap(),
         processors=tuple(processors),
         ids=ids,
+        spans=spans,
         exporting=bool(processors or extra_processors),
     )
