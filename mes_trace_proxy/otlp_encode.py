@@ -6,11 +6,10 @@ memoises the encoded bytes of what repeats: attribute pairs, resources and scope
 
 from __future__ import annotations
 
-import functools
 import logging
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -45,6 +44,8 @@ OBJECT_CACHE_SIZE: Final = 64
 #: rule; 1024 covers a large rules file, and the cache is cleared when full, like the pairs'.
 NAME_CACHE_SIZE: Final = 1024
 
+_K = TypeVar("_K")
+
 _INT64_MIN: Final = -(1 << 63)
 _INT64_MAX: Final = (1 << 63) - 1
 _UINT64_MASK: Final = (1 << 64) - 1
@@ -53,6 +54,8 @@ _FLAGS_HAS_IS_REMOTE: Final = 0x100
 _FLAGS_IS_REMOTE: Final = 0x200
 
 _pack_double = struct.Struct("<d").pack
+#: a span's start and end time fields in one call: tag, fixed64, tag, fixed64
+_pack_times = struct.Struct("<BQBQ").pack
 _pack_fixed64 = struct.Struct("<Q").pack
 _pack_fixed32 = struct.Struct("<I").pack
 # One-byte varints are nearly every length and count; look them up instead of looping.
@@ -116,6 +119,8 @@ _SPAN_PARENT_ID: Final = _tag(4, _LEN) + b"\x08"
 _SPAN_NAME: Final = _tag(5, _LEN)
 _SPAN_START: Final = _tag(7, _I64)
 _SPAN_END: Final = _tag(8, _I64)
+_SPAN_START_BYTE: Final = _SPAN_START[0]
+_SPAN_END_BYTE: Final = _SPAN_END[0]
 _SPAN_ATTRIBUTES: Final = _tag(9, _LEN)
 _SPAN_DROPPED_ATTRIBUTES: Final = _tag(10, _VARINT)
 _SPAN_EVENTS: Final = _tag(11, _LEN)
@@ -247,7 +252,7 @@ def _encode_value(value: object) -> bytes:
     raise TypeError(f"invalid type {type(value).__name__} of attribute value")
 
 
-def _encode_key_value(key: str, value: object) -> bytes:
+def _encode_key_value(key: object, value: object) -> bytes:
     """The KeyValue message body."""
     if not isinstance(key, str):
         raise TypeError(f"attribute key {key!r} is not a string")
@@ -263,8 +268,15 @@ class EncodedSpan(NamedTuple):
     field: bytes
 
 
-#: ``EncodedSpan`` made without its Python-level ``__new__`` (half the cost, once per span).
-_new_encoded_span: Final = functools.partial(tuple.__new__, EncodedSpan)
+#: Makes an ``EncodedSpan`` from its fields without its Python-level ``__new__`` (half the cost).
+_new_tuple: Final = tuple.__new__
+
+
+class _PairCaches(NamedTuple):
+    """The memoised attribute pairs of one field tag (see ``OtlpSpanEncoder.__init__``)."""
+
+    plain: dict[tuple[object, object], bytes]
+    typed: dict[tuple[type, object, object], bytes]
 
 
 class OtlpSpanEncoder:
@@ -276,12 +288,25 @@ class OtlpSpanEncoder:
     """
 
     def __init__(self) -> None:
-        #: per field tag: the tagged KeyValue bytes by ``(key, str value)`` or ``(type, key, value)``
-        self._pairs: dict[bytes, dict[tuple[object, ...], bytes]] = {}
-        #: per field tag: the tagged, length-prefixed name by name
-        self._names: dict[bytes, dict[str, bytes]] = {}
+        #: per field tag: the tagged KeyValue bytes of pairs whose value is a str or a tuple of
+        #: str, keyed by the ``(key, value)`` item itself, and of int and bool pairs, keyed by
+        #: ``(type, key, value)``
+        self._pairs: dict[bytes, _PairCaches] = {}
+        self._span_pairs = self._caches(_SPAN_ATTRIBUTES)
+        self._event_pairs = self._caches(_EVENT_ATTRIBUTES)
+        #: the KeyValue ``key`` field by attribute key
+        self._keys: dict[str, bytes] = {}
+        #: the tagged, length-prefixed span and event names by name
+        self._span_names: dict[str, bytes] = {}
+        self._event_names: dict[str, bytes] = {}
         self._resources: dict[int, tuple[Resource, bytes]] = {}
         self._scopes: dict[int, tuple[InstrumentationScope, bytes]] = {}
+
+    def _caches(self, tag: bytes) -> _PairCaches:
+        caches = self._pairs.get(tag)
+        if caches is None:
+            caches = self._pairs[tag] = _PairCaches({}, {})
+        return caches
 
     def encode_request(self, spans: Sequence[EncodableSpan]) -> bytes:
         """Serialize ``spans`` as one OTLP ``ExportTraceServiceRequest``.
@@ -310,8 +335,9 @@ class OtlpSpanEncoder:
             The span's resource, scope and ``ScopeSpans.spans`` field bytes.
         """
         body = self._span(span)
-        return _new_encoded_span(
-            (span.resource, span.instrumentation_scope or None, _SS_SPANS + _varint(len(body)) + body)
+        return _new_tuple(
+            EncodedSpan,
+            (span.resource, span.instrumentation_scope or None, _SS_SPANS + _varint(len(body)) + body),
         )
 
     def assemble(self, spans: Sequence[EncodedSpan]) -> bytes:
@@ -361,49 +387,51 @@ class OtlpSpanEncoder:
     def _span(self, span: EncodableSpan) -> bytes:
         context = span.get_span_context()
         assert context is not None  # a finished span always has one
+        # A SpanContext is a tuple: one unpacking instead of three property calls.
+        trace_id, span_id, _, _, trace_state, _ = context
         parent = span.parent
-        parts = [
-            _SPAN_TRACE_ID,
-            context.trace_id.to_bytes(16, "big"),
-            _SPAN_SPAN_ID,
-            context.span_id.to_bytes(8, "big"),
-        ]
+        parts = [_SPAN_TRACE_ID, trace_id.to_bytes(16, "big"), _SPAN_SPAN_ID, span_id.to_bytes(8, "big")]
         append = parts.append
-        trace_state = context.trace_state
         # DEFAULT_TRACE_STATE (no tracestate) is nearly every span's: skip the Mapping's __len__.
         if trace_state is not DEFAULT_TRACE_STATE and trace_state:
             state = ",".join([f"{key}={value}" for key, value in trace_state.items()])
             parts += (_SPAN_TRACE_STATE, _delimited(state.encode("utf-8")))
         if parent is not None:
             append(_SPAN_PARENT_ID)
-            append(parent.span_id.to_bytes(8, "big"))
+            append(parent[1].to_bytes(8, "big"))
         name = span.name
         if name:
-            append(self._name(_SPAN_NAME, name))
+            encoded_name = self._span_names.get(name)
+            if encoded_name is None:
+                encoded_name = _remember(
+                    self._span_names, name, _SPAN_NAME + _delimited(name.encode("utf-8"))
+                )
+            append(encoded_name)
         append(_SPAN_KIND[span.kind._value_])
         start_time = span.start_time
-        if start_time:
-            append(_SPAN_START)
-            append(_pack_fixed64(start_time))
         end_time = span.end_time
-        if end_time:
-            append(_SPAN_END)
-            append(_pack_fixed64(end_time))
+        if start_time and end_time:
+            append(_pack_times(_SPAN_START_BYTE, start_time, _SPAN_END_BYTE, end_time))
+        else:
+            if start_time:
+                parts += (_SPAN_START, _pack_fixed64(start_time))
+            if end_time:
+                parts += (_SPAN_END, _pack_fixed64(end_time))
         attributes = span.attributes
         if attributes:
-            self._attributes(parts, _SPAN_ATTRIBUTES, attributes)
+            self._attributes(parts, _SPAN_ATTRIBUTES, attributes, self._span_pairs)
         dropped = span.dropped_attributes
         if dropped:
             parts += (_SPAN_DROPPED_ATTRIBUTES, _varint(dropped))
         for event in span.events:
-            body = self._event(event)
-            parts += (_SPAN_EVENTS, _varint(len(body)), body)
+            event_body = self._event(event)
+            parts += (_SPAN_EVENTS, _varint(len(event_body)), event_body)
         dropped = span.dropped_events
         if dropped:
             parts += (_SPAN_DROPPED_EVENTS, _varint(dropped))
         for link in span.links:
-            body = self._link(link)
-            parts += (_SPAN_LINKS, _varint(len(body)), body)
+            link_body = self._link(link)
+            parts += (_SPAN_LINKS, _varint(len(link_body)), link_body)
         dropped = span.dropped_links
         if dropped:
             parts += (_SPAN_DROPPED_LINKS, _varint(dropped))
@@ -418,7 +446,7 @@ class OtlpSpanEncoder:
                 parts += (_SPAN_STATUS, _delimited(status_body))
             else:
                 append(_SPAN_STATUS_PLAIN[status.status_code._value_])
-        append(_SPAN_FLAGS_REMOTE if parent is not None and parent.is_remote else _SPAN_FLAGS_LOCAL)
+        append(_SPAN_FLAGS_REMOTE if parent is not None and parent[2] else _SPAN_FLAGS_LOCAL)
         return b"".join(parts)
 
     def _event(self, event: EncodableEvent) -> bytes:
@@ -426,10 +454,15 @@ class OtlpSpanEncoder:
         parts = [_EVENT_TIME, _pack_fixed64(timestamp)] if timestamp else []
         name = event.name
         if name:
-            parts.append(self._name(_EVENT_NAME, name))
+            encoded_name = self._event_names.get(name)
+            if encoded_name is None:
+                encoded_name = _remember(
+                    self._event_names, name, _EVENT_NAME + _delimited(name.encode("utf-8"))
+                )
+            parts.append(encoded_name)
         attributes = event.attributes
         if attributes:
-            self._attributes(parts, _EVENT_ATTRIBUTES, attributes)
+            self._attributes(parts, _EVENT_ATTRIBUTES, attributes, self._event_pairs)
         dropped = event.dropped_attributes
         if dropped:
             parts += (_EVENT_DROPPED_ATTRIBUTES, _varint(dropped))
@@ -450,52 +483,64 @@ class OtlpSpanEncoder:
         parts.append(_LINK_FLAGS_REMOTE if context.is_remote else _LINK_FLAGS_LOCAL)
         return b"".join(parts)
 
-    def _name(self, tag: bytes, name: str) -> bytes:
-        """``tag`` and the length-prefixed UTF-8 ``name``, memoised: names repeat on every call of a route."""
-        names = self._names.get(tag)
-        if names is None:
-            names = self._names[tag] = {}
-        encoded = names.get(name)
-        if encoded is None:
-            if len(names) >= NAME_CACHE_SIZE:
-                names.clear()
-            encoded = names[name] = tag + _delimited(name.encode("utf-8"))
-        return encoded
-
-    def _attributes(self, parts: list[bytes], tag: bytes, attributes: Mapping[str, object]) -> None:
+    def _attributes(
+        self,
+        parts: list[bytes],
+        tag: bytes,
+        attributes: Mapping[str, object],
+        caches: _PairCaches | None = None,
+    ) -> None:
         """Append one ``tag``-ged KeyValue per attribute; a bad one is logged and skipped, as in the SDK."""
-        pairs = self._pairs.get(tag)
-        if pairs is None:
-            pairs = self._pairs[tag] = {}
+        plain, typed = caches or self._caches(tag)
         append = parts.append
-        lookup = pairs.get
-        for key, value in attributes.items():
-            kind = type(value)
-            # The type is part of the key where equal values encode differently: True == 1
-            # and (True,) == (1,). Strings equal only strings, so (key, value) is enough there.
-            # Floats are never cached: 0.0 and -0.0 are equal keys but encode differently.
-            cache_key: tuple[object, ...] | None
-            if kind is str:
-                cache_key = (key, value)
-            elif kind is int or kind is bool or kind is tuple:
-                cache_key = (kind, key, value)
-            else:
-                cache_key = None
-            if cache_key is not None:
-                cached = lookup(cache_key)
-                if cached is not None:
-                    append(cached)
-                    continue
+        lookup = plain.get
+        for item in attributes.items():
+            # Only pairs with a str value (or a tuple of str) are in ``plain``, and a str equals
+            # only a str, so the item itself can be the key: True == 1 and 0.0 == -0.0 never
+            # meet an entry there. Most pairs of a proxy span hit here.
             try:
-                encoded = tag + _delimited(_encode_key_value(key, value))
-            except (TypeError, ValueError) as error:  # UnicodeEncodeError is a ValueError
-                log.warning("skipped attribute %r that OTLP cannot encode: %s", key, error)
+                cached = lookup(item)
+            except TypeError:  # an unhashable value (a mapping): encoded every time
+                encoded = _encode_pair(tag, *item)
+                if encoded is not None:
+                    append(encoded)
                 continue
-            # Only tuples of strings are stored, so no lookup can meet (True,) where (1,) was.
-            if cache_key is not None and (kind is not tuple or _all_str(value)):
-                if len(pairs) >= ATTRIBUTE_CACHE_SIZE:
-                    pairs.clear()
-                pairs[cache_key] = encoded
+            if cached is not None:
+                append(cached)
+                continue
+            key, value = item
+            kind = type(value)
+            if kind is int or kind is bool:
+                # The type is part of this key: True == 1 would otherwise share an entry.
+                typed_key = (kind, key, value)
+                cached = typed.get(typed_key)
+                if cached is None:
+                    cached = _encode_pair(tag, key, value)
+                    if cached is None:
+                        continue
+                    _remember(typed, typed_key, cached, ATTRIBUTE_CACHE_SIZE)
+                append(cached)
+                continue
+            if isinstance(value, str) and type(key) is str:
+                # A one-off value (an order id, a path): only the key's bytes are reused.
+                try:
+                    prefix = self._keys.get(key)
+                    if prefix is None:
+                        prefix = _remember(self._keys, key, _KV_KEY + _delimited(key.encode("utf-8")))
+                    encoded_value = value.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    log.warning("skipped attribute %r that OTLP cannot encode: %s", key, error)
+                    continue
+                any_value = _ANY_STRING + _varint(len(encoded_value)) + encoded_value
+                pair = prefix + _KV_VALUE + _varint(len(any_value)) + any_value
+                append(_remember(plain, (key, value), tag + _varint(len(pair)) + pair, ATTRIBUTE_CACHE_SIZE))
+                continue
+            encoded = _encode_pair(tag, key, value)
+            if encoded is None:
+                continue
+            # Floats are never cached: 0.0 and -0.0 are equal keys but encode differently.
+            if kind is tuple and _all_str(value):
+                _remember(plain, (key, value), encoded, ATTRIBUTE_CACHE_SIZE)
             append(encoded)
 
     def _resource(self, resource: Resource) -> bytes:
@@ -531,6 +576,23 @@ class OtlpSpanEncoder:
             self._scopes.clear()
         self._scopes[id(scope)] = (scope, encoded)
         return encoded
+
+
+def _encode_pair(tag: bytes, key: object, value: object) -> bytes | None:
+    """``tag`` and the length-prefixed KeyValue; None (logged) for a pair OTLP cannot carry, as in the SDK."""
+    try:
+        return tag + _delimited(_encode_key_value(key, value))
+    except (TypeError, ValueError) as error:  # UnicodeEncodeError is a ValueError
+        log.warning("skipped attribute %r that OTLP cannot encode: %s", key, error)
+        return None
+
+
+def _remember(cache: dict[_K, bytes], key: _K, encoded: bytes, size: int = NAME_CACHE_SIZE) -> bytes:
+    """Store ``encoded`` under ``key``; a full cache is cleared first, so what repeats comes back."""
+    if len(cache) >= size:
+        cache.clear()
+    cache[key] = encoded
+    return encoded
 
 
 def _all_str(value: object) -> bool:

@@ -262,3 +262,34 @@ def _response(rejected: int, message: str) -> bytes:
 def test_rejected_spans_reads_partial_success(answer: bytes, expected: tuple[int, str]) -> None:
     """The rejected count and message come from partial_success; unreadable answers reject nothing."""
     assert rejected_spans(answer) == expected
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"bad.value": "\udc80", "kept": "yes"},
+        {"\udc80": "bad key", "kept": "yes"},
+        {"mapping": {"k": "v", "n": 1}, "kept": "yes"},
+        {"strings": ("a", "b"), "ints": (1, 0), "bools": (True, False), "kept": "yes"},
+    ],
+    ids=["surrogate-value", "surrogate-key", "mapping-value", "tuples"],
+)
+def test_uncacheable_and_unencodable_pairs_match_the_sdk_twice(attributes: dict[str, object]) -> None:
+    """Surrogates are skipped, mappings encoded each time, equal tuples of other types kept apart."""
+    span = ReadableSpan(
+        name="edge",
+        context=_LOCAL_LINKED,
+        attributes=attributes,  # type: ignore[arg-type]  # the SDK types values narrower than it accepts
+        start_time=1,
+        end_time=2,
+    )
+    encoder = OtlpSpanEncoder()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logging.getLogger("opentelemetry"), "disabled", True)
+        for _ in range(2):  # the second time from the caches
+            _assert_same_as_sdk([span], encoder)
+    # (True, False) and (1, 0) are equal tuples: each still keeps its own OTLP type.
+    swapped = {"bools": (1, 0), "ints": (True, False)} if "bools" in attributes else None
+    if swapped is not None:
+        other = ReadableSpan(name="edge", context=_LOCAL_LINKED, attributes=swapped, start_time=1, end_time=2)
+        _assert_same_as_sdk([other], encoder)
