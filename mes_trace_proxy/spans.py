@@ -89,6 +89,13 @@ log = logging.getLogger("mes_trace_proxy.spans")
 
 #: Stands for "no limit" in the integer comparisons of the hot path (the SDK's None).
 _NO_LIMIT: Final = sys.maxsize
+#: Attribute value types the SDK stores unchanged (exact types: subclasses take the SDK's path).
+_PLAIN: Final = frozenset({str, int, float, bool})
+#: ``tuple.__new__``: makes a SpanContext, LeanEvent or LeanLink from its fields without their
+#: Python-level ``__new__`` (SpanContext's only computes ``is_valid``, which is done here).
+_new_tuple: Final = tuple.__new__
+_TRACE_ID_END: Final = 1 << 128
+_SPAN_ID_END: Final = 1 << 64
 #: The low 64 bits of a trace id, which ``TraceIdRatioBased`` compares with its bound.
 _TRACE_ID_LOW: Final = (1 << 64) - 1
 #: A ratio bound no 64-bit value reaches: the sampler that always samples.
@@ -188,12 +195,32 @@ def _clean_value(value: Any, length: int) -> AttributeValue:
     return _clean_attribute_value(value, _sdk_length(length))  # type: ignore[no-any-return]
 
 
+def _plain_tuple(value: tuple[object, ...]) -> bool:
+    """Whether every item is a plain str, int, float or bool (the SDK keeps such a tuple as it is)."""
+    for item in value:  # noqa: SIM110 - a loop is cheaper than all() over a generator
+        if type(item) not in _PLAIN:
+            return False
+    return True
+
+
 def _fill(target: dict[str, AttributeValue], source: Mapping[Any, Any], limit: int, length: int) -> int:
     """Fill a new ``target`` from ``source`` as ``BoundedAttributes(limit, source)`` does; the count dropped.
 
     ``target`` may already hold ``http.route``: the source is then taken as merged after it,
     keeping that first position, as the SDK receives one merged mapping.
     """
+    if length == _NO_LIMIT and len(target) + len(source) <= limit:
+        # The common case (no length limit, within the count): when every key is a string and
+        # every value a plain scalar or a tuple of them, the SDK would store them as they are.
+        for key, value in source.items():
+            if type(key) is not str or not key:
+                break
+            kind = type(value)
+            if kind not in _PLAIN and (kind is not tuple or not _plain_tuple(value)):
+                break
+        else:
+            target.update(source)
+            return 0
     dropped = 0
     for key, value in source.items():
         if type(key) is not str or not key:
@@ -381,7 +408,7 @@ class ProxySpan(trace_api.Span):
             return
         limits = self._factory.limits
         cleaned, dropped = _bounded(attributes, limits.event_attributes, limits.value_length)
-        event = LeanEvent(name, time_ns() if timestamp is None else timestamp, cleaned, dropped)
+        event = _new_tuple(LeanEvent, (name, time_ns() if timestamp is None else timestamp, cleaned, dropped))
         events = self.events
         if not events:
             self.events = events = []
@@ -685,50 +712,65 @@ class SpanFactory:
         if not self._enabled:
             return trace_api.INVALID_SPAN
         given = parent
-        if parent is not None and parent.is_valid:
-            trace = parent.trace_id
-            random_bit = parent.trace_flags & _RANDOM_TRACE_ID
+        if parent is not None:
+            # A SpanContext is a tuple; one unpacking instead of five property calls.
+            trace, _, remote, parent_flags, state, valid = parent
+        else:
+            trace, remote, parent_flags, state, valid = 0, False, _FLAGS[0], DEFAULT_TRACE_STATE, False
+        if valid:
+            random_bit = parent_flags & _RANDOM_TRACE_ID
         else:
             parent = None
             trace = trace_id if trace_id is not None else self._new_trace_id()
             random_bit = self._random_root
+            state = DEFAULT_TRACE_STATE
         sampling = self._sampling
         plan = sampling.default
         if kind is SpanKind.SERVER and sampling.routes:
             routed = attributes.get(HTTP_ROUTE, route) if attributes else route
             if routed is not None:
                 plan = sampling.routes.get(routed if type(routed) is str else str(routed), plan)
-        limits = self.limits
         if plan is None:
             return self._start_asking(
                 name, kind, given, parent, trace, random_bit, route, attributes, links, start_time
             )
         if parent is None:
             bound = plan.root
-            state = DEFAULT_TRACE_STATE
+        elif remote:
+            bound = plan.remote_sampled if parent_flags & _SAMPLED else plan.remote_not_sampled
         else:
-            if parent.is_remote:
-                bound = plan.remote_sampled if parent.trace_flags & _SAMPLED else plan.remote_not_sampled
-            else:
-                bound = plan.local_sampled if parent.trace_flags & _SAMPLED else plan.local_not_sampled
-            state = parent.trace_state
+            bound = plan.local_sampled if parent_flags & _SAMPLED else plan.local_not_sampled
+        span_id = self._new_span_id()
+        valid = 0 < trace < _TRACE_ID_END and 0 < span_id < _SPAN_ID_END
         if trace & _TRACE_ID_LOW >= bound:
-            return NonRecordingSpan(SpanContext(trace, self._new_span_id(), False, _FLAGS[random_bit], state))
+            flags = _FLAGS[random_bit]
+            return NonRecordingSpan(_new_tuple(SpanContext, (trace, span_id, False, flags, state, valid)))
+        flags = _FLAGS[_SAMPLED | random_bit]
         span = ProxySpan(
             self,
             name,
             kind,
-            SpanContext(trace, self._new_span_id(), False, _FLAGS[_SAMPLED | random_bit], state),
+            _new_tuple(SpanContext, (trace, span_id, False, flags, state, valid)),
             parent,
             time_ns() if start_time is None else start_time,
             self._provider.resource,
         )
-        if route is not None or attributes:
+        if route is not None:
+            limits = self.limits
             recorded = span.attributes
-            if route is not None:
-                recorded[HTTP_ROUTE] = _clean_value(route, limits.span_value_length)
+            recorded[HTTP_ROUTE] = (
+                route
+                if type(route) is str and len(route) <= limits.span_value_length
+                else _clean_value(route, limits.span_value_length)
+            )
+            if attributes or not limits.span_attributes:
+                span.dropped_attributes = _fill(
+                    recorded, attributes or _NO_ATTRIBUTES, limits.span_attributes, limits.span_value_length
+                )
+        elif attributes:
+            limits = self.limits
             span.dropped_attributes = _fill(
-                recorded, attributes or _NO_ATTRIBUTES, limits.span_attributes, limits.span_value_length
+                span.attributes, attributes, limits.span_attributes, limits.span_value_length
             )
         if links:
             self._set_links(span, links)
