@@ -392,7 +392,11 @@ class ProxySpan(trace_api.Span):
         attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        """Set several attributes, in order, with the same rules as :meth:`set_attribute`."""
+        """Set several attributes, in order, as the SDK sets a mapping.
+
+        As in :meth:`set_attribute`, except for keys: an empty one is dropped and counted, but a
+        key that is not a ``str`` and has a ``__str__`` or ``__repr__`` of its own is converted.
+        """
         if self.end_time is not None:
             log.warning("Setting attribute on ended span.")
             return
