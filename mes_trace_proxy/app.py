@@ -16,10 +16,18 @@ import aiohttp
 
 from mes_trace_proxy.config import Config, ListenerConfig
 from mes_trace_proxy.forwarding import ForwardPolicy
+from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import Findings, OrderBook
-from mes_trace_proxy.proxy import ListenerState, Observer, make_handler, upstream_error_type
+from mes_trace_proxy.proxy import (
+    ListenerState,
+    Observer,
+    make_handler,
+    make_upgrade_handler,
+    own_response_fields,
+    upstream_error_type,
+)
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tls import client_context
 from mes_trace_proxy.tracecontext import TrustPolicy
@@ -166,13 +174,15 @@ def trust_policy(cidrs: tuple[str, ...]) -> TrustPolicy:
 
 def build_proxy_server(
     listener: ListenerConfig, shared: Shared
-) -> tuple[GuardedServer, aiohttp.ClientSession, UpstreamPool | None]:
-    """Build one listener's low-level server and its upstream clients; call inside a running loop.
+) -> tuple[Http1Server, aiohttp.ClientSession, UpstreamPool | None]:
+    """Build one listener's server and its upstream clients; call inside a running loop.
 
-    Plain requests go through the lean pool; the aiohttp session serves the WebSocket relay
-    and, with ``tracing.client_span: instrumentation``, every request (its hooks live there;
-    the pool is then ``None``). The caller (``server.py``) owns all three: it closes the
-    session and the pool after the server drained.
+    Requests are served by the lean HTTP/1.1 server (``http1.py``), WebSocket upgrades by
+    aiohttp's, which it hands them to. Plain requests go upstream through the lean pool; the
+    aiohttp session serves the WebSocket relay and, with ``tracing.client_span:
+    instrumentation``, every request (its hooks live there; the pool is then ``None``). The
+    caller (``server.py``) owns all three: it closes the session and the pool after the
+    server drained.
     """
     config = shared.config
     # tracing.client_span: instrumentation — only when spans are exported; otherwise the
@@ -213,9 +223,10 @@ def build_proxy_server(
         draining=lambda: shared.readiness.draining,
         instrumented_client=instrumented,
         upstream=pool,
+        own_response_fields=own_response_fields(listener),
     )
-    server = GuardedServer(
-        make_handler(state),
+    upgrades = GuardedServer(
+        make_upgrade_handler(state),
         limits=listener.limits,
         # A caller that goes away cancels its handler, and with it the upstream call.
         handler_cancellation=True,
@@ -223,4 +234,5 @@ def build_proxy_server(
         auto_decompress=False,
         access_log=None,
     )
+    server = Http1Server(make_handler(state), limits=listener.limits, upgrade_server=upgrades)
     return server, session, pool

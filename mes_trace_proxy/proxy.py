@@ -44,6 +44,7 @@ from mes_trace_proxy.forwarding import (
     downstream_response_headers,
     upstream_request_headers,
 )
+from mes_trace_proxy.http1 import IncomingRequest
 from mes_trace_proxy.orders import Findings, OrderBook, SpanRef
 from mes_trace_proxy.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -65,7 +66,9 @@ __all__ = [
     "classify_failure",
     "handle",
     "make_handler",
+    "make_upgrade_handler",
     "one_spelling",
+    "own_response_fields",
     "upstream_error_type",
 ]
 
@@ -135,6 +138,16 @@ class ListenerState:
     instrumented_client: bool = False
     #: the lean upstream client (the default); ``None``: calls go through ``session``
     upstream: UpstreamPool | None = None
+    #: lower-case names of the fields the proxy sets on answers (see :func:`own_response_fields`)
+    own_response_fields: frozenset[str] = frozenset()
+
+
+def own_response_fields(config: ListenerConfig) -> frozenset[str]:
+    """Lower-case names of the fields the proxy sets on answers; MES's fields of those names are replaced."""
+    names = {"traceresponse"} if config.traceresponse else set()
+    if config.trace_id_header:
+        names.add(config.trace_id_header.lower())
+    return frozenset(names)
 
 
 def classify_failure(exc: BaseException) -> UpstreamFailure:
@@ -202,7 +215,8 @@ def one_spelling(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return headers if fixed is None else fixed
 
 
-def _rejection_response(rejection: Rejection, trace_id: str | None) -> web.Response:
+def _rejection_answer(rejection: Rejection, trace_id: str | None) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, fields and body of a problem+json answer to a refused request."""
     from mes_trace_proxy.problems import problem_body
 
     body = problem_body(
@@ -212,8 +226,14 @@ def _rejection_response(rejection: Rejection, trace_id: str | None) -> web.Respo
         type_=rejection.problem_type,
         trace_id=trace_id,
     )
-    response = web.Response(status=rejection.status, body=body, content_type=PROBLEM_CONTENT_TYPE)
-    for name, value in rejection.headers:
+    return rejection.status, [("Content-Type", PROBLEM_CONTENT_TYPE), *rejection.headers], body
+
+
+def _rejection_response(rejection: Rejection, trace_id: str | None) -> web.Response:
+    """The same answer for aiohttp's server (the WebSocket relay's connections)."""
+    status, headers, body = _rejection_answer(rejection, trace_id)
+    response = web.Response(status=status, body=body)
+    for name, value in headers:
         response.headers.add(name, value)
     return response
 
@@ -232,7 +252,7 @@ class BodyTooLarge(Exception):
     """A streamed request body passed the listener's ``max_body_size``."""
 
 
-def _body_too_large(request: web.BaseRequest, limit: int | None) -> Rejection | None:
+def _body_too_large(request: web.BaseRequest | IncomingRequest, limit: int | None) -> Rejection | None:
     """413 before anything goes upstream when the declared length is over the limit."""
     length = request.content_length
     if limit is None or length is None or length <= limit:
@@ -263,7 +283,7 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def _request_body(
-    request: web.BaseRequest, match: RouteMatch | None, limit: int
+    request: IncomingRequest, match: RouteMatch | None, limit: int
 ) -> tuple[bytes | None, RequestBody]:
     """Decide how the body goes upstream, reading it only when a rule needs it and it is small.
 
@@ -293,7 +313,7 @@ async def _request_body(
 
 def _server_attributes(
     state: ListenerState,
-    request: web.BaseRequest,
+    request: IncomingRequest,
     match: RouteMatch | None,
     path: str,
     query: str,
@@ -350,7 +370,7 @@ def _log_attributes(state: ListenerState, method: str, facts: OrderFacts) -> dic
 
 
 def _parent_context(
-    state: ListenerState, request: web.BaseRequest
+    state: ListenerState, request: web.BaseRequest | IncomingRequest
 ) -> tuple[Context | None, tuple[Link, ...]]:
     """The parent context per the trust policy: continue, or a new root linked to the caller."""
     headers = request.headers
@@ -374,22 +394,73 @@ def _order_trace(state: ListenerState, parent: Context | None, facts: OrderFacts
     return order_trace_for(state.correlation, order_id, has_parent=has_parent, tracked=tracked)
 
 
-def make_handler(state: ListenerState) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-    """The low-level request handler of one listener (for ``aiohttp.web.Server``).
+def make_handler(state: ListenerState) -> Callable[[IncomingRequest], Awaitable[None]]:
+    """The request handler of one listener (for :class:`mes_trace_proxy.http1.Http1Server`).
 
-    The proxy has a single handler for every target, so it sits on aiohttp's low-level
-    server: no router to resolve, no middleware chain, and targets that are not paths
-    (CONNECT's authority-form) still reach :func:`handle` to be refused properly.
+    The proxy has a single handler for every target, so there is no router: targets that
+    are not paths (CONNECT's authority-form) still reach :func:`handle` to be refused properly.
     """
 
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        return await handle(state, request)
+    async def handler(request: IncomingRequest) -> None:
+        await handle(state, request)
 
     return handler
 
 
-async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamResponse:
-    """Proxy one request to the listener's upstream and trace it."""
+def make_upgrade_handler(state: ListenerState) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The handler of the WebSocket upgrades the listener hands to aiohttp's server.
+
+    The same checks as :func:`handle` run first. Whatever is not a relayed WebSocket is
+    answered and the connection closed: only the upgrade itself was handed over.
+    """
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        from mes_trace_proxy.websocket import proxy_websocket
+
+        started = time.perf_counter()
+        method = request.method
+        raw = request.raw_path
+        rejection = (
+            check_target(method, raw)
+            or check_host_headers(tuple(request.headers.items()))
+            or check_header_values(request.headers.values())
+        )
+        if rejection is not None:
+            refused = _rejection_response(rejection, None)
+            refused.force_close()
+            _refused(state, method, rejection, started)
+            return refused
+        match = state.config.rules.match(method, raw.partition("?")[0])
+        if state.instrumented_client:
+            # The relay has a SERVER span only, injected as the upstream's parent; the
+            # instrumentation would add a root CLIENT span for the handshake and overwrite it.
+            from opentelemetry.instrumentation.utils import suppress_http_instrumentation
+
+            with suppress_http_instrumentation():
+                response = await proxy_websocket(request, state, match, started)
+        else:
+            response = await proxy_websocket(request, state, match, started)
+        if not isinstance(response, web.WebSocketResponse):
+            response.force_close()
+        return response
+
+    return handler
+
+
+def _refused(state: ListenerState, method: str, rejection: Rejection, started: float) -> None:
+    state.observer.request_done(
+        listener=state.config.name,
+        route="",
+        method=A.method_attribute(method),
+        status=rejection.status,
+        duration=time.perf_counter() - started,
+        upstream_duration=None,
+        error_type=rejection.problem_type,
+    )
+
+
+async def handle(state: ListenerState, request: IncomingRequest) -> None:
+    """Proxy one request to the listener's upstream, trace it, and answer the caller."""
     started = time.perf_counter()
     method = request.method
     raw = request.raw_path
@@ -403,21 +474,15 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         or _body_too_large(request, state.config.limits.max_body_size)
     )
     if rejection is not None:
-        refused = _rejection_response(rejection, None)
-        state.observer.request_done(
-            listener=state.config.name,
-            route="",
-            method=A.method_attribute(method),
-            status=rejection.status,
-            duration=time.perf_counter() - started,
-            upstream_duration=None,
-            error_type=rejection.problem_type,
-        )
-        return refused
+        status, fields, problem = _rejection_answer(rejection, None)
+        request.send(status, None, fields, problem)
+        _refused(state, method, rejection, started)
+        return
     if raw == "*":
         # OPTIONS * (RFC 9110 §9.3.7) asks about the server, not a resource, and the client
         # library can only send origin-form targets upstream: the proxy answers it itself,
         # as load balancers that ping with it expect.
+        request.send(200, None, (("Allow", ALLOWED_METHODS),))
         state.observer.request_done(
             listener=state.config.name,
             route="",
@@ -427,28 +492,14 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
             upstream_duration=None,
             error_type=None,
         )
-        return web.Response(status=200, headers={"Allow": ALLOWED_METHODS})
+        return
 
     match = state.config.rules.match(method, path)
-    upgrade = request.headers.get("Upgrade", "").lower() == "websocket" and method == "GET"
-    if upgrade:
-        from mes_trace_proxy.websocket import proxy_websocket
-
-        if state.instrumented_client:
-            # The relay has a SERVER span only, injected as the upstream's parent; the
-            # instrumentation would add a root CLIENT span for the handshake and overwrite it.
-            from opentelemetry.instrumentation.utils import suppress_http_instrumentation
-
-            with suppress_http_instrumentation():
-                return await proxy_websocket(request, state, match, started)
-        return await proxy_websocket(request, state, match, started)
-
     if request.version >= _HTTP_11 and request.headers.get("Expect", "").lower() == "100-continue":
         # RFC 9110 §10.1.1: the caller waits for 100 before sending the body. The request
         # passed our checks, so invite the body now rather than leave the caller to time out
         # (curl waits a second); the Expect header still goes upstream, as it was sent.
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0
+        request.send_continue()
     body, data = await _request_body(request, match, state.config.inspect_body_limit)
     max_body = state.config.limits.max_body_size
     if max_body is not None and request.content_length is None and data is not None and body is None:
@@ -554,6 +605,11 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
 
     server_sc = server_span.get_span_context()
     trace_id_hex = format_trace_id(server_sc.trace_id)
+    trace_response = (
+        traceresponse(server_sc.trace_id, server_sc.span_id, server_sc.trace_flags.sampled)
+        if state.config.traceresponse
+        else ""
+    )
     status_code = 0
     #: what MES answered (0: nothing); status_code may be our own 502/504/413 instead
     upstream_status = 0
@@ -561,7 +617,6 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
     upstream_duration: float | None = None
     response_body: bytes | None = None
     response_headers: CIMultiDictProxy[str] | None = None
-    response: web.StreamResponse | None = None
     sent = 0
     # The instrumentation's span parents on the current context: the SERVER span, attached
     # with the plan its hooks read, until the answer's head is in (its span ends there).
@@ -571,8 +626,8 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
         try:
             call: AbstractAsyncContextManager[Answer]
             if state.upstream is not None:
-                # An empty query ("/x?") goes as "/x", as the URL class of the aiohttp path sends it.
-                target = f"{upstream.base_path}{raw if query else path}"
+                # The target exactly as the caller sent it, an empty query ("/x?") included.
+                target = f"{upstream.base_path}{raw}"
                 call = state.upstream.request(method, target, out_headers, data)
             else:
                 assert out is not None
@@ -589,92 +644,88 @@ async def handle(state: ListenerState, request: web.BaseRequest) -> web.StreamRe
                     context_api.detach(upstream_token)
                     upstream_token = None
                 status_code = upstream_status = upstream_response.status
-                response = web.StreamResponse(status=status_code, reason=upstream_response.reason)
-                headers = response.headers
-                for name, value in downstream_response_headers(tuple(upstream_response.headers.items())):
-                    headers.add(name, value)
+                upstream_fields = upstream_response.headers
+                headers = downstream_response_headers(tuple(upstream_fields.items()))
+                own = state.own_response_fields
+                if own and any(name in upstream_fields for name in own):
+                    # Ours replace what MES sent under the same names.
+                    headers = [(n, v) for n, v in headers if n.lower() not in own]
                 if state.config.traceresponse:
-                    headers["traceresponse"] = traceresponse(
-                        server_sc.trace_id, server_sc.span_id, server_sc.trace_flags.sampled
-                    )
+                    headers.append(("traceresponse", trace_response))
                 if state.config.trace_id_header:
-                    headers[state.config.trace_id_header] = trace_id_hex
+                    headers.append((state.config.trace_id_header, trace_id_hex))
                 tee = (
                     match is not None
                     and match.rule.needs_response_body
-                    and is_json_content_type(upstream_response.headers.get("Content-Type"))
+                    and is_json_content_type(upstream_fields.get("Content-Type"))
                 )
                 limit = state.config.inspect_body_limit
                 captured = bytearray() if tee else None
                 length = upstream_response.content_length
                 if method == "HEAD" or status_code in _NO_BODY_STATUSES:
                     # RFC 9110 §6.4.1: no content, whatever Content-Length says.
-                    await response.prepare(request)
-                    await response.write_eof()
+                    request.send(status_code, upstream_response.reason, headers)
                     captured = None
                 elif length is not None and length <= SMALL_BODY:
                     # A small body with a known length (most MES answers): read it whole and
-                    # send it with the headers in one write instead of a chunk loop.
+                    # send it with the head in one write instead of a chunk loop.
                     whole = await upstream_response.content.readexactly(length) if length else b""
-                    await response.prepare(request)
-                    await response.write_eof(whole)
+                    request.send(status_code, upstream_response.reason, headers, whole)
                     sent = length
                     if captured is not None and length <= limit:
                         captured += whole
                     else:
                         captured = None
                 else:
-                    await response.prepare(request)
+                    await request.start(status_code, upstream_response.reason, headers)
                     async for chunk in upstream_response.content.iter_chunked(CHUNK_SIZE):
                         if captured is not None:
                             if len(captured) + len(chunk) <= limit:
                                 captured += chunk
                             else:
                                 captured = None
-                        await response.write(chunk)
+                        await request.write(chunk)
                         sent += len(chunk)
-                    await response.write_eof()
+                    await request.finish()
                 upstream_duration = time.perf_counter() - upstream_started
-                response_headers = upstream_response.headers
+                response_headers = upstream_fields
                 response_body = bytes(captured) if captured is not None else None
         except (TimeoutError, aiohttp.ClientError) as exc:
-            if isinstance(exc, ConnectionResetError) and response is not None and response.prepared:
-                # Writing to the caller failed: it hung up mid-download. aiohttp raises that
-                # as ClientConnectionResetError, a ClientError too, but MES did nothing wrong;
+            if isinstance(exc, ConnectionResetError) and request.started:
+                # Writing to the caller failed: it hung up mid-download. That is raised as
+                # ClientConnectionResetError, a ClientError too, but MES did nothing wrong;
                 # leaving the `async with` above has already dropped the upstream call.
                 error_type = CLIENT_ABORTED
-                return response
-            if isinstance(exc.__cause__, BodyTooLarge) and (response is None or not response.prepared):
+                return
+            if isinstance(exc.__cause__, BodyTooLarge) and not request.started:
                 refused_body = make_rejection(ClientRejection.PAYLOAD_TOO_LARGE)
                 error_type = ClientRejection.PAYLOAD_TOO_LARGE.value
                 status_code = refused_body.status
                 client_span.set_attribute(A.ERROR_TYPE, error_type)
                 client_span.set_status(Status(StatusCode.ERROR, error_type))
                 server_span.set_attribute(A.ERROR_TYPE, error_type)
-                answer = _rejection_response(refused_body, trace_id_hex)
                 # The rest of the body is not worth reading: close once the answer is out.
-                answer.force_close()
-                return answer
+                request.force_close()
+                _, fields, problem_bytes = _rejection_answer(refused_body, trace_id_hex)
+                request.send(status_code, None, fields, problem_bytes)
+                return
             failure = classify_failure(exc)
             error_type = failure.value
             client_span.set_attribute(A.ERROR_TYPE, error_type)
             client_span.set_status(Status(StatusCode.ERROR, error_type))
-            if response is not None and response.prepared:
+            if request.started:
                 # Headers already went out: the only honest signal left is to cut the
                 # connection, so the caller sees a truncated body, not a complete one.
-                if request.transport is not None:
-                    request.transport.close()
-                return response
+                request.close_now()
+                return
             status_code, body_bytes = failure_response(failure, trace_id=trace_id_hex)
-            problem = web.Response(status=status_code, body=body_bytes, content_type=PROBLEM_CONTENT_TYPE)
+            fields = [("Content-Type", PROBLEM_CONTENT_TYPE)]
             if state.config.trace_id_header:
-                problem.headers[state.config.trace_id_header] = trace_id_hex
+                fields.append((state.config.trace_id_header, trace_id_hex))
             if state.config.traceresponse:
-                problem.headers["traceresponse"] = traceresponse(
-                    server_sc.trace_id, server_sc.span_id, server_sc.trace_flags.sampled
-                )
-            return problem
-        return response
+                fields.append(("traceresponse", trace_response))
+            request.send(status_code, None, fields, body_bytes)
+            return
     except asyncio.CancelledError:
         # The caller went away, or the drain's grace period ran out (aiohttp cancels both
         # the same way; only our own draining flag tells them apart). The upstream request

@@ -26,7 +26,7 @@ from aiohttp import web
 from mes_trace_proxy.admin import TOKENS, build_admin_app
 from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
-from mes_trace_proxy.limits import GuardedServer
+from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
@@ -65,7 +65,7 @@ class RunningProxy:
     certificates: dict[str, CertReloader] = field(default_factory=dict)
     admin_app: web.Application | None = None
     #: listener name → its server, whose counters show connections open and refused
-    servers: dict[str, GuardedServer] = field(default_factory=dict)
+    servers: dict[str, Http1Server] = field(default_factory=dict)
 
     def url(self, listener: str) -> str:
         """``http://host:port`` (``https://`` when it serves TLS) of a listener."""
@@ -110,6 +110,27 @@ async def _start_site(
     # One site per runner: its first address is this site's, with the real port (port 0 in tests).
     bound = runner.addresses[0]
     return str(bound[0]), int(bound[1])
+
+
+async def _listen(
+    server: Http1Server,
+    address: HostPort,
+    reuse_port: bool,
+    what: str,
+    ssl_context: ssl.SSLContext | None = None,
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_server(
+            server,
+            address.host,
+            address.port,
+            reuse_port=reuse_port or None,
+            backlog=1024,
+            ssl=ssl_context,
+        )
+    except OSError as exc:
+        raise BindError(f"{what}: cannot listen on {address}: {exc.strerror or exc}") from None
 
 
 @contextlib.asynccontextmanager
@@ -179,7 +200,8 @@ async def running(
     pools: list[UpstreamPool] = []
     listeners: dict[str, tuple[str, int]] = {}
     certificates: dict[str, CertReloader] = {}
-    servers: dict[str, GuardedServer] = {}
+    servers: dict[str, Http1Server] = {}
+    listening: list[tuple[asyncio.Server, Http1Server]] = []
     metrics.bind(
         connection_stats=lambda: {
             name: ConnectionStats(
@@ -205,19 +227,17 @@ async def running(
             sessions.append(session)
             if pool is not None:
                 pools.append(pool)
-            runner = web.ServerRunner(
-                proxy_server, handle_signals=False, shutdown_timeout=config.server.grace_period
-            )
-            await runner.setup()
-            runners.append(runner)
             reloader = certificates.get(listener.name)
-            listeners[listener.name] = await _start_site(
-                runner,
+            socket_server = await _listen(
+                proxy_server,
                 listener.listen,
                 reuse_port,
                 f"listener {listener.name}",
                 reloader.context if reloader is not None else None,
             )
+            listening.append((socket_server, proxy_server))
+            bound = socket_server.sockets[0].getsockname()
+            listeners[listener.name] = (str(bound[0]), int(bound[1]))
             if reloader is not None:
                 reloader.start()
         admin_app = build_admin_app(shared)
@@ -252,7 +272,13 @@ async def running(
         shared.readiness.listeners_bound = False
         # Every listener drains at once: stop accepting, wait for in-flight requests up to
         # the grace period, cancel what is left, then close the upstream sessions.
-        await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
+        for socket_server, _ in listening:
+            socket_server.close()
+        await asyncio.gather(
+            *(proxy_server.shutdown(config.server.grace_period) for _, proxy_server in listening),
+            *(r.cleanup() for r in runners),
+            return_exceptions=True,
+        )
         for session in sessions:
             await session.close()
         for pool in pools:

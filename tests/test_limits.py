@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from mes_trace_proxy.limits import GuardedServer, classify_parse_error, raw_problem
+from mes_trace_proxy.http1 import Http1Server
+from mes_trace_proxy.limits import classify_parse_error, raw_problem
 from mes_trace_proxy.problems import ClientRejection
 from mes_trace_proxy.server import RunningProxy
 from tests.conftest import MakeConfig, StartProxy
@@ -260,7 +261,7 @@ async def test_connections_beyond_the_cap_get_503_until_one_closes(
     """With max_connections open, a new one is answered 503 with Retry-After; after one closes, it works."""
     proxy = await limited(max_connections=3)
     address = _address(proxy)
-    server: GuardedServer = proxy.servers["ingress"]
+    server: Http1Server = proxy.servers["ingress"]
     held = [await asyncio.open_connection(*address) for _ in range(3)]
     try:
         async with asyncio.timeout(WAIT):
@@ -292,7 +293,7 @@ async def test_500_half_open_connections_do_not_stop_normal_traffic(
     """500 connections stalled mid request line leave the listener serving ordinary requests."""
     proxy = await limited()  # the defaults: 4096 connections, 10 s to send a head
     address = _address(proxy)
-    server: GuardedServer = proxy.servers["ingress"]
+    server: Http1Server = proxy.servers["ingress"]
     stalled: list[asyncio.StreamWriter] = []
     try:
         for _ in range(500):
