@@ -26,7 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from opentelemetry.util.types import AttributeValue
 from yarl import URL
 
@@ -56,7 +56,14 @@ from mes_trace_proxy.problems import (
 from mes_trace_proxy.problems import rejection as make_rejection
 from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
 from mes_trace_proxy.rules import RouteMatch
-from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
+from mes_trace_proxy.tracecontext import (
+    TrustPolicy,
+    format_span_id,
+    format_trace_id,
+    format_traceparent,
+    parse_traceparent,
+    traceresponse,
+)
 from mes_trace_proxy.tracing import Tracing
 from mes_trace_proxy.upstream import Answer, RequestBody, UpstreamError, UpstreamPool
 
@@ -78,6 +85,8 @@ log = logging.getLogger("mes_trace_proxy.proxy")
 # slow client never makes us hold more than a few of them per connection.
 CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
+# The W3C propagator ignores a tracestate longer than this (opentelemetry.trace.span).
+_MAX_TRACESTATE: Final = 8192
 #: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
 CLIENT_ABORTED: Final = "client_aborted"
 #: a request still running when the drain's grace period ended, cancelled by the shutdown
@@ -369,10 +378,50 @@ def _log_attributes(state: ListenerState, method: str, facts: OrderFacts) -> dic
     return attrs
 
 
+def _parent(
+    state: ListenerState, request: IncomingRequest
+) -> tuple[SpanContext | None, tuple[Link, ...], Context | None]:
+    """The parent per the trust policy: the caller's span, or none and a link to it.
+
+    Returns:
+        The parent span context (``None``: a new root), the links of the SERVER span, and, when
+        the propagators are not the default W3C pair, the ``Context`` they extracted (which
+        they inject from again).
+    """
+    headers = request.headers
+    value = headers.get("traceparent")
+    if value is None:
+        return None, (), None
+    tracing = state.tracing
+    context: Context | None = None
+    if tracing.w3c:
+        ids = parse_traceparent(value)
+        if ids is None:
+            return None, (), None
+        state_value = headers.get("tracestate")
+        trace_state = (
+            TraceState.from_header([state_value])
+            if state_value is not None and len(state_value) <= _MAX_TRACESTATE
+            else None
+        )
+        caller = SpanContext(
+            ids[0], ids[1], is_remote=True, trace_flags=TraceFlags(ids[2]), trace_state=trace_state
+        )
+    else:
+        context = tracing.propagator.extract(headers)
+        caller = trace_api.get_current_span(context).get_span_context()
+        if not caller.is_valid:
+            return None, (), context
+    if state.trust.trusts(request.remote):
+        return caller, (), context
+    # Untrusted callers' baggage and sampling are dropped; the relation survives as a link.
+    return None, (Link(caller),), None
+
+
 def _parent_context(
-    state: ListenerState, request: web.BaseRequest | IncomingRequest
+    state: ListenerState, request: web.BaseRequest
 ) -> tuple[Context | None, tuple[Link, ...]]:
-    """The parent context per the trust policy: continue, or a new root linked to the caller."""
+    """The WebSocket relay's parent (aiohttp request): continue, or a new root linked to the caller."""
     headers = request.headers
     if "traceparent" not in headers:
         return None, ()
@@ -380,15 +429,14 @@ def _parent_context(
     if state.trust.trusts(request.remote):
         return context, ()
     caller = trace_api.get_current_span(context).get_span_context()
-    # Untrusted callers' baggage and sampling are dropped; the relation survives as a link.
     return None, ((Link(caller),) if caller.is_valid else ())
 
 
-def _order_trace(state: ListenerState, parent: Context | None, facts: OrderFacts) -> int | None:
+def _order_trace(state: ListenerState, parent: SpanContext | None, facts: OrderFacts) -> int | None:
     """``trace-per-order``: the order's trace id for a call with no usable trace context."""
     if state.correlation != "trace-per-order" or facts.order_id is None:
         return None
-    has_parent = parent is not None and trace_api.get_current_span(parent).get_span_context().is_valid
+    has_parent = parent is not None and parent.is_valid
     order_id = state.redactor.value(facts.order_id)
     tracked = facts.status is not None or (state.orders is not None and order_id in state.orders)
     return order_trace_for(state.correlation, order_id, has_parent=has_parent, tracked=tracked)
@@ -513,34 +561,27 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
     )
 
     tracing = state.tracing
-    tracer = tracing.tracer
     route = match.rule.route if match is not None else None
-    parent, links = _parent_context(state, request)
+    parent, links, extracted = _parent(state, request)
     exporting = tracing.exporting
     name = A.span_name(method, route)
-    with tracing.ids.using(_order_trace(state, parent, facts)):
+    order_trace = _order_trace(state, parent, facts)
+    server_span: trace_api.Span
+    if exporting:
         # Only http.route goes in at start: it is all the sampler reads, and the rest is
         # built only for a span that records (dashboard polling is sampled at 1 %).
-        server_span = (
-            tracer.start_span(
-                name,
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes={A.HTTP_ROUTE: route} if route is not None else None,
-                links=links,
-                record_exception=False,
-                set_status_on_exception=False,
-            )
-            if exporting
-            else tracing.passthrough(parent)
+        server_span = tracing.spans.start(
+            name, kind=SpanKind.SERVER, parent=parent, route=route, links=links, trace_id=order_trace
         )
+    else:
+        server_span = tracing.passthrough(parent, order_trace)
     recording = server_span.is_recording()
     if recording:
         attrs = _server_attributes(state, request, match, path, query, facts)
         server_span.set_attributes(attrs)
     else:
         attrs = _log_attributes(state, method, facts)
-    server_ctx = trace_api.set_span_in_context(server_span)
+    server_sc = server_span.get_span_context()
     upstream = state.config.upstream
     client_attrs: dict[str, AttributeValue] | None = None
     if recording:
@@ -556,21 +597,16 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
         if original is not None:
             client_attrs[A.HTTP_REQUEST_METHOD_ORIGINAL] = original
     # With the instrumentation the session's trace config makes the CLIENT span (and injects
-    # it); the handler's stand-in records nothing, so every set_* below is a no-op for it.
+    # it); the handler's stand-in records nothing.
     instrumented = exporting and state.instrumented_client
     client_span: trace_api.Span
     if not exporting:
-        client_span = tracing.passthrough(server_ctx)
+        client_span = tracing.passthrough(server_sc)
     elif instrumented:
         client_span = trace_api.INVALID_SPAN
     else:
-        client_span = tracer.start_span(
-            name,
-            context=server_ctx,
-            kind=SpanKind.CLIENT,
-            attributes=client_attrs,
-            record_exception=False,
-            set_status_on_exception=False,
+        client_span = tracing.spans.start(
+            name, kind=SpanKind.CLIENT, parent=server_sc, attributes=client_attrs
         )
     out_headers = upstream_request_headers(
         header_items,
@@ -580,20 +616,28 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
         host=request.host,
         drop_trace_headers=True,
     )
-    carrier: dict[str, str] = {}
-    if not instrumented:
-        tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, server_ctx))
     # The incoming trace headers were dropped above, so ours are appended, never merged.
-    for trace_header in _TRACE_HEADERS:
-        value = carrier.get(trace_header)
-        if value is not None:
-            out_headers.append((trace_header, value))
+    if instrumented:
+        pass
+    elif tracing.w3c:
+        client_sc = client_span.get_span_context()
+        out_headers.append(
+            ("traceparent", format_traceparent(client_sc.trace_id, client_sc.span_id, client_sc.trace_flags))
+        )
+        if client_sc.trace_state:
+            out_headers.append(("tracestate", client_sc.trace_state.to_header()))
+    else:
+        # Other propagators (OTEL_PROPAGATORS): theirs are the fields they write; the caller's
+        # fields of those names give way to the ones injected from the CLIENT span's context.
+        carrier: dict[str, str] = {}
+        tracing.propagator.inject(carrier, context=trace_api.set_span_in_context(client_span, extracted))
+        owned = {field.lower() for field in tracing.propagator.fields}
+        out_headers = [(n, v) for n, v in out_headers if n.lower() not in owned]
+        out_headers.extend(carrier.items())
     if not state.trust.trusts(request.remote):
         # W3C Baggage from a caller we do not trust is not passed on: it could steer what
         # the services behind us record or decide.
         out_headers = [(n, v) for n, v in out_headers if n.lower() != "baggage"]
-    elif "baggage" in carrier and not any(n.lower() == "baggage" for n, _ in out_headers):
-        out_headers.append(("baggage", carrier["baggage"]))
     # The lean client sends the fields exactly as listed; aiohttp's session needs a multidict
     # with one spelling per name, or it drops repeated values (see one_spelling).
     out = None if state.upstream is not None else CIMultiDict(one_spelling(out_headers))
@@ -620,7 +664,11 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
     sent = 0
     # The instrumentation's span parents on the current context: the SERVER span, attached
     # with the plan its hooks read, until the answer's head is in (its span ends there).
-    upstream_token = context_api.attach(upstream_context(server_ctx, plan)) if plan is not None else None
+    upstream_token = (
+        context_api.attach(upstream_context(trace_api.set_span_in_context(server_span), plan))
+        if plan is not None
+        else None
+    )
     try:
         upstream_started = time.perf_counter()
         try:

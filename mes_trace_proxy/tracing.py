@@ -18,8 +18,10 @@ from types import MappingProxyType
 from typing import Final
 
 from opentelemetry import trace as trace_api
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagate import get_global_textmap
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
@@ -34,6 +36,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
 from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
 from mes_trace_proxy import __version__
@@ -49,6 +52,7 @@ __all__ = [
     "RouteSampler",
     "Tracing",
     "build_tracing",
+    "is_default_w3c",
     "resource_attributes",
 ]
 
@@ -347,24 +351,33 @@ class Tracing:
 
     #: whether any span will ever leave the process (an exporter or an extra processor)
     exporting: bool = True
+    #: the propagators are the default W3C pair (trace context, baggage): the request path
+    #: reads and writes ``traceparent`` itself (``tracecontext.parse_traceparent``)
+    w3c: bool = True
 
-    def passthrough(self, parent: Context | None) -> trace_api.Span:
+    def passthrough(
+        self, parent: trace_api.SpanContext | None, trace_id: int | None = None
+    ) -> trace_api.Span:
         """A non-recording span that carries the trace on when nothing is exported.
 
         It continues the parent's trace id, flags and tracestate with a new span id (a new
         trace, unsampled, when there is no parent), so callers and MES still get coherent
         ``traceparent``/``traceresponse`` headers at the cost of two random numbers, not
         of building spans nobody will see.
+
+        Args:
+            parent: the parent's context (the caller's, or the SERVER span's), if any.
+            trace_id: the trace id of a root (``trace-per-order``); ignored with a valid parent.
         """
-        context = trace_api.get_current_span(parent).get_span_context() if parent is not None else None
-        if context is not None and context.is_valid:
-            trace_id, flags, state = context.trace_id, context.trace_flags, context.trace_state
+        ids = self.ids
+        if parent is not None and parent.is_valid:
+            trace, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
         else:
-            trace_id, flags, state = self.ids.generate_trace_id(), _NOT_SAMPLED, _NO_STATE
+            trace = trace_id if trace_id is not None else ids.generate_trace_id()
+            flags, state = _NOT_SAMPLED, _NO_STATE
+        # SpanContext is a tuple; its checked constructor costs more than the ids it holds.
         return trace_api.NonRecordingSpan(
-            trace_api.SpanContext(
-                trace_id, self.ids.generate_span_id(), is_remote=False, trace_flags=flags, trace_state=state
-            )
+            _new_tuple(trace_api.SpanContext, (trace, ids.generate_span_id(), False, flags, state, True))
         )
 
     @property
@@ -401,6 +414,21 @@ class Tracing:
 
 _NOT_SAMPLED: Final = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
 _NO_STATE: Final = trace_api.TraceState()
+_new_tuple: Final = tuple.__new__
+
+
+def is_default_w3c(propagator: TextMapPropagator) -> bool:
+    """Whether ``propagator`` is the SDK's default: W3C trace context, optionally with W3C baggage.
+
+    ``OTEL_PROPAGATORS`` naming anything else (b3, jaeger, ...) keeps the propagators in charge
+    of every request.
+    """
+    parts = getattr(propagator, "_propagators", None) if isinstance(propagator, CompositePropagator) else None
+    kinds = [type(p) for p in parts] if parts is not None else [type(propagator)]
+    return kinds in (
+        [TraceContextTextMapPropagator, W3CBaggagePropagator],
+        [TraceContextTextMapPropagator],
+    )
 
 
 def build_tracing(
@@ -455,12 +483,14 @@ def build_tracing(
         scope_name="mes_trace_proxy",
         scope_version=__version__,
     )
+    propagator = get_global_textmap()
     return Tracing(
         provider=provider,
         tracer=tracer,
-        propagator=get_global_textmap(),
+        propagator=propagator,
         processors=tuple(processors),
         ids=ids,
         spans=spans,
         exporting=bool(processors or extra_processors),
+        w3c=is_default_w3c(propagator),
     )

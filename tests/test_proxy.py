@@ -10,6 +10,19 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from opentelemetry import trace as trace_api
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from tests.conftest import MakeConfig, StartProxy, otlp_env
@@ -548,3 +561,47 @@ async def test_expect_100_continue_is_answered_before_the_body(
         writer.close()
     assert answer.startswith(b"HTTP/1.1 200")
     assert upstream.last().body == b'{"status": "PACKAGING"} '
+
+
+class _TestPropagator(TextMapPropagator):
+    """Stands in for b3 and its kind (OTEL_PROPAGATORS): one field with the span's ids."""
+
+    def extract(
+        self, carrier: CarrierT, context: Context | None = None, getter: Getter[CarrierT] = default_getter
+    ) -> Context:
+        return context if context is not None else Context()
+
+    def inject(
+        self, carrier: CarrierT, context: Context | None = None, setter: Setter[CarrierT] = default_setter
+    ) -> None:
+        span = trace_api.get_current_span(context).get_span_context()
+        setter.set(carrier, "x-test-trace", f"{span.trace_id:032x}-{span.span_id:016x}")
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-test-trace"}
+
+
+async def test_other_propagators_inject_their_fields_in_place_of_the_callers(
+    monkeypatch: pytest.MonkeyPatch,
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+    client: aiohttp.ClientSession,
+) -> None:
+    """With propagators beyond the W3C pair, each writes its fields from the CLIENT span's context,
+    and a caller's field of the same name does not reach MES beside ours."""
+    composite = CompositePropagator(
+        [TraceContextTextMapPropagator(), W3CBaggagePropagator(), _TestPropagator()]
+    )
+    monkeypatch.setattr("mes_trace_proxy.tracing.get_global_textmap", lambda: composite)
+    base, upstream = recording_upstream
+    url = await _proxy_url(make_config, start_proxy, base)
+    headers = {"traceparent": TRACEPARENT, "x-test-trace": "from-the-caller", "baggage": "k=v"}
+    async with client.get(f"{url}/api/v1/orders/A-1", headers=headers) as resp:
+        assert resp.status == 200
+    arrived = upstream.last()
+    _, trace_id, span_id, _ = (arrived.header("traceparent") or "").split("-")
+    assert trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert [v for k, v in arrived.headers if k.lower() == "x-test-trace"] == [f"{trace_id}-{span_id}"]
+    assert [v for k, v in arrived.headers if k.lower() == "baggage"] == ["k=v"]

@@ -5,15 +5,20 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.propagate import get_global_textmap
 from opentelemetry.trace import SpanContext
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mes_trace_proxy.tracecontext import (
     TrustPolicy,
     format_span_id,
     format_trace_id,
+    format_traceparent,
     order_trace_id,
+    parse_traceparent,
     traceresponse,
 )
 
@@ -271,3 +276,65 @@ def test_tracestate_over_512_characters_is_kept() -> None:
 def test_ipv4_mapped_entries_mean_their_ipv4_selves(cidr: str, address: str, trusted: bool) -> None:
     """An IPv4-mapped entry and caller are compared as IPv4, so no spelling changes the verdict."""
     assert TrustPolicy.from_cidrs([cidr]).trusts(address) is trusted
+
+
+# ── the W3C fast path against the propagator it stands in for ──────────────────────────────────
+_W3C = TraceContextTextMapPropagator()
+_TRACEPARENTS = [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    " \t00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03\t ",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future-part",
+    "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-09",
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+    "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1",
+    "0-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\n",
+    "",
+    "garbage",
+]
+
+
+def _propagator_ids(value: str) -> tuple[int, int, int] | None:
+    context = trace.get_current_span(_W3C.extract({"traceparent": value})).get_span_context()
+    return (context.trace_id, context.span_id, int(context.trace_flags)) if context.is_valid else None
+
+
+@pytest.mark.parametrize("value", _TRACEPARENTS)
+def test_parse_traceparent_agrees_with_the_w3c_propagator(value: str) -> None:
+    """Every accepted and refused shape is judged as opentelemetry's W3C propagator judges it."""
+    assert parse_traceparent(value) == _propagator_ids(value)
+
+
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.builds(
+            "{}-{}-{}-{}{}".format,
+            st.text("0123456789abcdefF", min_size=2, max_size=2),
+            st.text("0123456789abcdef", min_size=31, max_size=33),
+            st.text("0123456789abcdef", min_size=15, max_size=17),
+            st.text("0123456789abcdef", min_size=1, max_size=3),
+            st.sampled_from(["", "-", "-x", " ", "\t", "\n"]),
+        ),
+    )
+)
+def test_parse_traceparent_agrees_with_the_w3c_propagator_on_generated_values(value: str) -> None:
+    """Generated near-misses: the fast path never accepts or reads what the propagator would not."""
+    assert parse_traceparent(value) == _propagator_ids(value)
+
+
+@pytest.mark.parametrize(
+    ("trace_id", "span_id", "flags"), [(1, 1, 0), (2**128 - 1, 2**64 - 1, 255), (0xAB, 0xCD, 1)]
+)
+def test_format_traceparent_is_what_the_propagator_injects(trace_id: int, span_id: int, flags: int) -> None:
+    """The same string as the W3C propagator writes for that span context."""
+    carrier: dict[str, str] = {}
+    context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=trace.TraceFlags(flags))
+    _W3C.inject(carrier, context=trace.set_span_in_context(trace.NonRecordingSpan(context)))
+    assert format_traceparent(trace_id, span_id, flags) == carrier["traceparent"]

@@ -6,6 +6,10 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+from opentelemetry import trace as trace_api
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision
@@ -18,6 +22,7 @@ from mes_trace_proxy.tracing import (
     BatchExportProcessor,
     RouteSampler,
     build_tracing,
+    is_default_w3c,
     resource_attributes,
 )
 from tests.conftest import MakeConfig, otlp_env
@@ -216,9 +221,11 @@ def test_nothing_exported_means_pass_through_spans(make_config: MakeConfig) -> N
     tracing = build_tracing(_config(make_config), {"OTEL_TRACES_EXPORTER": "none"})
     try:
         assert not tracing.exporting
-        parent = TraceContextTextMapPropagator().extract(
-            {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
-        )
+        parent = trace_api.get_current_span(
+            TraceContextTextMapPropagator().extract(
+                {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+            )
+        ).get_span_context()
         span = tracing.passthrough(parent)
         context = span.get_span_context()
         assert not span.is_recording()
@@ -228,5 +235,28 @@ def test_nothing_exported_means_pass_through_spans(make_config: MakeConfig) -> N
         root = tracing.passthrough(None).get_span_context()
         assert root.is_valid
         assert not root.trace_flags.sampled
+        ordered = tracing.passthrough(None, trace_id=0x1234).get_span_context()
+        assert ordered.trace_id == 0x1234
+        assert tracing.passthrough(parent, trace_id=0x1234).get_span_context().trace_id == parent.trace_id
     finally:
         tracing.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("propagator", "expected"),
+    [
+        (CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]), True),
+        (CompositePropagator([TraceContextTextMapPropagator()]), True),
+        (TraceContextTextMapPropagator(), True),
+        (CompositePropagator([W3CBaggagePropagator(), TraceContextTextMapPropagator()]), False),
+        (CompositePropagator([W3CBaggagePropagator()]), False),
+        (W3CBaggagePropagator(), False),
+        (CompositePropagator([]), False),
+    ],
+    ids=["default", "tracecontext", "bare-tracecontext", "reordered", "baggage-only", "bare-baggage", "none"],
+)
+def test_the_request_path_reads_traceparent_itself_only_for_the_default_propagators(
+    propagator: TextMapPropagator, expected: bool
+) -> None:
+    """Anything but W3C trace context (optionally then baggage) keeps the propagators in charge."""
+    assert is_default_w3c(propagator) is expected
