@@ -18,6 +18,7 @@ from mes_trace_proxy.config import Config, ListenerConfig
 from mes_trace_proxy.forwarding import ForwardPolicy
 from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.limits import GuardedServer
+from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import Findings, OrderBook
 from mes_trace_proxy.proxy import (
@@ -105,7 +106,7 @@ class Shared:
     metrics: ProxyMetrics
     redactor: Redactor
     orders: OrderBook | None
-    access_log: Callable[[dict[str, object]], None] | None = None
+    access_log: AccessLog | None = None
     readiness: Readiness = field(default_factory=Readiness)
     clock: Callable[[], float] = time.time
     #: called when an order's state changed, so the store can write it behind the hot path

@@ -45,6 +45,7 @@ from mes_trace_proxy.forwarding import (
     upstream_request_headers,
 )
 from mes_trace_proxy.http1 import IncomingRequest
+from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.orders import Findings, OrderBook, SpanRef
 from mes_trace_proxy.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -135,7 +136,7 @@ class ListenerState:
     user_id_key: bytes | None
     orders: OrderBook | None
     observer: Observer
-    access_log: Callable[[dict[str, object]], None] | None
+    access_log: AccessLog | None
     clock: Callable[[], float] = time.time
     correlation: str = "link"
     #: told the id of an order whose state changed, so it is stored behind the hot path
@@ -846,19 +847,17 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
             if findings is not None:
                 state.observer.order_findings(listener=state.config.name, findings=findings)
             if state.access_log is not None:
-                state.access_log(
-                    {
-                        "listener": state.config.name,
-                        "method": attrs[A.HTTP_REQUEST_METHOD],
-                        "route": route or "",
-                        "status": status_code,
-                        "duration_ms": round(duration * 1000, 3),
-                        "bytes_sent": sent,
-                        "trace_id": trace_id_hex,
-                        "span_id": format_span_id(server_sc.span_id),
-                        "order_id": logged_order_id,
-                        "error_type": error_type,
-                    }
+                state.access_log.request(
+                    state.config.name,
+                    str(attrs[A.HTTP_REQUEST_METHOD]),
+                    route or "",
+                    status_code,
+                    duration * 1000,
+                    sent,
+                    trace_id_hex,
+                    format_span_id(server_sc.span_id),
+                    None if logged_order_id is None else str(logged_order_id),
+                    error_type,
                 )
 
         except Exception:

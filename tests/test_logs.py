@@ -7,6 +7,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from mes_trace_proxy.logs import ACCESS_LOGGER, AccessLog, JsonFormatter, configure_logging
 
 
@@ -89,3 +91,49 @@ def test_configure_logging_routes_records_as_json() -> None:
         root.setLevel(saved[1])
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["message"] for line in lines] == ["shown"]
+
+
+@pytest.mark.parametrize(
+    "order_id",
+    [None, "A-1", 'quote"and\\backslash', "caf\u00e9 \u0417\u0430\u043a\u0430\u0437", "tab\tnew\nline"],
+)
+def test_request_lines_are_the_json_the_general_form_writes(order_id: str | None) -> None:
+    """AccessLog.request builds the line by hand; it is the JSON __call__ writes for those keys."""
+    error_type = None if order_id is None else "upstream_read_timeout"
+    fast_stream, general_stream = io.StringIO(), io.StringIO()
+    fast, general = AccessLog(fast_stream), AccessLog(general_stream)
+    fast.request(
+        "ingress",
+        "PUT",
+        "/api/v1/orders/{orderId}/status",
+        200,
+        0.0764,
+        50,
+        "0af7651916cd43dd8448eb211c80319c",
+        "b7ad6b7169203331",
+        order_id,
+        error_type,
+    )
+    general(
+        {
+            "listener": "ingress",
+            "method": "PUT",
+            "route": "/api/v1/orders/{orderId}/status",
+            "status": 200,
+            "duration_ms": 0.076,
+            "bytes_sent": 50,
+            "trace_id": "0af7651916cd43dd8448eb211c80319c",
+            "span_id": "b7ad6b7169203331",
+            "order_id": order_id,
+            "error_type": error_type,
+        }
+    )
+    fast.flush()
+    general.flush()
+    fast_line, general_line = fast_stream.getvalue(), general_stream.getvalue()
+    assert fast_line.endswith("\n")
+    assert fast_line.count("\n") == 1
+    # The time prefix may differ by a millisecond between the two calls.
+    assert {**json.loads(fast_line), "time": ""} == {**json.loads(general_line), "time": ""}
+    assert list(json.loads(fast_line)) == list(json.loads(general_line))
+    assert fast_line.isascii()
