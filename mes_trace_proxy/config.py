@@ -88,13 +88,18 @@ class Upstream:
     port: int
     #: a path prefix to put before every forwarded path ("" for none)
     base_path: str
+    #: the Host value for this upstream: the port only when not the scheme's default
+    host_header: str = field(init=False)
+    #: ``scheme://host[:port]base_path``: what the CLIENT span's ``url.full`` starts with
+    origin: str = field(init=False)
 
-    @property
-    def host_header(self) -> str:
-        """The Host value for this upstream: the port only when not the scheme's default."""
+    def __post_init__(self) -> None:
+        # Both are read on every request: formatted once here.
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        host_header = host if self.port == default else f"{host}:{self.port}"
+        object.__setattr__(self, "host_header", host_header)
+        object.__setattr__(self, "origin", f"{self.scheme}://{host_header}{self.base_path}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

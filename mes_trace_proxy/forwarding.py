@@ -7,6 +7,7 @@ The upstream is always the configured one: nothing a client sends (absolute-form
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -254,6 +255,9 @@ def _quote(value: str) -> str | None:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# A proxy sees few distinct (caller, scheme, Host) triples (CRM, the dashboard): each element is
+# built once. An lru_cache, since it stays bounded whatever the callers send.
+@functools.lru_cache(maxsize=256)
 def _forwarded_element(client_ip: str, scheme: str, host: str | None) -> str:
     """One RFC 7239 §4 forwarded-element: ``for=...;proto=...;host=...``."""
     if not client_ip:
@@ -353,7 +357,7 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(headers: Headers) -> HeaderList:
+def downstream_response_headers(headers: Headers, drop: frozenset[str] = frozenset()) -> HeaderList:
     """Produce the header fields to send back to the client for one upstream response.
 
     Hop-by-hop fields and Connection-named fields are removed (RFC 9110 §7.6.1);
@@ -363,11 +367,14 @@ def downstream_response_headers(headers: Headers) -> HeaderList:
 
     Args:
         headers: the upstream response's fields in received order.
+        drop: further lower-case names to remove (the fields the proxy sets itself).
 
     Returns:
         A new list of ``(name, value)`` pairs.
     """
     named = _connection_options(headers)
+    if drop:
+        named = named | drop
     return [
         (name, value)
         for name, value in headers

@@ -25,6 +25,9 @@ __all__ = ["ConnectionStats", "ProxyMetrics"]
 # up to the 60 s read timeout.
 _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Dwell buckets span the reference limits: 15 min (SUBMITTED) to 14 days (SHIPPED).
+# Transition label children kept resolved; statuses come from requests, so the cache is bounded
+# (past it, labels are resolved per call, as before).
+_MAX_CACHED_CHILDREN: Final = 4096
 _DWELL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 21600, 86400, 259200, 604800, 1209600)
 
 
@@ -120,6 +123,7 @@ class ProxyMetrics(Observer):
         # with the task gauge, what a soak run watches for unbounded growth.
         ProcessCollector(registry=r)
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
+        self._transition_children: dict[tuple[str, str | None, str, object], tuple[Any, Any, Any]] = {}
         self._export_stats: Callable[[], ExportStats] | None = None
         self._order_counts: Callable[[], Mapping[str, int]] | None = None
         self._stuck_counts: Callable[[], Mapping[str, int]] | None = None
@@ -240,11 +244,23 @@ class ProxyMetrics(Observer):
         """Count transitions, anomalies and dwell times the order book reported."""
         transition = findings.transition
         if transition is not None:
-            prev = self._label(transition.prev) if transition.prev is not None else ""
-            self.transitions.labels(listener, prev, self._label(transition.new), transition.kind.value).inc()
+            key = (listener, transition.prev, transition.new, transition.kind)
+            children = self._transition_children.get(key)
+            if children is None:
+                # As for request_done: the label sets are bounded (known statuses, "_OTHER").
+                prev = self._label(transition.prev) if transition.prev is not None else ""
+                kind = transition.kind.value
+                children = (
+                    self.transitions.labels(listener, prev, self._label(transition.new), kind),
+                    self.anomalies.labels(kind),
+                    self.dwell.labels(prev) if transition.prev is not None else None,
+                )
+                if len(self._transition_children) < _MAX_CACHED_CHILDREN:
+                    self._transition_children[key] = children
+            children[0].inc()
             if findings.anomaly:
-                self.anomalies.labels(transition.kind.value).inc()
-            if findings.dwell is not None and transition.prev is not None:
-                self.dwell.labels(prev).observe(findings.dwell)
+                children[1].inc()
+            if findings.dwell is not None and children[2] is not None:
+                children[2].observe(findings.dwell)
         if findings.observed_mismatch:
             self.anomalies.labels("observed_mismatch").inc()

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import aiohttp
 from aiohttp import web
@@ -57,6 +57,7 @@ from mes_trace_proxy.problems import (
 from mes_trace_proxy.problems import rejection as make_rejection
 from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
 from mes_trace_proxy.rules import RouteMatch
+from mes_trace_proxy.spans import ProxySpan
 from mes_trace_proxy.tracecontext import (
     TrustPolicy,
     format_span_id,
@@ -262,9 +263,8 @@ class BodyTooLarge(Exception):
     """A streamed request body passed the listener's ``max_body_size``."""
 
 
-def _body_too_large(request: web.BaseRequest | IncomingRequest, limit: int | None) -> Rejection | None:
+def _body_too_large(length: int | None, limit: int | None) -> Rejection | None:
     """413 before anything goes upstream when the declared length is over the limit."""
-    length = request.content_length
     if limit is None or length is None or length <= limit:
         return None
     return make_rejection(ClientRejection.PAYLOAD_TOO_LARGE)
@@ -516,11 +516,12 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
     path, _, query = raw.partition("?")
     header_items = tuple(request.headers.items())
 
+    content_length = request.content_length
     rejection = (
         check_target(method, raw)
         or check_host_headers(header_items)
         or check_header_values(request.headers.values())
-        or _body_too_large(request, state.config.limits.max_body_size)
+        or _body_too_large(content_length, state.config.limits.max_body_size)
     )
     if rejection is not None:
         status, fields, problem = _rejection_answer(rejection, None)
@@ -551,7 +552,7 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
         request.send_continue()
     body, data = await _request_body(request, match, state.config.inspect_body_limit)
     max_body = state.config.limits.max_body_size
-    if max_body is not None and request.content_length is None and data is not None and body is None:
+    if max_body is not None and content_length is None and data is not None and body is None:
         # Chunked: the size is known only while it streams. Count, and abort the upstream
         # request the moment it passes the limit, so the upstream never sees a whole body.
         data = _capped(data, max_body)
@@ -579,7 +580,7 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
     recording = server_span.is_recording()
     if recording:
         attrs = _server_attributes(state, request, match, path, query, facts)
-        server_span.set_attributes(attrs)
+        cast(ProxySpan, server_span).set_own_attributes(attrs)
     else:
         attrs = _log_attributes(state, method, facts)
     server_sc = server_span.get_span_context()
@@ -590,7 +591,7 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
             A.HTTP_REQUEST_METHOD: attrs[A.HTTP_REQUEST_METHOD],
             A.SERVER_ADDRESS: upstream.host,
             A.SERVER_PORT: upstream.port,
-            A.URL_FULL: f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}"
+            A.URL_FULL: upstream.origin
             + str(attrs[A.URL_PATH])
             + (f"?{attrs[A.URL_QUERY]!s}" if A.URL_QUERY in attrs else ""),
         }
@@ -694,11 +695,10 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
                     upstream_token = None
                 status_code = upstream_status = upstream_response.status
                 upstream_fields = upstream_response.headers
-                headers = downstream_response_headers(tuple(upstream_fields.items()))
-                own = state.own_response_fields
-                if own and any(name in upstream_fields for name in own):
-                    # Ours replace what MES sent under the same names.
-                    headers = [(n, v) for n, v in headers if n.lower() not in own]
+                # Ours (traceresponse, X-Trace-Id) replace what MES sent under the same names.
+                headers = downstream_response_headers(
+                    tuple(upstream_fields.items()), state.own_response_fields
+                )
                 if state.config.traceresponse:
                     headers.append(("traceresponse", trace_response))
                 if state.config.trace_id_header:
@@ -793,6 +793,8 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
             now = state.clock()
             findings = None
             logged_order_id = attrs.get(A.MES_ORDER_ID)
+            # What the SERVER span learns at the end, set in one call (recording spans only).
+            end: dict[str, AttributeValue] = {}
             if match is not None and status_code and error_type is None:
                 facts = response_facts(
                     match,
@@ -802,36 +804,38 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
                     response_headers=response_headers if response_headers is not None else _NO_HEADERS,
                     response_body=response_body,
                 )
-                if facts.observed_status is not None:
-                    server_span.set_attribute(
-                        A.MES_ORDER_STATUS_OBSERVED, state.redactor.value(facts.observed_status)
-                    )
                 if facts.order_id is not None and A.MES_ORDER_ID not in attrs:
                     logged_order_id = state.redactor.value(facts.order_id)
-                    server_span.set_attribute(A.MES_ORDER_ID, logged_order_id)
-                if facts.status is not None and A.MES_ORDER_STATUS not in attrs:
-                    server_span.set_attribute(A.MES_ORDER_STATUS, state.redactor.value(facts.status))
-                findings = _record_order(state, server_span, facts, status_code, now)
+                    end[A.MES_ORDER_ID] = logged_order_id
+                if recording:
+                    if facts.observed_status is not None:
+                        end[A.MES_ORDER_STATUS_OBSERVED] = state.redactor.value(facts.observed_status)
+                    if facts.status is not None and A.MES_ORDER_STATUS not in attrs:
+                        end[A.MES_ORDER_STATUS] = state.redactor.value(facts.status)
+                findings = _record_order(
+                    state, server_span if recording else None, end, facts, status_code, now, server_sc
+                )
             if status_code:
                 if upstream_status:
                     client_span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, upstream_status)
-                server_span.set_attribute(A.HTTP_RESPONSE_STATUS_CODE, status_code)
+                end[A.HTTP_RESPONSE_STATUS_CODE] = status_code
                 if status_code >= 400 and error_type is None:
                     client_span.set_attribute(A.ERROR_TYPE, str(status_code))
                     client_span.set_status(Status(StatusCode.ERROR))
                 # A stream cut after its status line went out failed the caller as surely
                 # as a 502 would have: the SERVER span says so, whatever the status line.
                 if status_code >= 500 or error_type is not None:
-                    server_span.set_attribute(A.ERROR_TYPE, error_type or str(status_code))
+                    end[A.ERROR_TYPE] = error_type or str(status_code)
                     server_span.set_status(Status(StatusCode.ERROR))
             elif error_type is not None:
-                server_span.set_attribute(A.ERROR_TYPE, error_type)
+                end[A.ERROR_TYPE] = error_type
                 server_span.set_status(Status(StatusCode.ERROR, error_type))
-            length = request.content_length
-            if length is not None:
-                server_span.set_attribute(A.HTTP_REQUEST_BODY_SIZE, length)
+            if content_length is not None:
+                end[A.HTTP_REQUEST_BODY_SIZE] = content_length
             if sent or status_code:
-                server_span.set_attribute(A.HTTP_RESPONSE_BODY_SIZE, sent)
+                end[A.HTTP_RESPONSE_BODY_SIZE] = sent
+            if recording:
+                cast(ProxySpan, server_span).set_own_attributes(end)
             client_span.end()
             server_span.end()
             duration = time.perf_counter() - started
@@ -872,44 +876,62 @@ _SKIP_AUTO_HEADERS: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding"
 
 
 def _record_order(
-    state: ListenerState, span: trace_api.Span, facts: OrderFacts, status_code: int, now: float
+    state: ListenerState,
+    span: trace_api.Span | None,
+    end: dict[str, AttributeValue],
+    facts: OrderFacts,
+    status_code: int,
+    now: float,
+    context: SpanContext,
 ) -> Findings | None:
-    """Tell the order book what this call did, and put its verdict on the span."""
+    """Tell the order book what this call did; on a recording span, its verdict too.
+
+    Args:
+        state: the listener's state.
+        span: the SERVER span when it records (events and links go on it), else ``None``.
+        end: the SERVER span's end attributes, which the verdict joins.
+        facts: what the call said and MES answered.
+        status_code: the status the caller got.
+        now: wall-clock seconds.
+        context: the SERVER span's context (the order book keeps its ids).
+    """
     if facts.order_id is None or (facts.status is None and facts.observed_status is None):
         return None
     # A call MES refused did not change the order; only its observed status (if any) counts.
     status = facts.status if status_code < 400 else None
     if status is None and facts.observed_status is None:
         return None
-    order_id = state.redactor.value(facts.order_id)
-    context = span.get_span_context()
+    redact = state.redactor.value
+    order_id = redact(facts.order_id)
     ref = SpanRef(trace_id=context.trace_id, span_id=context.span_id)
     if state.orders is None:
-        if status is not None:
-            span.add_event(A.EVENT_STATUS_CHANGE, {A.MES_ORDER_STATUS: state.redactor.value(status)})
+        if status is not None and span is not None:
+            span.add_event(A.EVENT_STATUS_CHANGE, {A.MES_ORDER_STATUS: redact(status)})
         return None
     findings = state.orders.apply(
         order_id=order_id,
-        status=state.redactor.value(status) if status is not None else None,
-        observed=state.redactor.value(facts.observed_status) if facts.observed_status is not None else None,
+        status=redact(status) if status is not None else None,
+        observed=redact(facts.observed_status) if facts.observed_status is not None else None,
         now=now,
         span=ref,
         source=state.config.name,
     )
     if findings.changed and state.on_order_changed is not None:
         state.on_order_changed(order_id)
+    if span is None:
+        return findings
     transition = findings.transition
     if status is not None:
-        event: dict[str, str | bool] = {A.MES_ORDER_STATUS: state.redactor.value(status)}
+        event: dict[str, str | bool] = {A.MES_ORDER_STATUS: redact(status)}
         if transition is not None:
             if transition.prev is not None:
                 event[A.MES_ORDER_STATUS_PREVIOUS] = transition.prev
             event[A.MES_ORDER_TRANSITION] = transition.kind.value
         span.add_event(A.EVENT_STATUS_CHANGE, event)
     if transition is not None:
-        span.set_attribute(A.MES_ORDER_TRANSITION, transition.kind.value)
+        end[A.MES_ORDER_TRANSITION] = transition.kind.value
         if transition.prev is not None:
-            span.set_attribute(A.MES_ORDER_STATUS_PREVIOUS, transition.prev)
+            end[A.MES_ORDER_STATUS_PREVIOUS] = transition.prev
     if findings.anomaly or findings.observed_mismatch:
         kind = (
             "observed_mismatch"
@@ -918,7 +940,7 @@ def _record_order(
             if transition
             else "unknown"
         )
-        span.set_attribute(A.MES_ORDER_ANOMALY, kind)
+        end[A.MES_ORDER_ANOMALY] = kind
         span.add_event(A.EVENT_ANOMALY, {A.MES_ORDER_ANOMALY: kind})
     first = findings.first_span
     if state.correlation == "link" and first is not None and first != ref:

@@ -202,6 +202,10 @@ class PrivacyPolicy:
             raise ValueError(f"max_value_length: {self.max_value_length} is below {_MIN_MAX_VALUE_LENGTH}")
 
 
+# Answers of Redactor.value kept for values seen again (see Redactor.__init__).
+_MEMO_SIZE: Final = 4096
+
+
 class Redactor:
     """Scrubs values, paths, queries, headers and JSON scalars under one PrivacyPolicy.
 
@@ -222,6 +226,7 @@ class Redactor:
         "_marker",
         "_marker_template",
         "_max",
+        "_memo",
         "_phone",
         "_plain",
         "_query_allow",
@@ -259,6 +264,10 @@ class Redactor:
         self._keys = re.compile("|".join(globs) if globs else "(?!)", re.DOTALL)
         self._query_allow = frozenset(name.casefold() for name in self.policy.query_allow)
         self._header_allow = frozenset(name.strip().lower() for name in self.policy.header_allow)
+        # value() answers for the same order id and status several times per request; the last
+        # few thousand answers are kept (in memory only, like the request itself), and the
+        # table is emptied when full, so it stays bounded whatever callers send.
+        self._memo: dict[str, str] = {}
         if self.value(self._marker) != self._marker:
             raise ValueError(f"marker: {self._marker!r} would itself be redacted")
 
@@ -273,6 +282,16 @@ class Redactor:
         Returns:
             The value with each personal item replaced; the marker alone when it is too long.
         """
+        memo = self._memo
+        known = memo.get(s)
+        if known is not None:
+            return known
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[s] = out = self._scrub(s)
+        return out
+
+    def _scrub(self, s: str) -> str:
         if len(s) > self._max:
             return self._marker
         # UUIDs are common order ids and their hex can hold long digit runs: skip the scan.

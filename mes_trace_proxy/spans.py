@@ -249,6 +249,18 @@ def _update(target: dict[str, AttributeValue], source: Mapping[Any, Any], limit:
     """``BoundedAttributes._set_items`` on a span that has attributes already; the count dropped."""
     if not limit:
         return len(source)
+    if length == _NO_LIMIT and len(target) + len(source) <= limit and target.keys().isdisjoint(source):
+        # The proxy's own case: new keys, within the count, no length limit; when every key is a
+        # string and every value a plain scalar or a tuple of them, they are stored as they are.
+        for key, value in source.items():
+            if type(key) is not str or not key:
+                break
+            kind = type(value)
+            if kind not in _PLAIN and (kind is not tuple or not _plain_tuple(value)):
+                break
+        else:
+            target.update(source)
+            return 0
     dropped = 0
     for key, value in source.items():
         if type(key) is not str or not key:
@@ -404,6 +416,27 @@ class ProxySpan(trace_api.Span):
         self.dropped_attributes += _update(
             self.attributes, attributes, limits.span_attributes, limits.span_value_length
         )
+
+    def set_own_attributes(self, attributes: dict[str, AttributeValue]) -> None:
+        """Set attributes the proxy built itself, skipping the per-value checks when it can.
+
+        For the proxy's own attribute tables (``attributes.py``, the handler): keys are
+        non-empty strings and values are str, bool, int, float or tuples of str, by
+        construction. With no value-length limit and room within the count limit, they are
+        stored as :meth:`set_attributes` would store them, without looking at each value (a
+        key set again keeps its place instead of moving last; the exported values are the same);
+        otherwise this is :meth:`set_attributes`.
+        """
+        limits = self._factory.limits
+        recorded = self.attributes
+        if (
+            self.end_time is None
+            and limits.span_value_length == _NO_LIMIT
+            and len(recorded) + len(attributes) <= limits.span_attributes
+        ):
+            recorded.update(attributes)
+            return
+        self.set_attributes(attributes)
 
     def add_event(self, name: str, attributes: Attributes = None, timestamp: int | None = None) -> None:
         """Record an event (now, unless ``timestamp`` is given); past the limit the oldest goes."""

@@ -906,3 +906,19 @@ def test_custom_lifecycle_without_entry_uses_its_own_first_statuses(default_rule
     )
     assert config.lifecycle.entry_statuses == frozenset({"NEW", "MADE"})
     assert config.lifecycle.terminal == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("url", "host_header", "origin"),
+    [
+        ("http://mes:8080", "mes:8080", "http://mes:8080"),
+        ("http://mes:80/base", "mes", "http://mes/base"),
+        ("https://mes:443", "mes", "https://mes"),
+        ("https://mes:80", "mes:80", "https://mes:80"),
+        ("http://[::1]:8081", "[::1]:8081", "http://[::1]:8081"),
+    ],
+)
+def test_upstream_host_and_origin_are_formatted_once(url: str, host_header: str, origin: str) -> None:
+    """Host drops the scheme's default port; origin is what url.full starts with."""
+    upstream = _load(flags={"upstream": url}).listeners[0].upstream
+    assert (upstream.host_header, upstream.origin) == (host_header, origin)

@@ -662,3 +662,19 @@ _field_values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint
 def test_end_to_end_fields_all_kept_in_order(headers: list[tuple[str, str]]) -> None:
     """Any list without hop-by-hop names comes out unchanged and in order, after the upstream Host."""
     assert _up(headers) == [("Host", UPSTREAM), *headers]
+
+
+def test_downstream_fields_named_in_drop_are_removed_with_the_hop_by_hop_ones() -> None:
+    """The fields the proxy sets on answers (traceresponse, X-Trace-Id) replace MES's, whatever their case."""
+    fields = (
+        ("Content-Type", "application/json"),
+        ("TraceResponse", "00-aa-bb-01"),
+        ("X-Trace-Id", "mes's"),
+        ("Keep-Alive", "timeout=5"),
+        ("Set-Cookie", "a=1"),
+    )
+    assert downstream_response_headers(fields, frozenset({"traceresponse", "x-trace-id"})) == [
+        ("Content-Type", "application/json"),
+        ("Set-Cookie", "a=1"),
+    ]
+    assert ("X-Trace-Id", "mes's") in downstream_response_headers(fields)

@@ -877,3 +877,17 @@ def test_pseudonym_needs_a_key() -> None:
     """An empty key is refused: an unkeyed hash of an id is reversed by guessing ids."""
     with pytest.raises(ValueError, match="key"):
         pseudonymize(b"", SUB)
+
+
+def test_value_answers_are_kept_in_a_bounded_table() -> None:
+    """A value seen again gets the same answer from the table; the table never outgrows its size."""
+    from mes_trace_proxy.redact import _MEMO_SIZE
+
+    redactor = Redactor()
+    fresh = Redactor()
+    values = [f"ORD-{n} ivan{n}@example.com" for n in range(_MEMO_SIZE + 10)]
+    for value in values:
+        assert redactor.value(value) == fresh._scrub(value)
+        assert redactor.value(value) == redactor.value(value)
+        assert len(redactor._memo) <= _MEMO_SIZE
+    assert "example.com" not in redactor.value(values[0])

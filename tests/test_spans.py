@@ -956,3 +956,32 @@ async def test_lean_spans_reach_a_real_receiver_whole(make_config: MakeConfig, o
     assert got_server.resource["service.name"] == "mes-api"
     assert got_server.scope_name == SCOPE
     assert tracing.export_stats().exported == 2
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [None, LIMITS, SpanLimits(max_span_attribute_length=4)],
+    ids=["no limits", "count limit", "length limit"],
+)
+def test_own_attributes_export_as_set_attributes_would(limits: SpanLimits | None) -> None:
+    """set_own_attributes (the proxy's tables, unchecked) gives the exported values set_attributes
+    gives, and falls back to it whenever a limit could apply."""
+    own: dict[str, AttributeValue] = {
+        "http.route": STATUS_ROUTE,
+        "url.path": "/api/v1/orders/A-1/status",
+        "server.port": 8080,
+        "http.request.header.content-type": ("application/json",),
+        "mes.order.id": "A-1",
+    }
+    got = []
+    for setter in ("set_attributes", "set_own_attributes"):
+        memory = InMemorySpanExporter()
+        ids = _SeededRandom()
+        _, factory = _provider_and_factory(ALWAYS_ON, ids, [SimpleSpanProcessor(memory)], limits)
+        span = factory.start(NAME, kind=SpanKind.SERVER, parent=None, route=STATUS_ROUTE, start_time=T0)
+        getattr(span, setter)(own)
+        getattr(span, setter)({"http.response.status_code": 200, "http.response.body.size": 50})
+        span.end(T0 + 1)
+        (finished,) = memory.get_finished_spans()
+        got.append((dict(finished.attributes or {}), finished.dropped_attributes))
+    assert got[0] == got[1]
