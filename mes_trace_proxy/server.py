@@ -32,7 +32,7 @@ from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
-from mes_trace_proxy.store import StoreWriter, open_store
+from mes_trace_proxy.store import MemoryStore, StoreWriter, open_store
 from mes_trace_proxy.tls import CertReloader
 from mes_trace_proxy.tracing import build_tracing
 from mes_trace_proxy.upstream import UpstreamPool
@@ -188,8 +188,11 @@ async def running(
         clock=shared.clock,
     )
     shared.watchdog = watchdog
-    # The hot path only enqueues; the writer's task does the I/O (store.StoreWriter).
-    shared.on_order_changed = watchdog.order_changed
+    # The hot path only enqueues; the writer's task does the I/O (store.StoreWriter). With
+    # --state memory the order book is the state: copying each change into a MemoryStore would
+    # keep every order twice and cost every status change a record for nobody to read.
+    if not isinstance(store, MemoryStore):
+        shared.on_order_changed = watchdog.order_changed
     metrics.bind(
         export_stats=tracing.export_stats,
         order_counts=book.counts,
