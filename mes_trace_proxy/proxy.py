@@ -87,6 +87,10 @@ log = logging.getLogger("mes_trace_proxy.proxy")
 # slow client never makes us hold more than a few of them per connection.
 CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
+_new_tuple: Final = tuple.__new__
+_DEFAULT_FLAGS: Final = TraceFlags(TraceFlags.DEFAULT)
+_DEFAULT_STATE: Final = TraceState()
+_FIRST_SPAN_LINK: Final = {A.MES_LINK_KIND: "order.first_span"}
 # The W3C propagator ignores a tracestate longer than this (opentelemetry.trace.span).
 _MAX_TRACESTATE: Final = 8192
 #: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
@@ -944,8 +948,13 @@ def _record_order(
         span.add_event(A.EVENT_ANOMALY, {A.MES_ORDER_ANOMALY: kind})
     first = findings.first_span
     if state.correlation == "link" and first is not None and first != ref:
+        # SpanContext is a tuple; its checked constructor costs more than the link itself
+        # (the ids come from a span this process made, so they are valid).
         span.add_link(
-            trace_api.SpanContext(first.trace_id, first.span_id, is_remote=False),
-            {A.MES_LINK_KIND: "order.first_span"},
+            _new_tuple(
+                trace_api.SpanContext,
+                (first.trace_id, first.span_id, False, _DEFAULT_FLAGS, _DEFAULT_STATE, True),
+            ),
+            _FIRST_SPAN_LINK,
         )
     return findings

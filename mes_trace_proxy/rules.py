@@ -297,10 +297,28 @@ class CompiledRules:
             return None
         segments = path.split("/")
         found: list[tuple[str, str]] = []
-        rule = self._walk(self._root, segments, 1, method, found)
-        if rule is None:
+        # First the path the full search tries first (a literal segment before a parameter),
+        # in one loop; only when it ends nowhere does the search backtrack through the rest.
+        node = self._root
+        for index in range(1, len(segments)):
+            segment = segments[index]
+            child = node.literal.get(segment)
+            if child is not None:
+                node = child
+            elif node.param is not None and segment:
+                found.append((node.param_name, segment))
+                node = node.param
+            else:
+                break
+        else:
+            for rule in node.rules:
+                if rule.methods is None or method in rule.methods:
+                    return RouteMatch(rule=rule, params=dict(found))
+        found.clear()
+        hit = self._walk(self._root, segments, 1, method, found)
+        if hit is None:
             return None
-        return RouteMatch(rule=rule, params=dict(found))
+        return RouteMatch(rule=hit, params=dict(found))
 
     def _walk(
         self, node: _Node, segments: list[str], index: int, method: str, found: list[tuple[str, str]]

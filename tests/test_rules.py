@@ -288,6 +288,8 @@ MATCH_CASES: tuple[tuple[str, str, str, str | None, dict[str, str]], ...] = (
     ("absent-method-is-any", "POST", "/orders/A-1/status", "any-status", {"id": "A-1"}),
     ("root", "GET", "/", "root", {}),
     ("two-params", "GET", "/a/1/b/2", "nested", {"x": "1", "y": "2"}),
+    # The literal branch ("health") dead-ends one segment later: the parameter branch wins.
+    ("backtrack-past-a-literal", "PUT", "/orders/health/status", "id-status", {"id": "health"}),
     ("trailing-slash-is-another-path", "GET", "/orders/A-1/", None, {}),
     ("trailing-slash-on-literal", "GET", "/orders/health/", None, {}),
     ("empty-segment-binds-nothing", "GET", "/orders/", None, {}),
