@@ -731,7 +731,7 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
                         captured = None
                 else:
                     await request.start(status_code, upstream_response.reason, headers)
-                    async for chunk in upstream_response.content.iter_chunked(CHUNK_SIZE):
+                    async for chunk in upstream_response.content.iter_any():
                         if captured is not None:
                             if len(captured) + len(chunk) <= limit:
                                 captured += chunk

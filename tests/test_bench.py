@@ -317,3 +317,25 @@ def test_profile_top_frames_and_components() -> None:
     ]
     with pytest.raises(ValueError, match="collapsed-stack"):
         parse_collapsed("no count here\n")
+
+
+async def test_handler_benchmark_runs_the_real_handler_against_its_stand_ins(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench.handler drives proxy.handle: every request answered, the order book fed, spans exported."""
+    import asyncio
+
+    from bench import handler
+
+    async with handler._proxy("none", None, access_log=False) as state:
+        per_request = await handler._one_round(state, 50)
+        assert per_request > 0
+        assert state.orders is not None
+        assert len(state.orders) == 50
+        conn = handler._Sink()
+        (message, payload), *_ = handler._requests(1, asyncio.get_running_loop())
+        from mes_trace_proxy.http1 import IncomingRequest
+
+        await handler.handle(state, IncomingRequest(conn, message, payload))  # type: ignore[arg-type]
+        assert conn.written > len(handler.ANSWER.split(b"\r\n\r\n")[1])
+    capsys.readouterr()
