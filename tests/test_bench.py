@@ -335,7 +335,8 @@ async def test_handler_benchmark_runs_the_real_handler_against_its_stand_ins(
         conn = handler._Sink()
         (message, payload), *_ = handler._requests(1, asyncio.get_running_loop())
         from mes_trace_proxy.http1 import IncomingRequest
+        from mes_trace_proxy.proxy import handle
 
-        await handler.handle(state, IncomingRequest(conn, message, payload))  # type: ignore[arg-type]
+        await handle(state, IncomingRequest(conn, message, payload))  # type: ignore[arg-type]
         assert conn.written > len(handler.ANSWER.split(b"\r\n\r\n")[1])
     capsys.readouterr()
