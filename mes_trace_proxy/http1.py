@@ -45,8 +45,14 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from mes_trace_proxy.config import Limits
-from mes_trace_proxy.limits import REFUSED_LINGER, GuardedServer, classify_parse_error, raw_problem
-from mes_trace_proxy.problems import ClientRejection
+from mes_trace_proxy.limits import (
+    OVERLOADED_ANSWER,
+    REFUSED_LINGER,
+    TIMEOUT_ANSWER,
+    GuardedServer,
+    classify_parse_error,
+    raw_problem,
+)
 
 __all__ = ["Handler", "Http1Server", "IncomingRequest"]
 
@@ -62,8 +68,6 @@ MAX_QUEUED: Final = 16
 # After an answer whose request body was not read, the rest of the body is read and thrown
 # away for up to this long, so the caller reads the answer instead of a reset (lingering close).
 LINGER: Final = 2.0
-_RETRY_AFTER_SECONDS: Final = 1
-_OVERLOADED_DETAIL: Final = "This listener has as many connections open as it accepts; retry shortly."
 _HTTP_11: Final = HttpVersion(1, 1)
 # RFC 9110 §6.4.1 and §15.2: answers that never carry content, whatever their fields say.
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
@@ -698,13 +702,8 @@ class Http1Server:
         self.parse_refusals = 0
         #: connections given to ``upgrade_server`` (WebSocket)
         self.handed_off = 0
-        # Built once: the answers written straight to a transport.
-        self.overloaded_answer: Final = raw_problem(
-            ClientRejection.SERVICE_UNAVAILABLE,
-            detail=_OVERLOADED_DETAIL,
-            extra=f"Retry-After: {_RETRY_AFTER_SECONDS}\r\n",
-        )
-        self.timeout_answer: Final = raw_problem(ClientRejection.REQUEST_TIMEOUT)
+        self.overloaded_answer: Final = OVERLOADED_ANSWER
+        self.timeout_answer: Final = TIMEOUT_ANSWER
 
     @property
     def open_connections(self) -> int:

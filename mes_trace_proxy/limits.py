@@ -38,7 +38,7 @@ from mes_trace_proxy.problems import (
     rejection_response,
 )
 
-__all__ = ["GuardedServer", "classify_parse_error", "raw_problem"]
+__all__ = ["OVERLOADED_ANSWER", "TIMEOUT_ANSWER", "GuardedServer", "classify_parse_error", "raw_problem"]
 
 log = logging.getLogger("mes_trace_proxy.limits")
 
@@ -100,6 +100,17 @@ def raw_problem(kind: ClientRejection, *, detail: str | None = None, extra: str 
         "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+# Built once: the answers written straight to a transport, by this module's server and http1's.
+#: a connection beyond ``max_connections``: 503 with Retry-After, then the connection closes
+OVERLOADED_ANSWER: Final = raw_problem(
+    ClientRejection.SERVICE_UNAVAILABLE,
+    detail=_OVERLOADED_DETAIL,
+    extra=f"Retry-After: {_RETRY_AFTER_SECONDS}\r\n",
+)
+#: a request head slower than ``header_read_timeout``: 408, then the connection closes
+TIMEOUT_ANSWER: Final = raw_problem(ClientRejection.REQUEST_TIMEOUT)
 
 
 class _GuardedHandler(RequestHandler):
@@ -233,13 +244,8 @@ class GuardedServer(web.Server):
         self.refused_connections = 0
         self.head_timeouts = 0
         self.parse_refusals = 0
-        # Built once: the answers written straight to a transport.
-        self.overloaded_answer: Final = raw_problem(
-            ClientRejection.SERVICE_UNAVAILABLE,
-            detail=_OVERLOADED_DETAIL,
-            extra=f"Retry-After: {_RETRY_AFTER_SECONDS}\r\n",
-        )
-        self.timeout_answer: Final = raw_problem(ClientRejection.REQUEST_TIMEOUT)
+        self.overloaded_answer: Final = OVERLOADED_ANSWER
+        self.timeout_answer: Final = TIMEOUT_ANSWER
 
     def __call__(self) -> RequestHandler:
         """A protocol for one new connection."""
