@@ -249,9 +249,11 @@ async def test_a_caller_that_hangs_up_cancels_its_handler() -> None:
 async def test_shutdown_lets_requests_finish_within_grace_and_cancels_the_rest() -> None:
     """Idle connections close at once; a short request completes; one past the grace is cancelled."""
     outcomes: dict[str, str] = {}
+    started = {"/short": asyncio.Event(), "/long": asyncio.Event()}
 
     async def timed(request: IncomingRequest) -> None:
         path = request.raw_path
+        started[path].set()
         try:
             await asyncio.sleep(0.2 if path == "/short" else WAIT)
             request.send(200, None, [], b"done")
@@ -269,7 +271,8 @@ async def test_shutdown_lets_requests_finish_within_grace_and_cancels_the_rest()
     long = asyncio.create_task(_exchange(port, b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n"))
     async with asyncio.timeout(WAIT):
         await _until(lambda: server.open_connections == 3)
-        await asyncio.sleep(0.05)
+        await started["/short"].wait()
+        await started["/long"].wait()
         listening.close()
         await server.shutdown(0.5)
         assert await idle_reader.read() == b""
