@@ -423,20 +423,6 @@ def _parent(
     return None, (Link(caller),), None
 
 
-def _parent_context(
-    state: ListenerState, request: web.BaseRequest
-) -> tuple[Context | None, tuple[Link, ...]]:
-    """The WebSocket relay's parent (aiohttp request): continue, or a new root linked to the caller."""
-    headers = request.headers
-    if "traceparent" not in headers:
-        return None, ()
-    context = state.tracing.propagator.extract(headers)
-    if state.trust.trusts(request.remote):
-        return context, ()
-    caller = trace_api.get_current_span(context).get_span_context()
-    return None, ((Link(caller),) if caller.is_valid else ())
-
-
 def _order_trace(state: ListenerState, parent: SpanContext | None, facts: OrderFacts) -> int | None:
     """``trace-per-order``: the order's trace id for a call with no usable trace context."""
     if state.correlation != "trace-per-order" or facts.order_id is None:
