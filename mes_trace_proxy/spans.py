@@ -203,24 +203,27 @@ def _plain_tuple(value: tuple[object, ...]) -> bool:
     return True
 
 
+def _stored_as_is(source: Mapping[Any, Any]) -> bool:
+    """Whether the SDK would store every pair as given: non-empty str keys, plain values or tuples of them."""
+    for key, value in source.items():
+        if type(key) is not str or not key:
+            return False
+        kind = type(value)
+        if kind not in _PLAIN and (kind is not tuple or not _plain_tuple(value)):
+            return False
+    return True
+
+
 def _fill(target: dict[str, AttributeValue], source: Mapping[Any, Any], limit: int, length: int) -> int:
     """Fill a new ``target`` from ``source`` as ``BoundedAttributes(limit, source)`` does; the count dropped.
 
     ``target`` may already hold ``http.route``: the source is then taken as merged after it,
     keeping that first position, as the SDK receives one merged mapping.
     """
-    if length == _NO_LIMIT and len(target) + len(source) <= limit:
-        # The common case (no length limit, within the count): when every key is a string and
-        # every value a plain scalar or a tuple of them, the SDK would store them as they are.
-        for key, value in source.items():
-            if type(key) is not str or not key:
-                break
-            kind = type(value)
-            if kind not in _PLAIN and (kind is not tuple or not _plain_tuple(value)):
-                break
-        else:
-            target.update(source)
-            return 0
+    if length == _NO_LIMIT and len(target) + len(source) <= limit and _stored_as_is(source):
+        # The common case (no length limit, within the count): stored as the SDK would store it.
+        target.update(source)
+        return 0
     dropped = 0
     for key, value in source.items():
         if type(key) is not str or not key:
@@ -249,18 +252,15 @@ def _update(target: dict[str, AttributeValue], source: Mapping[Any, Any], limit:
     """``BoundedAttributes._set_items`` on a span that has attributes already; the count dropped."""
     if not limit:
         return len(source)
-    if length == _NO_LIMIT and len(target) + len(source) <= limit and target.keys().isdisjoint(source):
-        # The proxy's own case: new keys, within the count, no length limit; when every key is a
-        # string and every value a plain scalar or a tuple of them, they are stored as they are.
-        for key, value in source.items():
-            if type(key) is not str or not key:
-                break
-            kind = type(value)
-            if kind not in _PLAIN and (kind is not tuple or not _plain_tuple(value)):
-                break
-        else:
-            target.update(source)
-            return 0
+    if (
+        length == _NO_LIMIT
+        and len(target) + len(source) <= limit
+        and target.keys().isdisjoint(source)
+        and _stored_as_is(source)
+    ):
+        # New keys, within the count, no length limit: stored as the SDK would store them.
+        target.update(source)
+        return 0
     dropped = 0
     for key, value in source.items():
         if type(key) is not str or not key:
