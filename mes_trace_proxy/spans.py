@@ -203,6 +203,21 @@ def _plain_tuple(value: tuple[object, ...]) -> bool:
     return True
 
 
+def _clean_pair(key: object, value: Any, length: int) -> tuple[str, AttributeValue] | None:
+    """One pair as ``BoundedAttributes`` keeps it, or ``None`` when the SDK drops its key."""
+    if type(key) is not str or not key:
+        key = _clean_key(key)
+        if key is None:
+            return None
+    kind = type(value)
+    if kind is str:
+        if len(value) > length:
+            value = value[:length]
+    elif kind is not int and kind is not bool and kind is not float:
+        value = _clean_value(value, length)
+    return key, value
+
+
 def _stored_as_is(source: Mapping[Any, Any]) -> bool:
     """Whether the SDK would store every pair as given: non-empty str keys, plain values or tuples of them."""
     for key, value in source.items():
@@ -225,18 +240,12 @@ def _fill(target: dict[str, AttributeValue], source: Mapping[Any, Any], limit: i
         target.update(source)
         return 0
     dropped = 0
-    for key, value in source.items():
-        if type(key) is not str or not key:
-            key = _clean_key(key)
-            if key is None:
-                dropped += 1
-                continue
-        kind = type(value)
-        if kind is str:
-            if len(value) > length:
-                value = value[:length]
-        elif kind is not int and kind is not bool and kind is not float:
-            value = _clean_value(value, length)
+    for raw_key, raw_value in source.items():
+        cleaned = _clean_pair(raw_key, raw_value, length)
+        if cleaned is None:
+            dropped += 1
+            continue
+        key, value = cleaned
         target[key] = value
     excess = len(target) - limit
     if excess > 0:
@@ -262,18 +271,12 @@ def _update(target: dict[str, AttributeValue], source: Mapping[Any, Any], limit:
         target.update(source)
         return 0
     dropped = 0
-    for key, value in source.items():
-        if type(key) is not str or not key:
-            key = _clean_key(key)
-            if key is None:
-                dropped += 1
-                continue
-        kind = type(value)
-        if kind is str:
-            if len(value) > length:
-                value = value[:length]
-        elif kind is not int and kind is not bool and kind is not float:
-            value = _clean_value(value, length)
+    for raw_key, raw_value in source.items():
+        cleaned = _clean_pair(raw_key, raw_value, length)
+        if cleaned is None:
+            dropped += 1
+            continue
+        key, value = cleaned
         if key in target:
             # The SDK deletes and inserts again: a key set anew moves to the end.
             del target[key]
