@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -21,10 +22,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.trace import SpanKind
 
 from mes_trace_proxy.export import (
+    ENCODE_SLICE,
     MAX_IN_FLIGHT,
     Attempt,
     HttpTransport,
@@ -33,6 +35,7 @@ from mes_trace_proxy.export import (
     make_transport,
     otlp_settings,
 )
+from mes_trace_proxy.otlp_encode import EncodableSpan, EncodedSpan
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 
 # ── settings ────────────────────────────────────────────────────────────────────────────────
@@ -197,7 +200,7 @@ def _processor(transport: object, **overrides: float) -> OtlpExportProcessor:
 async def test_spans_reach_a_real_receiver_over_both_protocols(
     otlp_sink: OtlpSink, protocol: str, compression: str
 ) -> None:
-    """Spans are encoded as they end and arrive whole, grouped under their resource and scope."""
+    """Spans are queued as they end and arrive whole, grouped under their resource and scope."""
     endpoint = otlp_sink.http_endpoint if protocol == HTTP else otlp_sink.grpc_endpoint
     environ = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_COMPRESSION": compression}
     processor = _processor(make_transport(otlp_settings(environ, protocol)))
@@ -422,7 +425,7 @@ def test_an_unstarted_processor_counts_its_queue_as_failed_at_shutdown() -> None
 
 
 def test_unsampled_spans_are_not_queued() -> None:
-    """Only sampled spans are encoded and queued."""
+    """Only sampled spans are queued."""
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
     processor = _processor(HeldTransport())
@@ -487,3 +490,108 @@ async def test_shutdown_out_of_time_counts_exports_in_flight_and_queued_as_faile
         0,
         2 * (MAX_IN_FLIGHT + 3),
     )
+
+
+class Unreadable:
+    """A sampled span the encoder cannot read (no attributes where it expects them)."""
+
+    def __init__(self, good: ReadableSpan) -> None:
+        self.context = good.context
+        self.resource = good.resource
+        self.instrumentation_scope = good.instrumentation_scope
+
+    def get_span_context(self) -> object:
+        return self.context
+
+
+class Recording(SpanProcessor):
+    """Keeps the ended spans, to hand them to the processor under test as it pleases."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+def _ended(count: int) -> list[ReadableSpan]:
+    recording = Recording()
+    provider = TracerProvider(resource=Resource.create({"service.name": "export-test"}))
+    provider.add_span_processor(recording)
+    _spans(provider, count)
+    return recording.spans
+
+
+async def test_a_span_the_encoder_cannot_read_is_counted_and_its_batch_still_goes() -> None:
+    """Encoding happens when the batch is sent; one bad span is failed, the others exported."""
+    transport = HeldTransport()
+    transport.release.set()
+    processor = _processor(transport, max_batch=5, delay_seconds=60)
+    processor.start()
+    good = _ended(4)
+    processor.on_end(good[0])
+    processor.on_end(Unreadable(good[1]))  # type: ignore[arg-type]
+    for span in good[2:]:
+        processor.on_end(span)
+    await processor.aclose()
+    assert (processor.stats.queued, processor.stats.exported, processor.stats.failed) == (4, 3, 1)
+    (body,) = transport.sent
+    message = ExportTraceServiceRequest.FromString(body)
+    names = [s.name for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert names == ["span-0", "span-2", "span-3"]
+
+
+async def test_a_large_batch_is_encoded_with_the_loop_running_in_between() -> None:
+    """A batch is encoded ENCODE_SLICE spans at a time: other tasks run before it is done."""
+    transport = HeldTransport()
+    transport.release.set()
+    size = 4 * ENCODE_SLICE
+    processor = _processor(transport, max_batch=size, max_queue_size=size, delay_seconds=60)
+    encoded = 0
+    encode = processor._encoder.encode_span
+
+    def counting(span: EncodableSpan) -> EncodedSpan:
+        nonlocal encoded
+        encoded += 1
+        return encode(span)
+
+    processor._encoder.encode_span = counting  # type: ignore[method-assign]
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while encoded < size:
+            seen.append(encoded)
+            await asyncio.sleep(0)
+
+    processor.start()
+    watcher = asyncio.get_running_loop().create_task(watch())
+    for span in _ended(size):
+        processor.on_end(span)
+    await processor.aclose()
+    await watcher
+    assert any(0 < count < size for count in seen)
+    assert all(count % ENCODE_SLICE == 0 for count in seen)
+    assert processor.stats.exported == size
+
+
+async def test_shutdown_out_of_time_while_encoding_counts_the_batch_as_failed() -> None:
+    """A batch cut off in the middle of its encoding is counted failed, none of it twice."""
+    transport = CountingTransport()
+    size = 8 * ENCODE_SLICE
+    processor = _processor(
+        transport, max_batch=size, max_queue_size=size, delay_seconds=60, export_timeout_seconds=0.05
+    )
+    encode = processor._encoder.encode_span
+
+    def slow(span: EncodableSpan) -> EncodedSpan:
+        time.sleep(0.002)  # a slice takes about 30 ms: the budget runs out a few slices in
+        return encode(span)
+
+    processor._encoder.encode_span = slow  # type: ignore[method-assign]
+    processor.start()
+    for span in _ended(size):
+        processor.on_end(span)
+    await processor.aclose()
+    stats = processor.stats
+    assert (stats.queued, stats.exported, stats.failed) == (size, 0, size)
+    assert transport.sends == 0
