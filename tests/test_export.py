@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -37,6 +40,7 @@ from mes_trace_proxy.export import (
 )
 from mes_trace_proxy.otlp_encode import EncodableSpan, EncodedSpan
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
+from tests.certs import TestCA
 
 # ── settings ────────────────────────────────────────────────────────────────────────────────
 
@@ -223,11 +227,15 @@ class Collector:
     requests: list[tuple[Mapping[str, str], bytes]] = field(default_factory=list)
     url: str = ""
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the client ends of the connections requests came on
+    peers: set[object] = field(default_factory=set)
 
     async def handle(self, request: web.Request) -> web.Response:
         # aiohttp's server has already inflated a gzip body; the header says it came so.
         body = await request.read()
         self.requests.append((dict(request.headers), body))
+        assert request.transport is not None
+        self.peers.add(request.transport.get_extra_info("peername"))
         self.arrived.set()
         if self.answers:
             return self.answers.pop(0)()
@@ -245,13 +253,7 @@ class Collector:
 async def collector() -> AsyncIterator[Collector]:
     """A scripted collector on loopback."""
     found = Collector()
-    app = web.Application()
-    app.router.add_post("/v1/traces", found.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    found.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    runner = await _serve(found)
     yield found
     await runner.cleanup()
 
@@ -595,3 +597,76 @@ async def test_shutdown_out_of_time_while_encoding_counts_the_batch_as_failed() 
     stats = processor.stats
     assert (stats.queued, stats.exported, stats.failed) == (size, 0, size)
     assert transport.sends == 0
+
+
+async def _serve(collector: Collector, context: ssl.SSLContext | None = None) -> web.AppRunner:
+    """Run ``collector`` on loopback (over TLS with ``context``); its url is set."""
+    app = web.Application()
+    app.router.add_post("/v1/traces", collector.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    scheme = "https" if context is not None else "http"
+    collector.url = f"{scheme}://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    return runner
+
+
+async def test_exports_reuse_one_connection_and_name_the_collector_in_host(collector: Collector) -> None:
+    """Batches one after another go over one kept-alive connection, with Host as in the endpoint."""
+    processor = _processor(_http(collector), max_batch=1)
+    processor.start()
+    provider = _provider(processor)
+    for number in range(3):
+        _spans(provider, 1, prefix=f"batch{number}")
+        await processor.flush()
+    await processor.aclose()
+    assert collector.spans() == ["batch0-0", "batch1-0", "batch2-0"]
+    port = collector.url.split(":")[2].split("/")[0]
+    assert {headers["Host"] for headers, _ in collector.requests} == {f"127.0.0.1:{port}"}
+    assert len(collector.peers) == 1
+
+
+async def test_an_https_collector_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    """OTLP/HTTP over TLS: the CA from OTEL_EXPORTER_OTLP_CERTIFICATE; without it, nothing goes."""
+    ca = TestCA()
+    cert, key = ca.issue("127.0.0.1").write(tmp_path, "collector")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    found = Collector()
+    runner = await _serve(found, context)
+    try:
+        trusted = _processor(
+            _http(found, OTEL_EXPORTER_OTLP_CERTIFICATE=str(ca.write(tmp_path))), send_timeout_seconds=5
+        )
+        trusted.start()
+        _spans(_provider(trusted), 2)
+        await trusted.aclose()
+        assert sorted(found.spans()) == ["span-0", "span-1"]
+        untrusted = _processor(_http(found), send_timeout_seconds=0.5)
+        untrusted.start()
+        _spans(_provider(untrusted), 1, prefix="unverified")
+        await untrusted.aclose()
+        assert (untrusted.stats.exported, untrusted.stats.failed) == (0, 1)
+        assert "unverified-0" not in found.spans()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_proxy_variable_sends_exports_through_that_proxy(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With http_proxy set, exports go to the proxy (here the collector itself answers as one)."""
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    # aiohttp reads the proxy from the process environment, as the proxy's own start-up does.
+    monkeypatch.setenv("http_proxy", collector.url.removesuffix("/v1/traces"))
+    # A name that resolves nowhere: only the proxy can deliver this.
+    environ = {**os.environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector.invalid:4318/v1/traces"}
+    transport = HttpTransport(otlp_settings(environ, HTTP))
+    processor = _processor(transport)
+    processor.start()
+    _spans(_provider(processor), 2)
+    await processor.aclose()
+    assert sorted(collector.spans()) == ["span-0", "span-1"]
+    assert {headers["Host"] for headers, _ in collector.requests} == {"collector.invalid:4318"}
