@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 from urllib.parse import parse_qsl
 
+import orjson
+
 from mes_trace_proxy.rules import RouteMatch, Source, SourceKind
 
 __all__ = [
@@ -61,10 +63,28 @@ def is_json_content_type(value: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+# A run of 19 digits, found as 19 zeros once every digit is a zero: two C-speed passes, where
+# a regular expression walks the body in Python's engine at several times the cost. Shorter
+# runs are integers orjson reads exactly (it keeps 64 bits).
+_DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS: Final = b"0" * 19
+
+
 def _parse_json(body: bytes | None) -> object:
-    """Parse a body; ``None`` for anything that is not JSON (never raises)."""
+    """Parse a body; ``None`` for anything that is not JSON (never raises).
+
+    orjson reads the usual body about four times as fast as the standard library, whose
+    reading is the contract: what orjson refuses (UTF-16 and UTF-32 bodies, a UTF-8 BOM,
+    ``NaN``, lone surrogates) goes to ``json.loads``, and so does a body with a run of 19
+    digits or more, since orjson would quietly read an integer past 64 bits as a float.
+    """
     if not body:
         return None
+    if _LONG_DIGITS not in body.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(body)
     except (ValueError, RecursionError):

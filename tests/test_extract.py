@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from mes_trace_proxy.extract import (
     MAX_VALUE_LENGTH,
     NO_FACTS,
     OrderFacts,
+    _parse_json,
     is_json_content_type,
     read_pointer,
     request_facts,
@@ -303,3 +306,53 @@ def test_response_without_response_sources_returns_before() -> None:
 def test_is_json_content_type(value: str | None, expected: bool) -> None:
     """application/json and application/*+json (RFC 6839 §3.1) count as JSON; nothing else does."""
     assert is_json_content_type(value) is expected
+
+
+# Bodies where orjson and the standard library disagree or one of them refuses: the reading is
+# always json.loads's (orjson is only the fast path for what it reads the same way).
+_READ_AS_THE_STANDARD_LIBRARY_DOES: tuple[tuple[str, bytes], ...] = (
+    ("plain", b'{"status": "SHIPPED"}'),
+    ("utf8-bom", b'\xef\xbb\xbf{"status": "SHIPPED"}'),
+    ("utf16-bom", '{"status": "SHIPPED"}'.encode("utf-16")),
+    ("utf32", '{"status": "SHIPPED"}'.encode("utf-32")),
+    ("int-past-64-bits", b'{"status": "SHIPPED", "barcode": 123456789012345678901234567890}'),
+    ("negative-int-past-64-bits", b'{"n": -123456789012345678901234567890}'),
+    ("u64-max", b'{"n": 18446744073709551615}'),
+    ("infinity", b'{"status": "SHIPPED", "weight": Infinity}'),
+    ("huge-float", b'{"weight": 1e400}'),
+    ("lone-surrogate", b'{"status": "SHIPPED", "note": "\\ud800"}'),
+    ("surrogate-pair", b'{"note": "\\ud83d\\udc8d"}'),
+    ("duplicate-keys", b'{"status": "SUBMITTED", "status": "SHIPPED"}'),
+    ("deep", b"[" * 200 + b"]" * 200),
+    ("not-json", b"status=SHIPPED"),
+    ("invalid-utf8", b'{"status": "\xff"}'),
+    ("trailing-garbage", b'{"status": "SHIPPED"} x'),
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b for _, b in _READ_AS_THE_STANDARD_LIBRARY_DOES],
+    ids=[n for n, _ in _READ_AS_THE_STANDARD_LIBRARY_DOES],
+)
+def test_bodies_read_as_json_loads_reads_them(body: bytes) -> None:
+    """The fast parser never changes what a body says: every case equals json.loads (or both refuse)."""
+    try:
+        expected: object = json.loads(body)
+    except ValueError:
+        expected = None
+    assert repr(_parse_json(body)) == repr(expected)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_JSON)
+def test_any_json_document_reads_as_json_loads_reads_it(document: object) -> None:
+    """Generated documents (any ints, floats, text with escapes) read the same both ways."""
+    for body in (json.dumps(document).encode(), json.dumps(document, ensure_ascii=False).encode()):
+        assert repr(_parse_json(body)) == repr(json.loads(body))
