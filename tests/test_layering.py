@@ -56,6 +56,8 @@ ALLOWED_THIRD_PARTY: Final = {
     "attributes": ("opentelemetry.semconv", "opentelemetry.util.types"),
     # The case-insensitive header multidict aiohttp also uses; a pure data structure.
     "explain": ("multidict",),
+    # A JSON parser: bytes in, plain values out (json.loads stays the reference reading).
+    "extract": ("orjson",),
 }
 #: Whole-program modules that need no test file of their own.
 NO_TEST_NEEDED: Final = frozenset({"__init__", "__main__"})
