@@ -1,11 +1,10 @@
-"""The OTLP span export path: spans queued as they end, encoded and sent in batches from the event loop.
+"""The OTLP span export path: spans encoded as they end, sent in batches from the event loop.
 
 The SDK's exporters encode a whole batch at once in a worker thread, which holds the GIL
-against the event loop for milliseconds (the p99 in docs/performance.md). Here a task on the
-proxy's own loop takes a batch off the queue, encodes it (``otlp_encode``) a few spans at a
-time with the loop free in between, and sends the bytes: OTLP/HTTP with aiohttp, OTLP/gRPC
-with grpc.aio. Encoding spans one after the other costs about two thirds of encoding each as
-it ends, in the middle of its request (the interpreter's and the CPU's caches stay warm).
+against the event loop for milliseconds (the p99 in docs/performance.md). Here each span is
+encoded when it ends (``otlp_encode``, about 10 µs), and a task on the proxy's own loop joins
+and sends the bytes: OTLP/HTTP through the lean HTTP/1.1 pool of ``upstream.py`` (aiohttp's
+session when a proxy variable is set), OTLP/gRPC with grpc.aio.
 """
 
 from __future__ import annotations
@@ -78,10 +77,6 @@ GZIP_LEVEL: Final = 6
 #: keep up with about 3,400 spans/s over gRPC and the queue overflowed (docs/performance.md).
 #: Four keep the queue short without flooding a collector that is struggling already.
 MAX_IN_FLIGHT: Final = 4
-#: Spans encoded between two turns of the event loop. A proxy span takes 5-10 µs, so a slice
-#: holds the loop for about 0.1-0.2 ms: a request that arrives meanwhile waits at most that
-#: long, where a whole batch of 128 at once would hold it for about 1 ms.
-ENCODE_SLICE: Final = 16
 #: One connection to the collector per export in flight.
 HTTP_POOL: Final = MAX_IN_FLIGHT
 #: Seconds an idle collector connection is kept: longer than the 5 s between exports of a
@@ -480,9 +475,9 @@ def make_transport(settings: OtlpSettings) -> Transport:
 
 
 class OtlpExportProcessor(SpanProcessor):
-    """Queues each sampled span as it ends; a task on the event loop encodes and exports batches.
+    """Encodes each sampled span as it ends and exports batches from a task on the event loop.
 
-    Bounded like the SDK's batch processor (``OTEL_BSP_*``): a queue of ended spans, batches
+    Bounded like the SDK's batch processor (``OTEL_BSP_*``): a queue of encoded spans, batches
     by size or delay, up to ``MAX_IN_FLIGHT`` exports at once. Every span is counted once as exported, dropped
     (queue full) or failed (the collector refused it, or it could not be sent before its
     deadline or before shutdown ended). :meth:`start` binds it to the running loop; spans
@@ -502,9 +497,7 @@ class OtlpExportProcessor(SpanProcessor):
     ) -> None:
         self._transport = transport
         self._encoder = encoder or OtlpSpanEncoder()
-        # Ended spans do not change any more (the SDK's and the lean ones ignore late writes),
-        # so they wait here as they are and are encoded when their batch is sent.
-        self._queue: collections.deque[EncodableSpan] = collections.deque()
+        self._queue: collections.deque[EncodedSpan] = collections.deque()
         self._max_queue = max_queue_size
         self._max_batch = max_batch
         self._delay = delay_seconds
@@ -530,7 +523,7 @@ class OtlpExportProcessor(SpanProcessor):
         """Nothing to do at start."""
 
     def on_end(self, span: EncodableSpan) -> None:
-        """Queue a finished sampled span for export; count it as dropped when the queue is full.
+        """Encode a finished sampled span into the queue; count it as dropped when the queue is full.
 
         Any span the encoder can read will do: the SDK's ``ReadableSpan``, or the proxy's lean
         ``spans.ProxySpan``, which ``SpanFactory`` hands over directly.
@@ -542,7 +535,15 @@ class OtlpExportProcessor(SpanProcessor):
         if len(queue) >= self._max_queue or self._closed:
             self.stats.dropped_queue_full += 1
             return
-        queue.append(span)
+        try:
+            encoded = self._encoder.encode_span(span)
+        except Exception:
+            # A span the encoder cannot read is lost, counted and logged, never raised into
+            # the request that ended it.
+            log.exception("encoding a span failed; it is not exported")
+            self.stats.failed += 1
+            return
+        queue.append(encoded)
         self.stats.queued += 1
         if len(queue) >= self._max_batch:
             self._notify()
@@ -684,44 +685,15 @@ class OtlpExportProcessor(SpanProcessor):
             return
         batch = [queue.popleft() for _ in range(count)]
         try:
-            encoded = await self._encode(batch)
-            # A span the encoder could not read was logged and left out.
-            self.stats.failed += count - len(encoded)
-            count = len(encoded)
-            body = self._encoder.assemble(encoded) if count else b""
+            body = self._encoder.assemble(batch)
         except Exception:
             log.exception("assembling an export request failed; %d spans lost", count)
             self.stats.failed += count
             self._slots.release()
             return
-        except BaseException:
-            # Cancelled (shutdown ran out of time) while encoding: nothing of it was sent.
-            self.stats.failed += count
-            self._slots.release()
-            raise
-        if not count:
-            self._slots.release()
-            return
         task = asyncio.get_running_loop().create_task(self._send_batch(body, count))
         self._in_flight[task] = count
         task.add_done_callback(self._export_done)
-
-    async def _encode(self, batch: list[EncodableSpan]) -> list[EncodedSpan]:
-        """Encode ``batch`` :data:`ENCODE_SLICE` spans at a time, letting the loop run in between.
-
-        A span the encoder cannot read is logged and left out.
-        """
-        encode = self._encoder.encode_span
-        encoded: list[EncodedSpan] = []
-        for start in range(0, len(batch), ENCODE_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            for span in batch[start : start + ENCODE_SLICE]:
-                try:
-                    encoded.append(encode(span))
-                except Exception:
-                    log.exception("encoding a span failed; it is not exported")
-        return encoded
 
     def _export_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)

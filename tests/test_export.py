@@ -12,7 +12,6 @@ import dataclasses
 import os
 import ssl
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.trace import SpanKind
 
 from mes_trace_proxy.export import (
-    ENCODE_SLICE,
     MAX_IN_FLIGHT,
     Attempt,
     HttpTransport,
@@ -38,7 +36,6 @@ from mes_trace_proxy.export import (
     make_transport,
     otlp_settings,
 )
-from mes_trace_proxy.otlp_encode import EncodableSpan, EncodedSpan
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from tests.certs import TestCA
 
@@ -204,7 +201,7 @@ def _processor(transport: object, **overrides: float) -> OtlpExportProcessor:
 async def test_spans_reach_a_real_receiver_over_both_protocols(
     otlp_sink: OtlpSink, protocol: str, compression: str
 ) -> None:
-    """Spans are queued as they end and arrive whole, grouped under their resource and scope."""
+    """Spans are encoded as they end and arrive whole, grouped under their resource and scope."""
     endpoint = otlp_sink.http_endpoint if protocol == HTTP else otlp_sink.grpc_endpoint
     environ = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_COMPRESSION": compression}
     processor = _processor(make_transport(otlp_settings(environ, protocol)))
@@ -427,7 +424,7 @@ def test_an_unstarted_processor_counts_its_queue_as_failed_at_shutdown() -> None
 
 
 def test_unsampled_spans_are_not_queued() -> None:
-    """Only sampled spans are queued."""
+    """Only sampled spans are encoded and queued."""
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
     processor = _processor(HeldTransport())
@@ -525,7 +522,7 @@ def _ended(count: int) -> list[ReadableSpan]:
 
 
 async def test_a_span_the_encoder_cannot_read_is_counted_and_its_batch_still_goes() -> None:
-    """Encoding happens when the batch is sent; one bad span is failed, the others exported."""
+    """A span the encoder cannot read is failed as it ends; the others are still exported."""
     transport = HeldTransport()
     transport.release.set()
     processor = _processor(transport, max_batch=5, delay_seconds=60)
@@ -536,67 +533,11 @@ async def test_a_span_the_encoder_cannot_read_is_counted_and_its_batch_still_goe
     for span in good[2:]:
         processor.on_end(span)
     await processor.aclose()
-    assert (processor.stats.queued, processor.stats.exported, processor.stats.failed) == (4, 3, 1)
+    assert (processor.stats.queued, processor.stats.exported, processor.stats.failed) == (3, 3, 1)
     (body,) = transport.sent
     message = ExportTraceServiceRequest.FromString(body)
     names = [s.name for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert names == ["span-0", "span-2", "span-3"]
-
-
-async def test_a_large_batch_is_encoded_with_the_loop_running_in_between() -> None:
-    """A batch is encoded ENCODE_SLICE spans at a time: other tasks run before it is done."""
-    transport = HeldTransport()
-    transport.release.set()
-    size = 4 * ENCODE_SLICE
-    processor = _processor(transport, max_batch=size, max_queue_size=size, delay_seconds=60)
-    encoded = 0
-    encode = processor._encoder.encode_span
-
-    def counting(span: EncodableSpan) -> EncodedSpan:
-        nonlocal encoded
-        encoded += 1
-        return encode(span)
-
-    processor._encoder.encode_span = counting  # type: ignore[method-assign]
-    seen: list[int] = []
-
-    async def watch() -> None:
-        while encoded < size:
-            seen.append(encoded)
-            await asyncio.sleep(0)
-
-    processor.start()
-    watcher = asyncio.get_running_loop().create_task(watch())
-    for span in _ended(size):
-        processor.on_end(span)
-    await processor.aclose()
-    await watcher
-    assert any(0 < count < size for count in seen)
-    assert all(count % ENCODE_SLICE == 0 for count in seen)
-    assert processor.stats.exported == size
-
-
-async def test_shutdown_out_of_time_while_encoding_counts_the_batch_as_failed() -> None:
-    """A batch cut off in the middle of its encoding is counted failed, none of it twice."""
-    transport = CountingTransport()
-    size = 8 * ENCODE_SLICE
-    processor = _processor(
-        transport, max_batch=size, max_queue_size=size, delay_seconds=60, export_timeout_seconds=0.05
-    )
-    encode = processor._encoder.encode_span
-
-    def slow(span: EncodableSpan) -> EncodedSpan:
-        time.sleep(0.002)  # a slice takes about 30 ms: the budget runs out a few slices in
-        return encode(span)
-
-    processor._encoder.encode_span = slow  # type: ignore[method-assign]
-    processor.start()
-    for span in _ended(size):
-        processor.on_end(span)
-    await processor.aclose()
-    stats = processor.stats
-    assert (stats.queued, stats.exported, stats.failed) == (size, 0, size)
-    assert transport.sends == 0
 
 
 async def _serve(collector: Collector, context: ssl.SSLContext | None = None) -> web.AppRunner:
