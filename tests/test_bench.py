@@ -225,6 +225,24 @@ def test_evaluate_targets() -> None:
     assert verdicts["1 million tracked orders < 300 MiB"].passed is True
 
 
+def test_a_run_that_dropped_spans_cannot_pass_the_cpu_target() -> None:
+    """A low CPU figure bought by dropping spans fails, and says why."""
+    cheap = {
+        **FIGURES,
+        "proxy-http": {**FIGURES["proxy-http"], "cpu_us": 170.0, "spans_dropped": 75_574.0},
+    }
+    verdict = {v.target: v for v in report.evaluate_targets(cheap, orders_rss=None)}[
+        "proxy-http: CPU/request ≤ 1.15 × plain aiohttp"
+    ]
+    assert verdict.passed is False
+    assert verdict.measured == "1.06 × with 75,574 spans dropped: not comparable"
+    clean = {**cheap, "proxy-http": {**cheap["proxy-http"], "spans_dropped": 0.0}}
+    verdict = {v.target: v for v in report.evaluate_targets(clean, orders_rss=None)}[
+        "proxy-http: CPU/request ≤ 1.15 × plain aiohttp"
+    ]
+    assert verdict.passed is True
+
+
 def test_render_markdown_has_ratios_targets_and_noise_warning() -> None:
     """The tables carry the figures, both ratio columns, the verdicts and the noisy-machine warning."""
     verdicts = report.evaluate_targets(FIGURES, orders_rss=None)
