@@ -161,7 +161,7 @@ def make_pool(listener: ListenerConfig) -> UpstreamPool:
     Raises:
         ConfigError: the listener's ``upstream_tls`` files are unusable.
     """
-    return UpstreamPool.for_listener(
+    return UpstreamPool(
         listener, size=UPSTREAM_POOL_SIZE, keepalive=UPSTREAM_KEEPALIVE, read_buffer=READ_BUFFER
     )
 

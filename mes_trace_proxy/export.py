@@ -3,8 +3,7 @@
 The SDK's exporters encode a whole batch at once in a worker thread, which holds the GIL
 against the event loop for milliseconds (the p99 in docs/performance.md). Here each span is
 encoded when it ends (``otlp_encode``, about 10 µs), and a task on the proxy's own loop joins
-and sends the bytes: OTLP/HTTP through the lean HTTP/1.1 pool of ``upstream.py`` (aiohttp's
-session when a proxy variable is set), OTLP/gRPC with grpc.aio.
+and sends the bytes: OTLP/HTTP with aiohttp, OTLP/gRPC with grpc.aio.
 """
 
 from __future__ import annotations
@@ -29,9 +28,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import SpanProcessor
 
 from mes_trace_proxy import __version__
-from mes_trace_proxy.config import Timeouts
 from mes_trace_proxy.otlp_encode import EncodableSpan, EncodedSpan, OtlpSpanEncoder, rejected_spans
-from mes_trace_proxy.upstream import UpstreamPool
 
 __all__ = [
     "Attempt",
@@ -79,12 +76,6 @@ GZIP_LEVEL: Final = 6
 MAX_IN_FLIGHT: Final = 4
 #: One connection to the collector per export in flight.
 HTTP_POOL: Final = MAX_IN_FLIGHT
-#: Seconds an idle collector connection is kept: longer than the 5 s between exports of a
-#: quiet proxy, so it is reused, and shorter than collectors' usual idle timeouts (Go's
-#: servers and Envoy: 60 s and more), so the collector rarely closes it under a send.
-HTTP_KEEPALIVE: Final = 30.0
-#: The collector's answer is a few bytes of partial success; 64 KiB is plenty.
-HTTP_READ_BUFFER: Final = 64 * 1024
 #: While the collector keeps failing, one warning per this many seconds instead of per batch.
 FAILURE_LOG_INTERVAL: Final = 60.0
 
@@ -279,13 +270,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class HttpTransport:
-    """OTLP/HTTP with protobuf bodies, sent on the proxy's own event loop.
-
-    The POST goes through the lean HTTP/1.1 pool the upstream calls use (``upstream.py``): a
-    batch costs about a quarter of the CPU it costs through aiohttp's ``ClientSession``. With
-    a proxy variable set (``http_proxy`` and the like) the session is used instead, as it
-    honours them.
-    """
+    """OTLP/HTTP with protobuf bodies, sent by aiohttp on the proxy's own event loop."""
 
     def __init__(self, settings: OtlpSettings) -> None:
         """Check the TLS files now (so a bad one stops start-up); connect on the first send.
@@ -309,27 +294,28 @@ class HttpTransport:
             headers["Content-Encoding"] = "deflate"
             self._compress = zlib.compress
         self._headers = headers
-        url = urlsplit(settings.endpoint)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or "localhost"
-        self._port = url.port or (443 if self._https else 80)
-        self._target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        # The lean pool sends the fields as listed: Host first, then ours and the user's.
-        default_port = self._port == (443 if self._https else 80)
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        self._fields = [("Host", host if default_port else f"{host}:{self._port}"), *headers.items()]
         self._session: aiohttp.ClientSession | None = None
-        self._pool: UpstreamPool | None = None
 
     async def send(self, body: bytes, budget: float) -> Attempt:
         """POST the request; 2xx is success, with the partial-success count read from the answer."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=HTTP_POOL, ssl=self._ssl if self._ssl else True),
+                trust_env=self._trust_env,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
         data = self._compress(body) if self._compress is not None else body
         try:
-            if self._trust_env:
-                status, answer, retry_after = await self._post_with_session(data, budget)
-            else:
-                async with asyncio.timeout(budget):
-                    status, answer, retry_after = await self._post(data)
+            async with self._session.post(
+                self._url,
+                data=data,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=budget),
+                allow_redirects=False,
+            ) as response:
+                answer = await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return Attempt(ok=False, retryable=True, reason=type(exc).__name__)
         if 200 <= status < 300:
@@ -342,47 +328,10 @@ class HttpTransport:
             reason=f"HTTP {status}",
         )
 
-    async def _post(self, data: bytes) -> tuple[int, bytes, str | None]:
-        pool = self._pool
-        if pool is None:
-            context = self._ssl if self._ssl is not None else ssl.create_default_context()
-            pool = self._pool = UpstreamPool(
-                host=self._host,
-                port=self._port,
-                ssl_context=context if self._https else None,
-                # The processor's send budget bounds each call (asyncio.timeout in send).
-                timeouts=Timeouts(connect=None, read=None, total=None),
-                size=HTTP_POOL,
-                keepalive=HTTP_KEEPALIVE,
-                read_buffer=HTTP_READ_BUFFER,
-            )
-        async with pool.request("POST", self._target, self._fields, data) as response:
-            answer = await response.content.read()
-            return response.status, answer, response.headers.get("Retry-After")
-
-    async def _post_with_session(self, data: bytes, budget: float) -> tuple[int, bytes, str | None]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=HTTP_POOL, ssl=self._ssl if self._ssl else True),
-                trust_env=self._trust_env,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        async with self._session.post(
-            self._url,
-            data=data,
-            headers=self._headers,
-            timeout=aiohttp.ClientTimeout(total=budget),
-            allow_redirects=False,
-        ) as response:
-            answer = await response.read()
-            return response.status, answer, response.headers.get("Retry-After")
-
     async def aclose(self) -> None:
         """Close the collector connections."""
         if self._session is not None:
             await self._session.close()
-        if self._pool is not None:
-            await self._pool.close()
 
 
 def _gzip(body: bytes) -> bytes:

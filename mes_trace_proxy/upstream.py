@@ -1,4 +1,4 @@
-"""A lean pooled HTTP/1.1 client for one origin: asyncio protocols, aiohttp's C parser.
+"""A lean pooled HTTP/1.1 client for a listener's one upstream: asyncio protocols, aiohttp's C parser.
 
 The default path of :func:`mes_trace_proxy.proxy.handle`; aiohttp's ``ClientSession`` stays for
 the WebSocket relay and for ``tracing.client_span: instrumentation``.
@@ -19,7 +19,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpResponseParser, RawResponseMessage
 from multidict import CIMultiDictProxy
 
-from mes_trace_proxy.config import ListenerConfig, Timeouts
+from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.problems import UpstreamFailure
 from mes_trace_proxy.tls import client_context
 
@@ -512,38 +512,33 @@ class _Call:
 
 
 class UpstreamPool:
-    """Keep-alive HTTP/1.1 connections to one origin, at most ``size`` open at once.
-
-    The listeners' upstream calls use it (:meth:`for_listener`), and so does the OTLP/HTTP
-    span export (``export.HttpTransport``).
+    """Keep-alive connections to one listener's upstream, at most ``size`` open at once.
 
     Args:
-        host: the origin's host name or address.
-        port: its port.
-        ssl_context: TLS for ``https`` origins (``None``: plain TCP).
-        timeouts: connect, read and total timeouts per call (``None`` each: no limit).
+        listener: the listener (upstream address, ``upstream_tls``, timeouts).
         size: most connections open at once; callers over it wait for one to be released.
         keepalive: seconds an idle connection is kept before it is closed.
         read_buffer: bytes of an answer buffered before the upstream is paused.
+
+    Raises:
+        ConfigError: the listener's ``upstream_tls`` files are unusable.
     """
 
-    def __init__(
-        self,
-        *,
-        host: str,
-        port: int,
-        ssl_context: ssl.SSLContext | None,
-        timeouts: Timeouts,
-        size: int,
-        keepalive: float,
-        read_buffer: int,
-    ) -> None:
+    def __init__(self, listener: ListenerConfig, *, size: int, keepalive: float, read_buffer: int) -> None:
+        upstream = listener.upstream
         self.loop = asyncio.get_running_loop()
-        self.timeouts = timeouts
+        self.timeouts = listener.timeouts
         self.read_buffer = read_buffer
-        self._host = host
-        self._port = port
-        self._ssl = ssl_context
+        self._host = upstream.host
+        self._port = upstream.port
+        self._ssl: ssl.SSLContext | None = None
+        if upstream.scheme == "https":
+            # https:// without upstream_tls verifies against the system's CA bundle.
+            self._ssl = (
+                client_context(listener.upstream_tls)
+                if listener.upstream_tls is not None
+                else ssl.create_default_context()
+            )
         self._size = size
         self._keepalive = keepalive
         #: idle connections, most recently used last (reused first: its socket is warm)
@@ -552,34 +547,6 @@ class UpstreamPool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
-
-    @classmethod
-    def for_listener(
-        cls, listener: ListenerConfig, *, size: int, keepalive: float, read_buffer: int
-    ) -> UpstreamPool:
-        """The pool of a listener's upstream (its address, ``upstream_tls`` and timeouts).
-
-        Raises:
-            ConfigError: the listener's ``upstream_tls`` files are unusable.
-        """
-        upstream = listener.upstream
-        context: ssl.SSLContext | None = None
-        if upstream.scheme == "https":
-            # https:// without upstream_tls verifies against the system's CA bundle.
-            context = (
-                client_context(listener.upstream_tls)
-                if listener.upstream_tls is not None
-                else ssl.create_default_context()
-            )
-        return cls(
-            host=upstream.host,
-            port=upstream.port,
-            ssl_context=context,
-            timeouts=listener.timeouts,
-            size=size,
-            keepalive=keepalive,
-            read_buffer=read_buffer,
-        )
 
     def request(
         self, method: str, target: str, headers: Iterable[tuple[str, str]], body: RequestBody = None

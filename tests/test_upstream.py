@@ -151,7 +151,7 @@ def listener_for(make_config: MakeConfig, port: int, **timeouts: float | None) -
 @contextlib.asynccontextmanager
 async def pool_for(listener: ListenerConfig, size: int = POOL) -> AsyncIterator[UpstreamPool]:
     """A pool, closed on leaving."""
-    pool = UpstreamPool.for_listener(listener, size=size, keepalive=KEEPALIVE, read_buffer=READ_BUFFER)
+    pool = UpstreamPool(listener, size=size, keepalive=KEEPALIVE, read_buffer=READ_BUFFER)
     try:
         yield pool
     finally:
