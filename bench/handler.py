@@ -154,9 +154,9 @@ async def _one_round(state: ListenerState, count: int) -> float:
 
 def _state(proxy: object) -> ListenerState:
     server = proxy.servers["ingress"]  # type: ignore[attr-defined]
-    cell = server.handler.__closure__[0].cell_contents
-    assert isinstance(cell, ListenerState)
-    return cell
+    state = server.handler.args[0]
+    assert isinstance(state, ListenerState)
+    return state
 
 
 @contextlib.asynccontextmanager

@@ -20,10 +20,10 @@ from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.metrics import ProxyMetrics
+from mes_trace_proxy.observer import Observer
 from mes_trace_proxy.orders import Findings, OrderBook
 from mes_trace_proxy.proxy import (
     ListenerState,
-    Observer,
     make_handler,
     make_upgrade_handler,
     own_response_fields,

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import unquote, urlsplit
@@ -423,6 +423,22 @@ def make_transport(settings: OtlpSettings) -> Transport:
     return GrpcTransport(settings) if settings.protocol == "grpc" else HttpTransport(settings)
 
 
+class SpanEncoder(Protocol):
+    """What the processor needs of an encoder: :class:`OtlpSpanEncoder`, or a test's stand-in.
+
+    A protocol rather than the class itself: with the native build the class is compiled, and
+    an interpreted class (a test's broken encoder) can neither subclass it nor pass for it.
+    """
+
+    def encode_span(self, span: EncodableSpan) -> EncodedSpan:
+        """One finished span, encoded."""
+        ...
+
+    def assemble(self, spans: Sequence[EncodedSpan]) -> bytes:
+        """An export request of encoded spans."""
+        ...
+
+
 class OtlpExportProcessor(SpanProcessor):
     """Encodes each sampled span as it ends and exports batches from a task on the event loop.
 
@@ -442,7 +458,7 @@ class OtlpExportProcessor(SpanProcessor):
         delay_seconds: float,
         export_timeout_seconds: float,
         send_timeout_seconds: float = DEFAULT_TIMEOUT,
-        encoder: OtlpSpanEncoder | None = None,
+        encoder: SpanEncoder | None = None,
     ) -> None:
         self._transport = transport
         self._encoder = encoder or OtlpSpanEncoder()

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mes_trace_proxy.observer import Observer
 from mes_trace_proxy.orders import Findings
-from mes_trace_proxy.proxy import Observer
 from mes_trace_proxy.tracing import ExportStats
 
 __all__ = ["ConnectionStats", "ProxyMetrics"]

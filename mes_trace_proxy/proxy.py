@@ -13,10 +13,12 @@ forwarding headers and trace headers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from contextvars import Token
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -31,6 +33,7 @@ from opentelemetry.util.types import AttributeValue
 from yarl import URL
 
 from mes_trace_proxy import attributes as A
+from mes_trace_proxy.bodies import BodyTooLarge, capped, prefixed
 from mes_trace_proxy.client_span import ClientSpanPlan, upstream_context
 from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.correlation import order_trace_for
@@ -46,6 +49,7 @@ from mes_trace_proxy.forwarding import (
 )
 from mes_trace_proxy.http1 import IncomingRequest
 from mes_trace_proxy.logs import AccessLog
+from mes_trace_proxy.observer import Observer
 from mes_trace_proxy.orders import Findings, OrderBook, SpanRef
 from mes_trace_proxy.problems import (
     PROBLEM_CONTENT_TYPE,
@@ -71,7 +75,6 @@ from mes_trace_proxy.upstream import Answer, RequestBody, UpstreamError, Upstrea
 
 __all__ = [
     "ListenerState",
-    "Observer",
     "classify_failure",
     "handle",
     "make_handler",
@@ -105,26 +108,6 @@ _HTTP_11: Final = aiohttp.HttpVersion(1, 1)
 _NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 # Semantic conventions, HTTP spans: ``http.request.header.<key>``, lower-case, values as an array.
 _HEADER_ATTRIBUTE_PREFIX: Final = "http.request.header."
-
-
-class Observer:
-    """Receives every finished exchange (metrics, order book side effects); a no-op by default."""
-
-    def request_done(
-        self,
-        *,
-        listener: str,
-        route: str,
-        method: str,
-        status: int,
-        duration: float,
-        upstream_duration: float | None,
-        error_type: str | None,
-    ) -> None:
-        """Called once per proxied request, after the response was sent."""
-
-    def order_findings(self, *, listener: str, findings: Findings) -> None:
-        """Called when a call told the order book something (transitions, anomalies)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,47 +236,11 @@ def _rejection_response(rejection: Rejection, trace_id: str | None) -> web.Respo
     return response
 
 
-async def _prefixed(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The bytes already read for inspection, then the rest of the stream, unchanged."""
-    yield prefix
-    while True:
-        chunk = await rest.read(CHUNK_SIZE)
-        if not chunk:
-            return
-        yield chunk
-
-
-class BodyTooLarge(Exception):
-    """A streamed request body passed the listener's ``max_body_size``."""
-
-
 def _body_too_large(length: int | None, limit: int | None) -> Rejection | None:
     """413 before anything goes upstream when the declared length is over the limit."""
     if limit is None or length is None or length <= limit:
         return None
     return make_rejection(ClientRejection.PAYLOAD_TOO_LARGE)
-
-
-async def _capped(source: RequestBody, limit: int) -> AsyncIterator[bytes]:
-    """The body, unchanged, raising :class:`BodyTooLarge` once more than ``limit`` bytes passed."""
-    chunks: AsyncIterator[bytes]
-    if isinstance(source, aiohttp.StreamReader):
-        chunks = source.iter_chunked(CHUNK_SIZE)
-    elif isinstance(source, bytes):
-        chunks = _once(source)
-    else:
-        assert isinstance(source, AsyncIterator)
-        chunks = source
-    total = 0
-    async for chunk in chunks:
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge
-        yield chunk
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 async def _request_body(
@@ -322,7 +269,7 @@ async def _request_body(
         if not chunk:
             return bytes(buffer), bytes(buffer)
         buffer += chunk
-    return None, _prefixed(bytes(buffer), request.content)
+    return None, prefixed(bytes(buffer), request.content, CHUNK_SIZE)
 
 
 def _server_attributes(
@@ -440,10 +387,9 @@ def make_handler(state: ListenerState) -> Callable[[IncomingRequest], Awaitable[
     are not paths (CONNECT's authority-form) still reach :func:`handle` to be refused properly.
     """
 
-    async def handler(request: IncomingRequest) -> None:
-        await handle(state, request)
-
-    return handler
+    # A partial, not a closure: one coroutine per request instead of two, and the state stays
+    # reachable (``.args``) for bench.handler, whether this module is compiled or not.
+    return functools.partial(handle, state)
 
 
 def make_upgrade_handler(state: ListenerState) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
@@ -545,7 +491,7 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
     if max_body is not None and content_length is None and data is not None and body is None:
         # Chunked: the size is known only while it streams. Count, and abort the upstream
         # request the moment it passes the limit, so the upstream never sees a whole body.
-        data = _capped(data, max_body)
+        data = capped(data, max_body, CHUNK_SIZE)
     facts = (
         request_facts(match, raw_query=query, headers=request.headers, body=body)
         if match is not None
@@ -656,10 +602,13 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
     sent = 0
     # The instrumentation's span parents on the current context: the SERVER span, attached
     # with the plan its hooks read, until the answer's head is in (its span ends there).
-    upstream_token = (
-        context_api.attach(upstream_context(trace_api.set_span_in_context(server_span), plan))
+    # A list, not an Optional reset to None: mypyc reads a local in `finally` as the type the
+    # try block narrowed it to, which after `= None` would be None even on a path that raised
+    # before the reset.
+    attached: list[Token[Context]] = (
+        [context_api.attach(upstream_context(trace_api.set_span_in_context(server_span), plan))]
         if plan is not None
-        else None
+        else []
     )
     try:
         upstream_started = time.perf_counter()
@@ -680,9 +629,8 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
                     skip_auto_headers=_SKIP_AUTO_HEADERS,
                 )
             async with call as upstream_response:
-                if upstream_token is not None:
-                    context_api.detach(upstream_token)
-                    upstream_token = None
+                if attached:
+                    context_api.detach(attached.pop())
                 status_code = upstream_status = upstream_response.status
                 upstream_fields = upstream_response.headers
                 # Ours (traceresponse, X-Trace-Id) replace what MES sent under the same names.
@@ -726,7 +674,9 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
                         await request.write(chunk)
                         sent += len(chunk)
                     await request.finish()
-                upstream_duration = time.perf_counter() - upstream_started
+                # Cast to what it was declared: mypyc reads it in `finally` as the type the try
+                # block narrowed it to, and a cancelled call never gets here (None stays).
+                upstream_duration = cast("float | None", time.perf_counter() - upstream_started)
                 response_headers = upstream_fields
                 response_body = bytes(captured) if captured is not None else None
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -777,8 +727,8 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
             client_span.set_status(Status(StatusCode.ERROR, error_type))
         raise
     finally:
-        if upstream_token is not None:
-            context_api.detach(upstream_token)
+        if attached:
+            context_api.detach(attached.pop())
         try:
             now = state.clock()
             findings = None

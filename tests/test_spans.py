@@ -847,9 +847,14 @@ class _Exploding(SpanProcessor):
         raise RuntimeError("broken processor")
 
 
-class _BrokenEncoder(OtlpSpanEncoder):
+class _BrokenEncoder:
+    """Not a subclass: with the native build OtlpSpanEncoder is compiled, and cannot be one."""
+
     def encode_span(self, span: Any) -> Any:
         raise RuntimeError("broken encoder")
+
+    def assemble(self, spans: Any) -> bytes:
+        raise AssertionError("nothing was encoded")
 
 
 def test_failing_processors_never_reach_the_request(caplog: pytest.LogCaptureFixture) -> None:

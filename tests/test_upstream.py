@@ -16,9 +16,10 @@ from typing import Final
 import aiohttp
 import pytest
 
+from mes_trace_proxy.bodies import BodyTooLarge, capped
 from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.problems import UpstreamFailure
-from mes_trace_proxy.proxy import BodyTooLarge, _capped, classify_failure
+from mes_trace_proxy.proxy import CHUNK_SIZE, classify_failure
 from mes_trace_proxy.upstream import UpstreamError, UpstreamPool
 from tests.conftest import MakeConfig
 
@@ -429,7 +430,7 @@ async def test_a_capped_stream_fails_with_its_cause_and_the_upstream_never_sees_
     scripted.answers.append(ok())
     async with pool_for(listener_for(make_config, scripted.port)) as pool:
         with pytest.raises(aiohttp.ClientError) as raised:
-            async with pool.request("POST", "/t", [("Host", "mes")], _capped(upload(), 2500)):
+            async with pool.request("POST", "/t", [("Host", "mes")], capped(upload(), 2500, CHUNK_SIZE)):
                 pass
     assert isinstance(raised.value.__cause__, BodyTooLarge)
     await scripted.wait_for(lambda: scripted.closed == 1)
