@@ -8,14 +8,25 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
+# A C compiler for the native build (mypyc compiles the hot path; docs/performance.md). Only
+# this stage has it: the runtime gets the built extensions, which need nothing but libc.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv && python -m venv /opt/build
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # constraints.txt pins every dependency, so two builds of one commit get the same versions.
-COPY constraints.txt pyproject.toml README.md ./
+COPY constraints.txt pyproject.toml setup.py README.md ./
 COPY mes_trace_proxy ./mes_trace_proxy
+# mypyc type-checks what it compiles, so the wheel is built in a venv that holds the
+# dependencies and mypy (/opt/build, left behind); the runtime venv gets the wheel alone.
+RUN MES_TRACE_PROXY_PURE_PYTHON=1 /opt/build/bin/pip install -c constraints.txt . mypy "setuptools>=68" wheel \
+    && /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
+    && /opt/build/bin/python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); sys.exit(0 if any(n.endswith('.so') for n in names) else 'the wheel holds no native build')"
 # pip byte-compiles into the venv here, so the read-only runtime never needs to write .pyc.
-RUN pip install -c constraints.txt .
+RUN pip install -c constraints.txt /wheels/mes_trace_proxy-*.whl \
+    && python -c "from mes_trace_proxy import native; b = native.current(); print(b.reason); assert b.active"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VERSION=0.0.0-dev

@@ -5,11 +5,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+# The native build (docs/performance.md): rebuilt when setup.py or a compiled module changes.
+NATIVE_SRC   := $(shell $(PYTHON) mes_trace_proxy/native.py sources)
+NATIVE_STAMP := $(VENV)/.native-$(shell cat setup.py $(NATIVE_SRC) | cksum | cut -d' ' -f1)
 
 DEMO_SECONDS ?= 60
 PYTEST_ARGS  ?=
 
-.PHONY: help venv check lint format typecheck test test-fast demo bench soak system-deps clean
+.PHONY: help venv native check lint format typecheck test test-fast demo bench soak system-deps clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,6 +25,20 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP) ## create .venv and install the project with its pinned dependencies
+
+# In place, with the venv's mypy and dependencies (mypyc type-checks what it compiles). With
+# MES_TRACE_PROXY_PURE_PYTHON=1 nothing is compiled and the sources run as they are.
+$(NATIVE_STAMP): $(STAMP) setup.py $(NATIVE_SRC)
+	@if [ "$${MES_TRACE_PROXY_PURE_PYTHON:-}" = 1 ]; then \
+		echo "MES_TRACE_PROXY_PURE_PYTHON=1: the native build is skipped"; \
+	else \
+		echo "native build: mypyc compiles $(words $(NATIVE_SRC)) modules (about a minute)"; \
+		$(BIN)/python setup.py --quiet build_ext --inplace > $(VENV)/native-build.log 2>&1 \
+			|| { tail -30 $(VENV)/native-build.log; echo "native build failed (log: $(VENV)/native-build.log); MES_TRACE_PROXY_PURE_PYTHON=1 skips it"; exit 1; }; \
+	fi
+	@rm -f $(VENV)/.native-* && touch $@
+
+native: $(NATIVE_STAMP) ## compile the hot path with mypyc, in place (make venv runs pure Python until then)
 
 system-deps: ## install the Debian packages the tests use (redis-server, chromium, prometheus) when missing
 	@scripts/system-deps
@@ -39,20 +56,24 @@ typecheck: venv ## mypy --strict on the package and the tests
 
 check: lint typecheck ## lint and type checks
 
-test: venv system-deps check ## everything CI runs: checks, then the whole test suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# tests/test_native.py holds the run to the build it asked for: compiled, unless pure was asked.
+EXPECT_NATIVE = $(if $(filter 1,$(MES_TRACE_PROXY_PURE_PYTHON)),0,1)
 
-test-fast: venv ## the test suite alone, no lint
+test: native system-deps check ## everything CI runs: checks, then the whole test suite
+	MES_TRACE_PROXY_EXPECT_NATIVE=$(EXPECT_NATIVE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: native ## the test suite alone, no lint
 	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)
 
-demo: venv ## a real proxy, the MES simulator and CRM traffic for DEMO_SECONDS, spans exported
+demo: native ## a real proxy, the MES simulator and CRM traffic for DEMO_SECONDS, spans exported
 	$(BIN)/python -m mes_trace_proxy.demo --seconds $(DEMO_SECONDS)
 
-bench: venv ## the benchmark beside nginx (installs nginx and wrk); results in bench/results/
+bench: native ## the benchmark beside nginx (installs nginx and wrk); results in bench/results/
 	$(BIN)/python -m bench.run
 
-soak: venv ## a long soak with the CRM simulator (SOAK_MINUTES, default 30)
+soak: native ## a long soak with the CRM simulator (SOAK_MINUTES, default 30)
 	$(BIN)/python -m bench.soak
 
 clean: ## remove the venv, caches and outputs
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output bench/results
+	rm -rf build mes_trace_proxy/*.so mes_trace_proxy/_native_sources.txt

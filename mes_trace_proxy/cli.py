@@ -18,7 +18,7 @@ from typing import Final
 
 import yaml
 
-from mes_trace_proxy import __version__
+from mes_trace_proxy import __version__, native
 from mes_trace_proxy.config import ENV_CONFIG, FLAG_DWELL_LIMIT, OPTIONS, Config, ConfigError, load_config
 
 __all__ = ["build_parser", "load_from_args", "main"]
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mes-trace-proxy",
         description="Tracing sidecar reverse proxy for the MES API: order-aware OpenTelemetry spans.",
     )
-    parser.add_argument("--version", action="version", version=f"mes-trace-proxy {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"mes-trace-proxy {__version__} ({native.current().reason})"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the proxy")

@@ -24,6 +24,7 @@ from typing import Final
 
 from aiohttp import web
 
+from mes_trace_proxy import native
 from mes_trace_proxy.admin import TOKENS, build_admin_app
 from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
@@ -256,8 +257,12 @@ async def running(
             extra={
                 "listeners": {k: f"{h}:{p}" for k, (h, p) in listeners.items()},
                 "admin": f"{admin[0]}:{admin[1]}",
+                "build": native.current().state,
             },
         )
+        if native.current().state == "stale":
+            # Not fatal: the sources run, correct and slower, until the build is redone.
+            log.warning(native.current().reason)
         watchdog.start()
         yield RunningProxy(
             shared=shared,

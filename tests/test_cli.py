@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mes_trace_proxy import __version__
+from mes_trace_proxy import __version__, native
 from mes_trace_proxy.cli import main
 
 MES = "http://mes.internal:8081"
@@ -203,11 +203,11 @@ def test_flag_beats_env_beats_config_file(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    """--version prints the program and version and exits 0."""
+    """--version prints the program, the version and which build runs, and exits 0."""
     with pytest.raises(SystemExit) as info:
         main(["--version"], environ={})
     assert info.value.code == 0
-    assert capsys.readouterr().out == f"mes-trace-proxy {__version__}\n"
+    assert capsys.readouterr().out == f"mes-trace-proxy {__version__} ({native.current().reason})\n"
 
 
 @pytest.mark.parametrize(

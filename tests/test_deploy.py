@@ -653,7 +653,14 @@ DOCKERFILE_CHECKS: Final[Sequence[tuple[str, Callable[[], bool]]]] = (
     ("multi-stage-python-3.11-slim", lambda: _resolved_from_images() == ("python:3.11-slim",) * 2),
     (
         "builder-venv-pip-constraints",
-        lambda: "pip install -c constraints.txt ." in _args(_dockerfile_stages()[1], "RUN"),
+        lambda: any(
+            a.startswith("pip install -c constraints.txt /wheels/")
+            for a in _args(_dockerfile_stages()[1], "RUN")
+        ),
+    ),
+    (
+        "builder-compiles-the-native-build",
+        lambda: any("pip wheel --no-build-isolation" in a for a in _args(_dockerfile_stages()[1], "RUN")),
     ),
     (
         "runtime-copies-only-venv",
@@ -696,6 +703,7 @@ DOCKERIGNORED: Final = (
     ".mypy_cache",
     "demo-output",
     "bench/results",
+    "**/*.so",
 )
 
 

@@ -18,7 +18,7 @@ from typing import Final
 import pytest
 
 from bench import soak
-from mes_trace_proxy import config, demo, rules
+from mes_trace_proxy import config, demo, native, rules
 from mes_trace_proxy.cli import build_parser
 from mes_trace_proxy.sim import otlp_sink
 
@@ -114,6 +114,7 @@ def _env_names() -> list[str]:
         value for key, value in vars(config).items() if key.startswith("ENV_") and isinstance(value, str)
     ]
     names += [option.env for option in demo.OPTIONS]
+    names.append(native.PURE_ENV)
     return sorted(set(names))
 
 
