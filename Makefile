@@ -59,8 +59,11 @@ check: lint typecheck ## lint and type checks
 # tests/test_native.py holds the run to the build it asked for: compiled, unless pure was asked.
 EXPECT_NATIVE = $(if $(filter 1,$(MES_TRACE_PROXY_PURE_PYTHON)),0,1)
 
-test: native system-deps check ## everything CI runs: checks, then the whole test suite
+# Then the sources again, for a pip install without the native build: every test but the fault
+# scenarios (processes under load, the same code paths, timing-bound).
+test: native system-deps check ## everything CI runs: checks, the whole suite, then its sources-only pass
 	MES_TRACE_PROXY_EXPECT_NATIVE=$(EXPECT_NATIVE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	MES_TRACE_PROXY_PURE_PYTHON=1 MES_TRACE_PROXY_EXPECT_NATIVE=0 $(BIN)/python -m pytest -q --ignore=tests/faults $(PYTEST_ARGS)
 
 test-fast: native ## the test suite alone, no lint
 	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)

@@ -43,8 +43,8 @@ __all__ = [
 
 #: The modules the native build compiles, in the package. Each must type-check under mypy
 #: --strict and avoid what mypyc rejects (async generators, interpreted subclasses of its
-#: classes, ``__slots__`` on classes with an interpreted base); docs/performance.md says why
-#: each of the others stays pure.
+#: classes, ``__slots__`` on or under an interpreted base); docs/performance.md says why the
+#: others stay pure.
 COMPILED: Final = (
     "attributes",
     "export",
@@ -56,6 +56,7 @@ COMPILED: Final = (
     "proxy",
     "redact",
     "rules",
+    "spans",
     "tracecontext",
 )
 #: The build's record of the sources it compiled: ``NAME SHA256`` lines.

@@ -44,6 +44,7 @@ What is deliberately not copied, because the proxy's processors and configuratio
 
 from __future__ import annotations
 
+import _abc  # type: ignore[import-not-found]  # abc's C half: no stubs
 import logging
 import sys
 import traceback
@@ -382,8 +383,12 @@ class ProxySpan(trace_api.Span):
         """True until the span ends, as in the SDK."""
         return self.end_time is None
 
-    def set_attribute(self, key: str, value: AttributeValue) -> None:
-        """Set one attribute; an invalid key is dropped and counted, as ``BoundedAttributes`` does."""
+    def set_attribute(self, key: object, value: AttributeValue) -> None:
+        """Set one attribute; an invalid key is dropped and counted, as ``BoundedAttributes`` does.
+
+        ``key`` is typed ``object``, wider than the API's ``str``: the native build checks
+        argument types at the call, and a non-string key must be counted, not raise.
+        """
         if self.end_time is not None:
             log.warning("Setting attribute on ended span.")
             return
@@ -580,6 +585,13 @@ class ProxySpan(trace_api.Span):
             end_time=self.end_time,
             instrumentation_scope=self.instrumentation_scope,
         )
+
+
+# The native build compiles this module, and mypyc makes ProxySpan without an ABC cache of its
+# own: it would share trace_api.Span's, and isinstance(any_span, ProxySpan) would answer True
+# once the base had seen that span's class. abc's own initialiser gives it one (in the pure
+# build it has one already, and this only empties it).
+_abc._abc_init(ProxySpan)
 
 
 class _Plan(NamedTuple):
