@@ -37,6 +37,7 @@ CONFIGS: Final = (
     ("proxy-sqlite", "mes-trace-proxy, tracing on (HTTP), watchdog 1 s, SQLite store"),
     ("proxy-nolog", "mes-trace-proxy, tracing on (HTTP), no access log"),
     ("proxy-contrib", "mes-trace-proxy, tracing on (HTTP), contrib aiohttp-client CLIENT span"),
+    ("proxy-pure", "mes-trace-proxy, tracing on (HTTP), pure Python (native build off)"),
 )
 AIOHTTP: Final = "aiohttp"
 NGINX: Final = "nginx"
@@ -49,6 +50,7 @@ PROXIES: Final = (
     "proxy-sqlite",
     "proxy-nolog",
     "proxy-contrib",
+    "proxy-pure",
 )
 WORKERS: Final = (("workers-1", "1 worker, not pinned"), ("workers-2", "--workers 2, not pinned"))
 MIB: Final = 1024 * 1024

@@ -30,6 +30,7 @@ from bench import nginx, report
 from bench.procfs import reset_peak, system_busy_seconds, tree_cpu_seconds, tree_memory
 from bench.procs import Child, ChildFailed, free_port, wait_for_port
 from bench.wrk import WRK_SCRIPT, WrkResult, parse_wrk_output, wrk_command
+from mes_trace_proxy import native
 
 __all__ = ["Settings", "Target", "main", "parse_span_counts"]
 
@@ -100,6 +101,8 @@ class Target:
     workers: int = 1
     #: ``memory``, or ``sqlite`` for a fresh SQLite file in the temp dir (the default store kind).
     state: Literal["memory", "sqlite"] = "memory"
+    #: Run the Python sources even where the native build is installed (MES_TRACE_PROXY_PURE_PYTHON=1).
+    pure: bool = False
 
 
 TARGETS: Final = {
@@ -128,6 +131,8 @@ TARGETS: Final = {
         Target(
             name="proxy-contrib", kind="proxy", exporter="http", flags=("--client-span", "instrumentation")
         ),
+        # The same as proxy-http with the native build switched off: what mypyc's compile saves.
+        Target(name="proxy-pure", kind="proxy", exporter="http", pure=True),
         Target(name="workers-1", kind="proxy", exporter="http"),
         Target(name="workers-2", kind="proxy", exporter="http", workers=2),
     )
@@ -233,6 +238,8 @@ def machine_info() -> dict[str, str]:
         "cpus": str(os.cpu_count()),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # Which code the proxy rows ran: the native build, or the sources (docs/performance.md).
+        "mes-trace-proxy build": native.current().reason,
         **packages,
         "nginx": _version(["nginx", "-v"]),
         "wrk": _version(["wrk", "-v"]),
@@ -245,7 +252,8 @@ def _child_env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("OTEL_", "MES_PROXY_")) and k.lower() not in ("http_proxy", "https_proxy")
+        if not k.startswith(("OTEL_", "MES_PROXY_", "MES_TRACE_PROXY_"))
+        and k.lower() not in ("http_proxy", "https_proxy")
     }
     # Children run in the temp dir; `bench.peers` must still import from this checkout.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
@@ -433,7 +441,10 @@ def start_subject(env: Env, target: Target, *, pinned: bool = True) -> Subject:
         *target.flags,
     ]
     cpus = env.proxy_cpus if pinned else None
-    child = _start(env, target.name, argv, cpus, **_proxy_env(env, target.exporter))
+    extra = _proxy_env(env, target.exporter)
+    if target.pure:
+        extra[native.PURE_ENV] = "1"
+    child = _start(env, target.name, argv, cpus, **extra)
     env.started += 1
     lines = [
         child.wait_json(lambda d: d.get("message") == "mes-trace-proxy ready", READY_TIMEOUT)
