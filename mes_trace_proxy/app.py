@@ -21,7 +21,7 @@ from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.observer import Observer
-from mes_trace_proxy.orders import Findings, OrderBook
+from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.proxy import (
     ListenerState,
     make_handler,
@@ -61,40 +61,6 @@ class Readiness:
     draining: bool = False
     #: listener name → time.monotonic() of the last upstream answer of any status
     last_upstream_answer: dict[str, float] = field(default_factory=dict)
-
-
-class _ReadinessObserver(Observer):
-    """Notes upstream answers for readiness, then hands every event to the metrics."""
-
-    def __init__(self, readiness: Readiness, inner: Observer) -> None:
-        self._readiness = readiness
-        self._inner = inner
-
-    def request_done(
-        self,
-        *,
-        listener: str,
-        route: str,
-        method: str,
-        status: int,
-        duration: float,
-        upstream_duration: float | None,
-        error_type: str | None,
-    ) -> None:
-        if upstream_duration is not None:
-            self._readiness.last_upstream_answer[listener] = time.monotonic()
-        self._inner.request_done(
-            listener=listener,
-            route=route,
-            method=method,
-            status=status,
-            duration=duration,
-            upstream_duration=upstream_duration,
-            error_type=error_type,
-        )
-
-    def order_findings(self, *, listener: str, findings: Findings) -> None:
-        self._inner.order_findings(listener=listener, findings=findings)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -201,7 +167,8 @@ def build_proxy_server(
         )
     session = make_session(listener, trace_configs)
     pool = None if instrumented else make_pool(listener)
-    observer: Observer = _ReadinessObserver(shared.readiness, shared.metrics)
+    # The metrics also note each upstream answer for /readyz (ProxyMetrics.bind).
+    observer: Observer = shared.metrics
     state = ListenerState(
         config=listener,
         session=session,

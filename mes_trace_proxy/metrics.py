@@ -7,13 +7,19 @@ time from the order book, so the request path does no bookkeeping for them.
 
 from __future__ import annotations
 
+import math
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import metrics as _prometheus_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from mes_trace_proxy.observer import Observer
 from mes_trace_proxy.orders import Findings
@@ -29,6 +35,114 @@ _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # (past it, labels are resolved per call, as before).
 _MAX_CACHED_CHILDREN: Final = 4096
 _DWELL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 21600, 86400, 259200, 604800, 1209600)
+
+
+def _with_created() -> bool:
+    """Whether ``_created`` series are exposed, as prometheus_client decides for its own.
+
+    ``PROMETHEUS_DISABLE_CREATED_SERIES`` or ``disable_created_metrics()`` turn them off;
+    the flag is read at each scrape, like the library's own instruments do.
+    """
+    return bool(getattr(_prometheus_metrics, "_use_created", True))
+
+
+class _Count:
+    """One counter series: a plain number the request path adds to."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()
+
+
+class _Observations:
+    """One histogram series: per-bucket counts (not cumulative) and the sum."""
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.total = 0.0
+        self.created = time.time()
+
+
+class _CounterFamily:
+    """A labelled counter kept as plain integers and exposed at scrape time.
+
+    The request path of a sidecar counts several series per call. prometheus_client's
+    ``Counter`` takes a lock and goes through two interpreted calls per increment; these are
+    one attribute add, read by the scrape (which runs in a worker thread: it copies the series
+    with C-level calls that do not let the event loop's thread in halfway).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.series: dict[tuple[str, ...], _Count] = {}
+
+    def child(self, labels: tuple[str, ...]) -> _Count:
+        """The series for these label values, created at its first use."""
+        count = self.series.get(labels)
+        if count is None:
+            count = self.series[labels] = _Count()
+        return count
+
+    def metric(self) -> Metric:
+        """The family as prometheus_client exposes a ``Counter`` of the same name."""
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _with_created()
+        for labels, count in list(self.series.items()):
+            family.add_metric(labels, count.value, created=count.created if created else None)
+        return family
+
+
+class _HistogramFamily:
+    """A labelled histogram kept as plain per-bucket counts; see :class:`_CounterFamily`."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        # The upper bounds with +Inf last; an observation lands in the first bound >= it
+        # (Prometheus's "le"), which is what bisect_left finds.
+        self.bounds: tuple[float, ...] = (*(float(b) for b in buckets), math.inf)
+        self.le = tuple(str(floatToGoString(b)) for b in self.bounds)  # type: ignore[no-untyped-call]
+        self.series: dict[tuple[str, ...], _Observations] = {}
+
+    def child(self, labels: tuple[str, ...]) -> _Observations:
+        """The series for these label values, created at its first use."""
+        observed = self.series.get(labels)
+        if observed is None:
+            observed = self.series[labels] = _Observations(len(self.bounds))
+        return observed
+
+    def observe(self, observed: _Observations, value: float) -> None:
+        """Count one observation in a series of this family."""
+        observed.counts[bisect_left(self.bounds, value)] += 1
+        observed.total += value
+
+    def metric(self) -> Metric:
+        """The family as prometheus_client exposes a ``Histogram`` of the same name."""
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = _with_created()
+        for labels, observed in list(self.series.items()):
+            counts = tuple(observed.counts)
+            total = observed.total
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for le, count in zip(self.le, counts, strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric(labels, buckets, total)
+            if created:
+                family.samples.append(
+                    Sample(
+                        f"{self.name}_created",
+                        dict(zip(self.labelnames, labels, strict=True)),
+                        observed.created,
+                    )
+                )
+        return family
 
 
 class _CallbackCollector(Collector):
@@ -62,25 +176,23 @@ class ProxyMetrics(Observer):
         self._known = frozenset(known_statuses)
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # The per-call families are plain numbers (see _CounterFamily), exposed by _collect.
+        self.requests = _CounterFamily(
             "mes_proxy_requests",
             "Proxied requests by listener, route template, method and status code.",
             ("listener", "route", "method", "code"),
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = _HistogramFamily(
             "mes_proxy_request_duration_seconds",
             "Time from request received to response sent.",
             ("listener", "route"),
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = _HistogramFamily(
             "mes_proxy_upstream_duration_seconds",
             "Time the upstream took to answer and stream its body.",
             ("listener", "route"),
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
         self.errors = Counter(
             "mes_proxy_errors",
@@ -88,25 +200,22 @@ class ProxyMetrics(Observer):
             ("listener", "error_type"),
             registry=r,
         )
-        self.transitions = Counter(
+        self.transitions = _CounterFamily(
             "mes_order_transitions",
             "Order status transitions seen, by previous and new status.",
             ("listener", "from_status", "to_status", "kind"),
-            registry=r,
         )
-        self.anomalies = Counter(
+        self.anomalies = _CounterFamily(
             "mes_order_anomalies",
             "Lifecycle anomalies: skipped, backward, unknown status or order, "
             "change after a terminal status, status changed behind the proxy's back.",
             ("kind",),
-            registry=r,
         )
-        self.dwell = Histogram(
+        self.dwell = _HistogramFamily(
             "mes_order_dwell_seconds",
             "How long orders stayed in a status before leaving it.",
             ("status",),
-            buckets=_DWELL_BUCKETS,
-            registry=r,
+            _DWELL_BUCKETS,
         )
         self.stuck_found = Counter(
             "mes_order_stuck_found",
@@ -122,13 +231,14 @@ class ProxyMetrics(Observer):
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...:
         # with the task gauge, what a soak run watches for unbounded growth.
         ProcessCollector(registry=r)
-        self._children: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
-        self._transition_children: dict[tuple[str, str | None, str, object], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, int], _RequestSeries] = {}
+        self._transition_children: dict[tuple[str, str | None, str, object], _TransitionSeries] = {}
         self._export_stats: Callable[[], ExportStats] | None = None
         self._order_counts: Callable[[], Mapping[str, int]] | None = None
         self._stuck_counts: Callable[[], Mapping[str, int]] | None = None
         self._store_stats: Callable[[], Mapping[str, int]] | None = None
         self._connection_stats: Callable[[], Mapping[str, ConnectionStats]] | None = None
+        self._upstream_answers: dict[str, float] | None = None
         r.register(_CallbackCollector(self._collect))
 
     def bind(
@@ -139,15 +249,29 @@ class ProxyMetrics(Observer):
         stuck_counts: Callable[[], Mapping[str, int]] | None = None,
         store_stats: Callable[[], Mapping[str, int]] | None = None,
         connection_stats: Callable[[], Mapping[str, ConnectionStats]] | None = None,
+        upstream_answers: dict[str, float] | None = None,
     ) -> None:
-        """Attach the scrape-time sources (set once by the composition root)."""
+        """Attach the scrape-time sources (set once by the composition root).
+
+        ``upstream_answers`` is readiness's map of listener → ``time.monotonic()`` of the
+        last upstream answer: kept here, where every request is counted anyway, rather than
+        by one more observer call per request.
+        """
         self._export_stats = export_stats or self._export_stats
         self._order_counts = order_counts or self._order_counts
         self._stuck_counts = stuck_counts or self._stuck_counts
         self._store_stats = store_stats or self._store_stats
         self._connection_stats = connection_stats or self._connection_stats
+        if upstream_answers is not None:
+            self._upstream_answers = upstream_answers
 
     def _collect(self) -> Iterable[Metric]:
+        yield self.requests.metric()
+        yield self.duration.metric()
+        yield self.upstream_duration.metric()
+        yield self.transitions.metric()
+        yield self.anomalies.metric()
+        yield self.dwell.metric()
         if self._export_stats is not None:
             stats = self._export_stats()
             spans = CounterMetricFamily(
@@ -224,19 +348,21 @@ class ProxyMetrics(Observer):
     ) -> None:
         """Count one request (called by the handler after the response went out)."""
         key = (listener, route, method, status)
-        children = self._children.get(key)
-        if children is None:
-            # labels() validates and hashes every call; the label sets are few and bounded
-            # (routes are templates, codes a small set), so resolve each once and keep it.
-            children = self._children[key] = (
-                self.requests.labels(listener, route, method, str(status)),
-                self.duration.labels(listener, route),
-                self.upstream_duration.labels(listener, route),
+        series = self._children.get(key)
+        if series is None:
+            # The label sets are few and bounded (routes are templates, codes a small set):
+            # resolve each once and keep it.
+            series = self._children[key] = _RequestSeries(
+                self.requests.child((listener, route, method, str(status))),
+                self.duration.child((listener, route)),
+                self.upstream_duration.child((listener, route)),
             )
-        children[0].inc()
-        children[1].observe(duration)
+        series.count.value += 1
+        self.duration.observe(series.duration, duration)
         if upstream_duration is not None:
-            children[2].observe(upstream_duration)
+            self.upstream_duration.observe(series.upstream, upstream_duration)
+            if self._upstream_answers is not None:
+                self._upstream_answers[listener] = time.monotonic()
         if error_type is not None:
             self.errors.labels(listener, error_type).inc()
 
@@ -245,22 +371,40 @@ class ProxyMetrics(Observer):
         transition = findings.transition
         if transition is not None:
             key = (listener, transition.prev, transition.new, transition.kind)
-            children = self._transition_children.get(key)
-            if children is None:
+            series = self._transition_children.get(key)
+            if series is None:
                 # As for request_done: the label sets are bounded (known statuses, "_OTHER").
                 prev = self._label(transition.prev) if transition.prev is not None else ""
                 kind = transition.kind.value
-                children = (
-                    self.transitions.labels(listener, prev, self._label(transition.new), kind),
-                    self.anomalies.labels(kind),
-                    self.dwell.labels(prev) if transition.prev is not None else None,
+                series = _TransitionSeries(
+                    self.transitions.child((listener, prev, self._label(transition.new), kind)),
+                    self.anomalies.child((kind,)),
+                    self.dwell.child((prev,)) if transition.prev is not None else None,
                 )
                 if len(self._transition_children) < _MAX_CACHED_CHILDREN:
-                    self._transition_children[key] = children
-            children[0].inc()
+                    self._transition_children[key] = series
+            series.transitions.value += 1
             if findings.anomaly:
-                children[1].inc()
-            if findings.dwell is not None and children[2] is not None:
-                children[2].observe(findings.dwell)
+                series.anomalies.value += 1
+            if findings.dwell is not None and series.dwell is not None:
+                self.dwell.observe(series.dwell, findings.dwell)
         if findings.observed_mismatch:
-            self.anomalies.labels("observed_mismatch").inc()
+            self.anomalies.child(("observed_mismatch",)).value += 1
+
+
+class _RequestSeries:
+    """The series one (listener, route, method, code) counts into."""
+
+    def __init__(self, count: _Count, duration: _Observations, upstream: _Observations) -> None:
+        self.count = count
+        self.duration = duration
+        self.upstream = upstream
+
+
+class _TransitionSeries:
+    """The series one (listener, from, to, kind) transition counts into."""
+
+    def __init__(self, transitions: _Count, anomalies: _Count, dwell: _Observations | None) -> None:
+        self.transitions = transitions
+        self.anomalies = anomalies
+        self.dwell = dwell

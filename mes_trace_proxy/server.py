@@ -179,6 +179,7 @@ async def running(
     )
     if clock is not None:
         shared.clock = clock
+    metrics.bind(upstream_answers=shared.readiness.last_upstream_answer)
     watchdog = Watchdog(
         book=book,
         store=store,

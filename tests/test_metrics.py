@@ -92,3 +92,135 @@ def test_process_figures_are_exposed() -> None:
     assert "process_resident_memory_bytes " in text
     assert "process_open_fds " in text
     assert "mes_proxy_event_loop_tasks 3.0" in text
+
+
+def _without_created_values(text: str, families: tuple[str, ...]) -> list[str]:
+    """The lines of these families, with each ``_created`` sample's time blanked out."""
+    lines = []
+    for line in text.splitlines():
+        name = line.split(" ")[2] if line.startswith("#") else line.split("{")[0].split(" ")[0]
+        if not any(name.startswith(family) for family in families):
+            continue
+        if "_created" in name and not line.startswith("#"):
+            line = line.rsplit(" ", 1)[0] + " T"
+        lines.append(line)
+    return lines
+
+
+def test_exposition_matches_prometheus_clients_own_instruments() -> None:
+    """The plain-number counters and histograms print exactly as prometheus_client's would.
+
+    The request path counts into plain numbers instead of the library's locked instruments;
+    dashboards and alerts must not see any difference: same names, help, types, label order,
+    buckets (``le`` spelt the library's way), counts and sums.
+    """
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from mes_trace_proxy.metrics import _DWELL_BUCKETS, _LATENCY_BUCKETS
+
+    metrics = ProxyMetrics(known_statuses=REFERENCE_LIFECYCLE.statuses)
+    reference = CollectorRegistry()
+    requests = Counter(
+        "mes_proxy_requests",
+        "Proxied requests by listener, route template, method and status code.",
+        ("listener", "route", "method", "code"),
+        registry=reference,
+    )
+    duration = Histogram(
+        "mes_proxy_request_duration_seconds",
+        "Time from request received to response sent.",
+        ("listener", "route"),
+        buckets=_LATENCY_BUCKETS,
+        registry=reference,
+    )
+    upstream = Histogram(
+        "mes_proxy_upstream_duration_seconds",
+        "Time the upstream took to answer and stream its body.",
+        ("listener", "route"),
+        buckets=_LATENCY_BUCKETS,
+        registry=reference,
+    )
+    dwell = Histogram(
+        "mes_order_dwell_seconds",
+        "How long orders stayed in a status before leaving it.",
+        ("status",),
+        buckets=_DWELL_BUCKETS,
+        registry=reference,
+    )
+    # Values on bucket bounds, between them, past the last one and zero.
+    durations = (0.0, 0.001, 0.0011, 0.0025, 0.3, 1.0, 7.5, 60.0, 61.0, 0.0004)
+    for n, value in enumerate(durations):
+        route = "/api/v1/orders/{orderId}" if n % 3 else "/api/v1/orders"
+        code = 200 if n % 4 else 404
+        up = value / 2 if n % 5 else None
+        metrics.request_done(
+            listener="ingress",
+            route=route,
+            method="PUT",
+            status=code,
+            duration=value,
+            upstream_duration=up,
+            error_type=None,
+        )
+        # As the proxy did with these instruments: all three series resolved at a label set's
+        # first request, an upstream answer or not.
+        series = (
+            requests.labels("ingress", route, "PUT", str(code)),
+            duration.labels("ingress", route),
+            upstream.labels("ingress", route),
+        )
+        series[0].inc()
+        series[1].observe(value)
+        if up is not None:
+            series[2].observe(up)
+    for seconds in (60.0, 59.0, 86400.0, 2_000_000.0):
+        metrics.order_findings(
+            listener="ingress",
+            findings=Findings(
+                transition=Transition(prev="SUBMITTED", new="PRICE_CALCULATED", kind=TransitionKind.FORWARD),
+                changed=True,
+                dwell=seconds,
+            ),
+        )
+        dwell.labels("SUBMITTED").observe(seconds)
+
+    families = (
+        "mes_proxy_requests",
+        "mes_proxy_request_duration_seconds",
+        "mes_proxy_upstream_duration_seconds",
+        "mes_order_dwell_seconds",
+    )
+    ours = _without_created_values(_text(metrics), families)
+    theirs = _without_created_values(generate_latest(reference).decode(), families)
+    assert any("_bucket" in line for line in ours)
+    assert sorted(ours) == sorted(theirs)
+    # The families' own order of samples too (buckets ascending, then count, sum, created).
+    for family in families:
+        assert [line for line in ours if line.startswith(family)] == [
+            line for line in theirs if line.startswith(family)
+        ]
+
+
+def test_created_series_follow_prometheus_clients_switch() -> None:
+    """``disable_created_metrics()`` (or PROMETHEUS_DISABLE_CREATED_SERIES) drops ours as well."""
+    from prometheus_client import disable_created_metrics, enable_created_metrics
+
+    metrics = ProxyMetrics()
+    metrics.request_done(
+        listener="ingress",
+        route="/x",
+        method="GET",
+        status=200,
+        duration=0.1,
+        upstream_duration=0.05,
+        error_type=None,
+    )
+    assert "mes_proxy_requests_created{" in _text(metrics)
+    assert "mes_proxy_request_duration_seconds_created{" in _text(metrics)
+    disable_created_metrics()
+    try:
+        text = _text(metrics)
+    finally:
+        enable_created_metrics()
+    assert "mes_proxy_requests_total{" in text
+    assert "_created" not in text
