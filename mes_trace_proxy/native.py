@@ -52,6 +52,7 @@ COMPILED: Final = (
     "forwarding",
     "logs",
     "metrics",
+    "orders",
     "otlp_encode",
     "proxy",
     "redact",

@@ -276,7 +276,9 @@ def _trusted_record(
 ) -> OrderRecord:
     # For bytes the book packed itself: the same fields without ``__post_init__``'s decoding
     # of every entry, which would cost more than the rest of a change on the hot path.
-    record = object.__new__(OrderRecord)
+    # OrderRecord.__new__, not object.__new__: the native build gives the class its own
+    # allocator, which object.__new__ refuses to stand in for.
+    record = OrderRecord.__new__(OrderRecord)
     setattr_ = object.__setattr__
     setattr_(record, "order_id", order_id)
     setattr_(record, "stuck_reported", stuck_reported)
@@ -388,7 +390,8 @@ class _Names:
     __slots__ = ("_cap", "_codes", "names")
 
     def __init__(self, initial: Iterable[str], extra: int) -> None:
-        self.names: tuple[str, ...] = ()
+        # tuple(), not (): mypyc would type the literal as the empty tuple type.
+        self.names: tuple[str, ...] = tuple()
         self._codes: dict[str, int] = {}
         for name in initial:
             self._add(name)
