@@ -83,16 +83,23 @@ class AccessLog:
         self._max_lines = max_lines
         self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
         # The time prefix changes once per millisecond at most; formatting it is the costliest
-        # part of a line, so it is cached for the millisecond it belongs to.
+        # part of a line, so it is cached for the millisecond it belongs to, and its date and
+        # time of day (strftime) for the second.
         self._stamp_ms = -1
+        self._stamp_s = -1
+        self._second = ""
         self._prefix = ""
 
     def _time_prefix(self) -> str:
         now_ms = int(time.time() * 1000)
         if now_ms != self._stamp_ms:
-            stamp = _timestamp(now_ms / 1000)
+            # Integer milliseconds: a float's "% 1 * 1000" can come out one below (.122999…).
+            second, ms = divmod(now_ms, 1000)
+            if second != self._stamp_s:
+                self._stamp_s = second
+                self._second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._stamp_ms = now_ms
-            self._prefix = f'{{"time":"{stamp}","level":"info","logger":"{ACCESS_LOGGER}"'
+            self._prefix = f'{{"time":"{self._second}.{ms:03d}Z","level":"info","logger":"{ACCESS_LOGGER}"'
         return self._prefix
 
     def request(

@@ -137,3 +137,30 @@ def test_request_lines_are_the_json_the_general_form_writes(order_id: str | None
     assert {**json.loads(fast_line), "time": ""} == {**json.loads(general_line), "time": ""}
     assert list(json.loads(fast_line)) == list(json.loads(general_line))
     assert fast_line.isascii()
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        # 1765000000.001 as a float is 1765000000.0009999…: "% 1 * 1000" alone would print .000.
+        (1765000000.001, "2025-12-06T05:46:40.001Z"),
+        (1765000000.999, "2025-12-06T05:46:40.999Z"),
+        (1765000001.0, "2025-12-06T05:46:41.000Z"),
+        (1765000061.5, "2025-12-06T05:47:41.500Z"),
+    ],
+)
+def test_access_lines_carry_the_millisecond_they_were_written_in(
+    now: float, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached time prefix follows the clock to the millisecond, across seconds too."""
+    stream = io.StringIO()
+    log = AccessLog(stream)
+    # A line in an earlier second and millisecond first, so the caches must be replaced.
+    monkeypatch.setattr("time.time", lambda: now - 1.25)
+    log.request("ingress", "GET", "/x", 200, 1.0, 0, "0" * 32, "0" * 16, None, None)
+    monkeypatch.setattr("time.time", lambda: now)
+    log.request("ingress", "GET", "/x", 200, 1.0, 0, "0" * 32, "0" * 16, None, None)
+    log.flush()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert second["time"] == expected
+    assert first["time"] != expected
