@@ -391,14 +391,13 @@ class OtlpSpanEncoder:
         trace_id, span_id, _, _, trace_state, _ = context
         parent = span.parent
         parts = [_SPAN_TRACE_ID, trace_id.to_bytes(16, "big"), _SPAN_SPAN_ID, span_id.to_bytes(8, "big")]
-        append = parts.append
         # DEFAULT_TRACE_STATE (no tracestate) is nearly every span's: skip the Mapping's __len__.
         if trace_state is not DEFAULT_TRACE_STATE and trace_state:
             state = ",".join([f"{key}={value}" for key, value in trace_state.items()])
             parts += (_SPAN_TRACE_STATE, _delimited(state.encode("utf-8")))
         if parent is not None:
-            append(_SPAN_PARENT_ID)
-            append(parent[1].to_bytes(8, "big"))
+            parts.append(_SPAN_PARENT_ID)
+            parts.append(parent[1].to_bytes(8, "big"))
         name = span.name
         if name:
             encoded_name = self._span_names.get(name)
@@ -406,12 +405,12 @@ class OtlpSpanEncoder:
                 encoded_name = _remember(
                     self._span_names, name, _SPAN_NAME + _delimited(name.encode("utf-8"))
                 )
-            append(encoded_name)
-        append(_SPAN_KIND[span.kind._value_])
+            parts.append(encoded_name)
+        parts.append(_SPAN_KIND[span.kind._value_])
         start_time = span.start_time
         end_time = span.end_time
         if start_time and end_time:
-            append(_pack_times(_SPAN_START_BYTE, start_time, _SPAN_END_BYTE, end_time))
+            parts.append(_pack_times(_SPAN_START_BYTE, start_time, _SPAN_END_BYTE, end_time))
         else:
             if start_time:
                 parts += (_SPAN_START, _pack_fixed64(start_time))
@@ -445,8 +444,8 @@ class OtlpSpanEncoder:
                     status_body += _STATUS_CODE + _varint(code)
                 parts += (_SPAN_STATUS, _delimited(status_body))
             else:
-                append(_SPAN_STATUS_PLAIN[status.status_code._value_])
-        append(_SPAN_FLAGS_REMOTE if parent is not None and parent[2] else _SPAN_FLAGS_LOCAL)
+                parts.append(_SPAN_STATUS_PLAIN[status.status_code._value_])
+        parts.append(_SPAN_FLAGS_REMOTE if parent is not None and parent[2] else _SPAN_FLAGS_LOCAL)
         return b"".join(parts)
 
     def _event(self, event: EncodableEvent) -> bytes:
@@ -492,21 +491,21 @@ class OtlpSpanEncoder:
     ) -> None:
         """Append one ``tag``-ged KeyValue per attribute; a bad one is logged and skipped, as in the SDK."""
         plain, typed = caches or self._caches(tag)
-        append = parts.append
-        lookup = plain.get
+        # parts.append and plain.get are written out, not bound to locals: the native build
+        # turns them into direct C calls, which a bound method would hide from it.
         for item in attributes.items():
             # Only pairs with a str value (or a tuple of str) are in ``plain``, and a str equals
             # only a str, so the item itself can be the key: True == 1 and 0.0 == -0.0 never
             # meet an entry there. Most pairs of a proxy span hit here.
             try:
-                cached = lookup(item)
+                cached = plain.get(item)
             except TypeError:  # an unhashable value (a mapping): encoded every time
                 encoded = _encode_pair(tag, *item)
                 if encoded is not None:
-                    append(encoded)
+                    parts.append(encoded)
                 continue
             if cached is not None:
-                append(cached)
+                parts.append(cached)
                 continue
             key, value = item
             kind = type(value)
@@ -519,7 +518,7 @@ class OtlpSpanEncoder:
                     if cached is None:
                         continue
                     _remember(typed, typed_key, cached, ATTRIBUTE_CACHE_SIZE)
-                append(cached)
+                parts.append(cached)
                 continue
             if isinstance(value, str) and type(key) is str:
                 # A one-off value (an order id, a path): only the key's bytes are reused.
@@ -533,7 +532,9 @@ class OtlpSpanEncoder:
                     continue
                 any_value = _ANY_STRING + _varint(len(encoded_value)) + encoded_value
                 pair = prefix + _KV_VALUE + _varint(len(any_value)) + any_value
-                append(_remember(plain, (key, value), tag + _varint(len(pair)) + pair, ATTRIBUTE_CACHE_SIZE))
+                parts.append(
+                    _remember(plain, (key, value), tag + _varint(len(pair)) + pair, ATTRIBUTE_CACHE_SIZE)
+                )
                 continue
             encoded = _encode_pair(tag, key, value)
             if encoded is None:
@@ -541,7 +542,7 @@ class OtlpSpanEncoder:
             # Floats are never cached: 0.0 and -0.0 are equal keys but encode differently.
             if kind is tuple and _all_str(value):
                 _remember(plain, (key, value), encoded, ATTRIBUTE_CACHE_SIZE)
-            append(encoded)
+            parts.append(encoded)
 
     def _resource(self, resource: Resource) -> bytes:
         """The ``resource`` field of ResourceSpans, cached per resource object."""
