@@ -217,10 +217,10 @@ def test_created_series_follow_prometheus_clients_switch() -> None:
     )
     assert "mes_proxy_requests_created{" in _text(metrics)
     assert "mes_proxy_request_duration_seconds_created{" in _text(metrics)
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         text = _text(metrics)
     finally:
-        enable_created_metrics()
+        enable_created_metrics()  # type: ignore[no-untyped-call]
     assert "mes_proxy_requests_total{" in text
     assert "_created" not in text
