@@ -92,7 +92,9 @@ async def _recovered(client: aiohttp.ClientSession, proxy: ProxyProcess, sink: O
     assert proxy.process.returncode is None
 
 
-def _memory_and_drops(proxy: ProxyProcess, before_kib: int, faulty: Scrape, healthy: Scrape) -> None:
+def _memory_and_drops(
+    proxy: ProxyProcess, before_kib: int, faulty: Scrape, healthy: Scrape, *, expect_loss: bool = True
+) -> None:
     growth = proxy.status_kib("VmHWM") - before_kib
     lost = sum(
         faulty.value("mes_proxy_spans_total", outcome=o) - healthy.value("mes_proxy_spans_total", outcome=o)
@@ -100,7 +102,8 @@ def _memory_and_drops(proxy: ProxyProcess, before_kib: int, faulty: Scrape, heal
     )
     print(f"[faults] peak RSS growth under the fault: {growth} KiB; spans counted lost: {lost:.0f}")
     assert growth < HWM_GROWTH_BOUND_KIB
-    assert lost > 0
+    if expect_loss:
+        assert lost > 0
 
 
 async def test_collector_down_for_the_whole_run(
@@ -153,7 +156,11 @@ async def test_collector_blackholed_or_slow(
                 )
             # What the proxy counts as exported is what the collector received, no more, no less.
             assert during.value("mes_proxy_spans_total", outcome="exported") == sink.spans_received
-            _memory_and_drops(proxy, before, during, healthy)
+            # A collector that never answers loses spans for certain. A slow one (0.5 s per
+            # export, inside the exporter's 1 s timeout) loses them only when the proxy makes
+            # spans faster than one batch per 0.5 s, which depends on how busy the machine is:
+            # there, what is checked is that every span is accounted for (above).
+            _memory_and_drops(proxy, before, during, healthy, expect_loss=mode == "blackhole")
             sink.mode = "ok"
             await _recovered(client, proxy, sink)
     report(f"collector {mode}", baseline, faulty)
