@@ -1,0 +1,576 @@
+"""Held dead letters: the record of one message, its JSON form, and the stores that keep it.
+
+The stores sit beside the order records of ``--state``: ``memory``, a ``held_messages`` table in
+the same SQLite file, or ``{prefix}held*`` keys in the same Redis (shared by replicas, so any
+replica can show and re-drive any dead letter). A held message is claimed before a re-drive
+(``claim``) so two calls, on one replica or on two, never publish it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import decimal
+import json
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar
+
+from mes_trace_proxy.messages.deadletter import (
+    DeadLetterError,
+    Message,
+    MessageRules,
+    XDeath,
+    cause_in_words,
+    held_key,
+    message_facts,
+    parse_x_death,
+)
+
+__all__ = [
+    "CLAIM_TTL_S",
+    "HeldMessage",
+    "HeldStore",
+    "MemoryHeldStore",
+    "RedisHeldStore",
+    "SqliteHeldStore",
+    "decode_held",
+    "decode_value",
+    "encode_held",
+    "encode_value",
+    "hold",
+    "open_held_store",
+    "with_span",
+]
+
+HELD_FORMAT: Final = 1
+#: A claim older than this is taken to belong to a replica that died mid re-drive; 60 s is far
+#: longer than a publisher confirm takes on a live broker.
+CLAIM_TTL_S: Final = 60.0
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldMessage:
+    """One dead letter as the proxy keeps it: the message itself and what it says."""
+
+    key: str
+    order_id: str | None
+    status: str | None
+    rule: str | None
+    cause: str
+    deaths: tuple[XDeath, ...]
+    #: the dead-letter queue (own mode) or the proxy's observe queue it was consumed from
+    consumed_from: str
+    received_at: float
+    body: bytes = field(repr=False)
+    #: AMQP basic properties other than headers, as JSON-able values (see encode_value)
+    properties: Mapping[str, object] = field(default_factory=dict, repr=False)
+    headers: Mapping[str, object] = field(default_factory=dict, repr=False)
+    exchange: str = ""
+    routing_key: str = ""
+    #: the dead-letter span, to link the re-drive span to (0, 0 when none was recorded)
+    span_trace_id: int = 0
+    span_id: int = 0
+    #: a metric-safe word when the message could not be read fully (``missing``, ``malformed``,
+    #: ``not_json``, ``no_order``), else ``None``
+    problem: str | None = None
+
+    @property
+    def death(self) -> XDeath | None:
+        """The most recent ``x-death`` entry, if any."""
+        return self.deaths[0] if self.deaths else None
+
+    def dead_letter_object(self) -> dict[str, object]:
+        """The ``dead_letter`` object of ``/orders/stuck`` and ``/orders/{id}`` entries."""
+        death = self.death
+        when = death.time if death is not None and death.time is not None else self.received_at
+        return {
+            "queue": death.queue if death else None,
+            "reason": death.reason if death else None,
+            "count": death.count if death else 0,
+            "exchange": death.exchange if death else None,
+            "routing_key": death.routing_key if death else self.routing_key,
+            "time": datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat().replace("+00:00", "Z"),
+            "message_id": self.properties.get("message_id"),
+            "cause": self.cause,
+        }
+
+
+# ── JSON form ────────────────────────────────────────────────────────────────────────────────
+
+
+def encode_value(value: object) -> object:
+    """An AMQP field value as JSON, tagged where JSON has no type for it (bytes, time, decimal, table)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return {"$b": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, datetime.datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=datetime.UTC)
+        return {"$t": aware.timestamp()}
+    if isinstance(value, decimal.Decimal):
+        return {"$d": str(value)}
+    if isinstance(value, Mapping):
+        return {"$m": {str(k): encode_value(v) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return [encode_value(v) for v in value]
+    # Anything else a client may decode (an unknown field type) is kept as its text.
+    return str(value)
+
+
+def decode_value(value: object) -> object:
+    """The inverse of :func:`encode_value` (datetimes come back timezone-aware, UTC)."""
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "$b" in value:
+        return base64.b64decode(value["$b"])
+    if "$t" in value:
+        return datetime.datetime.fromtimestamp(float(value["$t"]), datetime.UTC)
+    if "$d" in value:
+        return decimal.Decimal(value["$d"])
+    if "$m" in value:
+        return {str(k): decode_value(v) for k, v in value["$m"].items()}
+    raise ValueError(f"unknown tagged value {sorted(value)!r}")
+
+
+def _death_json(d: XDeath) -> list[object]:
+    return [d.queue, d.reason, d.count, d.exchange, list(d.routing_keys), d.time, d.original_expiration]
+
+
+def encode_held(held: HeldMessage) -> str:
+    """The held message as compact JSON (the body base64-encoded)."""
+    return json.dumps(
+        {
+            "v": HELD_FORMAT,
+            "key": held.key,
+            "order": held.order_id,
+            "status": held.status,
+            "rule": held.rule,
+            "cause": held.cause,
+            "deaths": [_death_json(d) for d in held.deaths],
+            "from": held.consumed_from,
+            "at": held.received_at,
+            "body": base64.b64encode(held.body).decode("ascii"),
+            "props": {k: encode_value(v) for k, v in held.properties.items()},
+            "headers": {k: encode_value(v) for k, v in held.headers.items()},
+            "exchange": held.exchange,
+            "rk": held.routing_key,
+            "span": [held.span_trace_id, held.span_id],
+            "problem": held.problem,
+        },
+        separators=(",", ":"),
+    )
+
+
+def decode_held(data: str | bytes) -> HeldMessage:
+    """Parse :func:`encode_held` output.
+
+    Raises:
+        ValueError: when the data is not a held message of a known format.
+    """
+    try:
+        doc = json.loads(data)
+        if doc["v"] != HELD_FORMAT:
+            raise ValueError(f"unknown held-message format {doc['v']!r}")
+        deaths = tuple(
+            XDeath(
+                queue=q,
+                reason=r,
+                count=int(c),
+                exchange=e,
+                routing_keys=tuple(k),
+                time=t,
+                original_expiration=o,
+            )
+            for q, r, c, e, k, t, o in doc["deaths"]
+        )
+        props = doc["props"]
+        headers = doc["headers"]
+        return HeldMessage(
+            key=str(doc["key"]),
+            order_id=doc["order"],
+            status=doc["status"],
+            rule=doc["rule"],
+            cause=str(doc["cause"]),
+            deaths=deaths,
+            consumed_from=str(doc["from"]),
+            received_at=float(doc["at"]),
+            body=base64.b64decode(doc["body"]),
+            properties={str(k): decode_value(v) for k, v in props.items()},
+            headers={str(k): decode_value(v) for k, v in headers.items()},
+            exchange=str(doc["exchange"]),
+            routing_key=str(doc["rk"]),
+            span_trace_id=int(doc["span"][0]),
+            span_id=int(doc["span"][1]),
+            problem=doc["problem"],
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"not a valid held message: {exc}") from exc
+
+
+# ── stores ───────────────────────────────────────────────────────────────────────────────────
+
+
+class HeldStore(Protocol):
+    """Where held dead letters live until they are re-driven."""
+
+    async def put(self, held: HeldMessage) -> None:
+        """Insert or replace (by key) one held message; returns once it is durable."""
+        ...
+
+    async def get(self, key: str) -> HeldMessage | None:
+        """One held message by key."""
+        ...
+
+    async def for_order(self, order_id: str) -> list[HeldMessage]:
+        """The held messages of one order, oldest first."""
+        ...
+
+    async def all(self, limit: int) -> list[HeldMessage]:
+        """Up to ``limit`` held messages, oldest first."""
+        ...
+
+    async def count(self) -> int:
+        """How many messages are held."""
+        ...
+
+    async def claim(self, key: str, now: float) -> bool:
+        """Take a held message for a re-drive; ``False`` when it is gone or already claimed."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """Give a claim back after a failed re-drive, so the message can be re-driven again."""
+        ...
+
+    async def remove(self, key: str) -> None:
+        """Forget a held message (after its re-drive was confirmed); unknown keys are ignored."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+        ...
+
+
+def _sorted(items: Sequence[HeldMessage]) -> list[HeldMessage]:
+    return sorted(items, key=lambda h: (h.received_at, h.key))
+
+
+class MemoryHeldStore:
+    """Held messages in this process only (``--state memory``: lost on restart, as the orders are)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, HeldMessage] = {}
+        self._claims: dict[str, float] = {}
+
+    async def put(self, held: HeldMessage) -> None:
+        """Keep one message."""
+        self.held[held.key] = held
+
+    async def get(self, key: str) -> HeldMessage | None:
+        """One message by key."""
+        return self.held.get(key)
+
+    async def for_order(self, order_id: str) -> list[HeldMessage]:
+        """The messages of one order."""
+        return _sorted([h for h in self.held.values() if h.order_id == order_id])
+
+    async def all(self, limit: int) -> list[HeldMessage]:
+        """Up to ``limit`` messages."""
+        return _sorted(list(self.held.values()))[:limit]
+
+    async def count(self) -> int:
+        """How many are held."""
+        return len(self.held)
+
+    async def claim(self, key: str, now: float) -> bool:
+        """Claim unless gone or claimed less than CLAIM_TTL_S ago."""
+        if key not in self.held:
+            return False
+        since = self._claims.get(key)
+        if since is not None and now - since < CLAIM_TTL_S:
+            return False
+        self._claims[key] = now
+        return True
+
+    async def release(self, key: str) -> None:
+        """Drop the claim."""
+        self._claims.pop(key, None)
+
+    async def remove(self, key: str) -> None:
+        """Forget the message and its claim."""
+        self.held.pop(key, None)
+        self._claims.pop(key, None)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+_SQLITE_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS held_messages (
+        key TEXT PRIMARY KEY,
+        order_id TEXT,
+        received_at REAL NOT NULL,
+        claimed_at REAL,
+        record TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS held_messages_order ON held_messages (order_id)",
+)
+_SQLITE_UPSERT: Final = """
+    INSERT INTO held_messages (key, order_id, received_at, claimed_at, record) VALUES (?, ?, ?, NULL, ?)
+    ON CONFLICT (key) DO UPDATE SET order_id = excluded.order_id, record = excluded.record
+"""
+
+
+class SqliteHeldStore:
+    """Held messages in a ``held_messages`` table of the ``--state`` SQLite file (one replica).
+
+    Like :class:`mes_trace_proxy.store_sqlite.SqliteStore`: WAL, one worker thread owning the
+    connection, reopened after an error; each ``put`` is its own committed transaction, since
+    the watcher acks the message only after it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mes-held-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise RuntimeError("SqliteHeldStore is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._guarded, fn)
+
+    def _guarded(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = self._conn
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                for statement in _SQLITE_SCHEMA:
+                    conn.execute(statement)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        try:
+            return fn(conn)
+        except sqlite3.Error:
+            self._conn = None
+            conn.close()
+            raise
+
+    @staticmethod
+    def _rows(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[HeldMessage]:
+        return [decode_held(row[0]) for row in conn.execute(sql, args)]
+
+    async def put(self, held: HeldMessage) -> None:
+        """Upsert one message in its own transaction."""
+        row = (held.key, held.order_id, held.received_at, encode_held(held))
+        await self._call(lambda conn: conn.execute(_SQLITE_UPSERT, row))
+
+    async def get(self, key: str) -> HeldMessage | None:
+        """One message by key."""
+        found = await self._call(
+            lambda c: self._rows(c, "SELECT record FROM held_messages WHERE key = ?", (key,))
+        )
+        return found[0] if found else None
+
+    async def for_order(self, order_id: str) -> list[HeldMessage]:
+        """The messages of one order, by the order index."""
+        sql = "SELECT record FROM held_messages WHERE order_id = ? ORDER BY received_at, key"
+        return await self._call(lambda c: self._rows(c, sql, (order_id,)))
+
+    async def all(self, limit: int) -> list[HeldMessage]:
+        """Up to ``limit`` messages, oldest first."""
+        sql = "SELECT record FROM held_messages ORDER BY received_at, key LIMIT ?"
+        return await self._call(lambda c: self._rows(c, sql, (limit,)))
+
+    async def count(self) -> int:
+        """How many are held."""
+        return await self._call(lambda c: int(c.execute("SELECT count(*) FROM held_messages").fetchone()[0]))
+
+    async def claim(self, key: str, now: float) -> bool:
+        """One UPDATE that succeeds only for an unclaimed (or stale-claimed) message."""
+        sql = (
+            "UPDATE held_messages SET claimed_at = ? WHERE key = ? AND (claimed_at IS NULL OR claimed_at < ?)"
+        )
+        return await self._call(lambda c: c.execute(sql, (now, key, now - CLAIM_TTL_S)).rowcount == 1)
+
+    async def release(self, key: str) -> None:
+        """Clear the claim."""
+        await self._call(
+            lambda c: c.execute("UPDATE held_messages SET claimed_at = NULL WHERE key = ?", (key,))
+        )
+
+    async def remove(self, key: str) -> None:
+        """Delete the row."""
+        await self._call(lambda c: c.execute("DELETE FROM held_messages WHERE key = ?", (key,)))
+
+    async def close(self) -> None:
+        """Close the connection and the worker thread."""
+        if self._closed:
+            return
+
+        def disconnect(conn: sqlite3.Connection) -> None:
+            conn.close()
+            self._conn = None
+
+        try:
+            if self._conn is not None:
+                await self._call(disconnect)
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+
+
+class RedisHeldStore:
+    """Held messages in Redis, shared by replicas.
+
+    Keys: ``{prefix}held`` (hash key → JSON), ``{prefix}held-order:{order id}`` (set of keys of
+    one order), ``{prefix}held-claim:{key}`` (``SET NX`` with a CLAIM_TTL_S expiry, so a
+    replica that dies mid re-drive does not hold the claim for ever).
+    """
+
+    def __init__(self, url: str, *, prefix: str = "mes:") -> None:
+        import redis.asyncio as aioredis  # imported here: only Redis deployments load it
+
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        self._hash = f"{prefix}held"
+        self._order = f"{prefix}held-order:"
+        self._claim = f"{prefix}held-claim:"
+
+    async def put(self, held: HeldMessage) -> None:
+        """Write the message and its order index in one MULTI/EXEC."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            _ = pipe.hset(self._hash, held.key, encode_held(held))
+            if held.order_id is not None:
+                _ = pipe.sadd(self._order + held.order_id, held.key)
+            await pipe.execute()
+
+    async def get(self, key: str) -> HeldMessage | None:
+        """One message by key."""
+        raw = await self._redis.hget(self._hash, key)
+        return None if raw is None else decode_held(raw)
+
+    async def _many(self, keys: Sequence[bytes | str]) -> list[HeldMessage]:
+        if not keys:
+            return []
+        rows = await self._redis.hmget(self._hash, list(keys))
+        return _sorted([decode_held(row) for row in rows if row is not None])
+
+    async def for_order(self, order_id: str) -> list[HeldMessage]:
+        """The messages of one order, through its index set."""
+        return await self._many(list(await self._redis.smembers(self._order + order_id)))
+
+    async def all(self, limit: int) -> list[HeldMessage]:
+        """Up to ``limit`` messages (read in HSCAN pages), oldest first."""
+        found: list[HeldMessage] = []
+        async for _, raw in self._redis.hscan_iter(self._hash, count=1000):
+            found.append(decode_held(raw))
+        return _sorted(found)[:limit]
+
+    async def count(self) -> int:
+        """HLEN of the hash."""
+        return int(await self._redis.hlen(self._hash))
+
+    async def claim(self, key: str, now: float) -> bool:
+        """SET NX on the claim key, only while the message exists."""
+        if not await self._redis.hexists(self._hash, key):
+            return False
+        return bool(await self._redis.set(self._claim + key, repr(now), nx=True, ex=int(CLAIM_TTL_S)))
+
+    async def release(self, key: str) -> None:
+        """Delete the claim key."""
+        await self._redis.delete(self._claim + key)
+
+    async def remove(self, key: str) -> None:
+        """Delete the message, its index entry and its claim."""
+        raw = await self._redis.hget(self._hash, key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            _ = pipe.hdel(self._hash, key)
+            if raw is not None:
+                held = decode_held(raw)
+                if held.order_id is not None:
+                    _ = pipe.srem(self._order + held.order_id, key)
+            _ = pipe.delete(self._claim + key)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+
+def open_held_store(state_url: str) -> HeldStore:
+    """The held-message store beside the order store a ``--state`` URL names.
+
+    Raises:
+        ValueError: for a URL ``store.open_store`` would refuse too.
+    """
+    if state_url == "memory":
+        return MemoryHeldStore()
+    scheme, _, rest = state_url.partition("://")
+    if scheme == "sqlite" and rest.startswith("/") and len(rest) > 1:
+        return SqliteHeldStore(rest[1:])
+    if scheme in {"redis", "rediss", "unix"}:
+        return RedisHeldStore(state_url)
+    raise ValueError("state URL: expected memory, sqlite:///PATH or redis://HOST:PORT/DB")
+
+
+def with_span(held: HeldMessage, trace_id: int, span_id: int) -> HeldMessage:
+    """The same held message, pointing at its dead-letter span."""
+    return replace(held, span_trace_id=trace_id, span_id=span_id)
+
+
+def hold(
+    message: Message,
+    properties: Mapping[str, object],
+    *,
+    consumed_from: str,
+    rules: MessageRules,
+    now: float,
+) -> HeldMessage:
+    """Everything the proxy keeps of one dead letter; never raises, whatever the message holds.
+
+    A message without a readable ``x-death`` or whose body is not JSON is still held (nothing
+    is lost), with ``problem`` saying what was wrong, so the operator can look at it.
+    """
+    problem: str | None = None
+    try:
+        deaths = parse_x_death(message.headers)
+    except DeadLetterError as exc:
+        deaths, problem = (), exc.kind
+    facts = message_facts(rules, message, deaths)
+    if problem is None and not facts.body_is_json:
+        problem = "not_json"
+    if problem is None and facts.order_id is None:
+        problem = "no_order"
+    label = facts.rule.label if facts.rule is not None else "message"
+    if deaths:
+        cause = cause_in_words(label, deaths[0])
+    else:
+        cause = f"{label} in {consumed_from} without an x-death header ({problem})"
+    return HeldMessage(
+        key=held_key(message, deaths),
+        order_id=facts.order_id,
+        status=facts.status,
+        rule=facts.rule.name if facts.rule is not None else None,
+        cause=cause,
+        deaths=deaths,
+        consumed_from=consumed_from,
+        received_at=now,
+        body=message.body,
+        properties=dict(properties),
+        headers={k: v for k, v in message.headers.items()},
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        problem=problem,
+    )
