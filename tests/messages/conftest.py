@@ -9,6 +9,7 @@ line, not a sleep. Ends by PID (its process group, which it alone is in).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -123,10 +124,8 @@ class RabbitServer:
         self._proc = self._reader = None
         if proc is None or reader is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=START_TIMEOUT)
         reader.join(timeout=START_TIMEOUT)
         assert proc.stdout is not None
@@ -145,7 +144,9 @@ def _script_or_skip() -> str:
     script = rabbitmq_script()
     if script is None:
         if os.environ.get("CI"):
-            pytest.fail("rabbitmq-server is not installed, and CI must run the RabbitMQ tests: make system-deps")
+            pytest.fail(
+                "rabbitmq-server is not installed, and CI must run the RabbitMQ tests: make system-deps"
+            )
         pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server, or make system-deps)")
     return script
 

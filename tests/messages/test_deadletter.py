@@ -43,7 +43,7 @@ def _death(**over: object) -> dict[str, object]:
     ("entry", "expected"),
     [
         (_death(), XDeath(queue="mes.price.requests", reason="expired", count=1, exchange="mes.commands",
-                          routing_keys=("price.calculate",), time=T0.timestamp(), original_expiration="30000")),
+                          routing_keys=("price.calculate",), time=T0.timestamp(), original_expiration="30000")),  # noqa: E501
         # bytes as some clients hand back long strings; a naive datetime is UTC
         (_death(queue=b"q", reason=b"rejected", exchange=b"", **{"routing-keys": [b"k1", b"k2"]},
                 time=T0.replace(tzinfo=None), **{"original-expiration": None}),
@@ -86,7 +86,7 @@ def test_parse_x_death_keeps_the_broker_order() -> None:
 @pytest.mark.parametrize(
     ("death", "words"),
     [
-        (XDeath(queue="mes.price.requests", reason="expired", count=1, exchange="x", routing_keys=(), time=None,
+        (XDeath(queue="mes.price.requests", reason="expired", count=1, exchange="x", routing_keys=(), time=None,  # noqa: E501
                 original_expiration="30000"),
          "price request expired in mes.price.requests after 30 s"),
         (XDeath(queue="q", reason="expired", count=1, exchange="x", routing_keys=(), time=None,
@@ -113,7 +113,12 @@ RULES = compile_message_rules(list(DEFAULT_MESSAGE_RULES), key="message_rules")
 
 
 def _message(body: bytes, **over: object) -> Message:
-    fields: dict[str, object] = {"body": body, "headers": {}, "exchange": "mes.dlx", "routing_key": "price.calculate"}
+    fields: dict[str, object] = {
+        "body": body,
+        "headers": {},
+        "exchange": "mes.dlx",
+        "routing_key": "price.calculate",
+    }
     fields.update(over)
     return Message(**fields)  # type: ignore[arg-type]
 
@@ -163,7 +168,9 @@ def test_every_source_kind(source: str, expected: str | None) -> None:
         message_id="ORD-MID",
         correlation_id="ORD-CID",
     )
-    death = XDeath(queue="q", reason="rejected", count=1, exchange="e", routing_keys=("order.ORD-RK",), time=None)
+    death = XDeath(
+        queue="q", reason="rejected", count=1, exchange="e", routing_keys=("order.ORD-RK",), time=None
+    )
     assert message_facts(rules, message, (death,)).order_id == expected
 
 
@@ -181,8 +188,8 @@ def test_rules_match_by_queue_and_routing_key_first_wins() -> None:
         ],
         key="k",
     )
-    assert [r.name if r else None for r in (rules.match("q", "a"), rules.match("q", "b"), rules.match("p", "b"),
-                                            rules.match("p", "c"))] == ["by-both", "by-queue", "by-key", None]  # fmt: skip
+    assert [r.name if r else None for r in (rules.match("q", "a"), rules.match("q", "b"), rules.match("p", "b"),  # noqa: E501
+                                            rules.match("p", "c"))] == ["by-both", "by-queue", "by-key", None]  # fmt: skip  # noqa: E501
 
 
 @pytest.mark.parametrize(
@@ -219,6 +226,15 @@ def test_held_key_is_stable_and_tells_messages_apart() -> None:
 def test_the_core_module_imports_no_io() -> None:
     """deadletter.py is pure: no broker client, asyncio, clock, environment or disk."""
     tree = ast.parse(Path(deadletter.__file__).read_text(encoding="utf-8"))
-    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert names.isdisjoint({"aio_pika", "aiormq", "asyncio", "os", "time", "socket", "sqlite3", "redis", "pathlib"})
+    names = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    names |= {
+        (node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    }
+    assert names.isdisjoint(
+        {"aio_pika", "aiormq", "asyncio", "os", "time", "socket", "sqlite3", "redis", "pathlib"}
+    )

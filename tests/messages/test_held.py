@@ -34,7 +34,9 @@ X_DEATH = [
 ]  # fmt: skip
 
 
-def _held(order_id: str = "ORD-1", body: bytes | None = None, message_id: str = "m-1", at: float = 100.0) -> HeldMessage:
+def _held(
+    order_id: str = "ORD-1", body: bytes | None = None, message_id: str = "m-1", at: float = 100.0
+) -> HeldMessage:
     message = Message(
         body=body if body is not None else f'{{"orderId":"{order_id}","status":"SUBMITTED"}}'.encode(),
         headers={"x-death": X_DEATH, "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
@@ -42,7 +44,12 @@ def _held(order_id: str = "ORD-1", body: bytes | None = None, message_id: str = 
         routing_key="price.calculate",
         message_id=message_id,
     )
-    props = {"message_id": message_id, "content_type": "application/json", "delivery_mode": 2, "timestamp": T0}
+    props = {
+        "message_id": message_id,
+        "content_type": "application/json",
+        "delivery_mode": 2,
+        "timestamp": T0,
+    }
     return hold(message, props, consumed_from="mes.dead-letters", rules=RULES, now=at)
 
 
@@ -59,7 +66,9 @@ def test_held_message_round_trips_through_json() -> None:
     held = _held()
     again = decode_held(encode_held(held))
     assert again == held
-    assert again.body == held.body and again.headers == held.headers and again.properties == held.properties
+    assert again.body == held.body
+    assert again.headers == held.headers
+    assert again.properties == held.properties
 
 
 @pytest.mark.parametrize("data", ["{}", '{"v": 99}', "not json", '{"v":1,"key":"k"}'])
@@ -70,7 +79,12 @@ def test_decode_refuses_what_is_not_a_held_message(data: str) -> None:
 
 def test_hold_reads_order_cause_and_dead_letter_object() -> None:
     held = _held()
-    assert (held.order_id, held.status, held.rule, held.problem) == ("ORD-1", "SUBMITTED", "price-request", None)
+    assert (held.order_id, held.status, held.rule, held.problem) == (
+        "ORD-1",
+        "SUBMITTED",
+        "price-request",
+        None,
+    )
     assert held.cause == "price request expired in mes.price.requests after 30 s"
     assert held.dead_letter_object() == {
         "queue": "mes.price.requests", "reason": "expired", "count": 1, "exchange": "mes.commands",

@@ -65,7 +65,7 @@ async def _expire(channel: AbstractChannel, topo: Topology, order_id: str, **ext
     exchange = await channel.get_exchange(topo.commands)
     await exchange.publish(
         aio_pika.Message(_body(order_id, **extra), message_id=f"msg-{order_id}", expiration=0.01,
-                         content_type="application/json", headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}),
+                         content_type="application/json", headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}),  # noqa: E501
         routing_key="price.calculate",
     )  # fmt: skip
 
@@ -95,7 +95,9 @@ async def test_expired_message_is_held_with_its_cause_and_acked(
     await store.close()
 
 
-async def test_rejected_and_maxlen_messages_are_held(rabbitmq: RabbitServer, amqp_channel: AbstractChannel) -> None:
+async def test_rejected_and_maxlen_messages_are_held(
+    rabbitmq: RabbitServer, amqp_channel: AbstractChannel
+) -> None:
     topo = await declare_topology(amqp_channel)
     store = MemoryHeldStore()
     commands = await amqp_channel.get_exchange(topo.commands)
@@ -124,26 +126,34 @@ async def test_bad_messages_are_held_and_counted_not_lost(
     store = MemoryHeldStore()
     async with watching(rabbitmq.url, store, queues=(topo.dead_letters,)) as (watcher, arrived):
         # published straight to the dead-letter queue: no x-death
-        await amqp_channel.default_exchange.publish(aio_pika.Message(_body("ORD-DIRECT")), routing_key=topo.dead_letters)
+        await amqp_channel.default_exchange.publish(
+            aio_pika.Message(_body("ORD-DIRECT")), routing_key=topo.dead_letters
+        )
         direct = await _next(arrived)
         assert (direct.problem, direct.order_id, direct.deaths) == ("missing", "ORD-DIRECT", ())
         # a body that is not JSON, dead-lettered for real
         commands = await amqp_channel.get_exchange(topo.commands)
-        await commands.publish(aio_pika.Message(b"\x00binary", expiration=0.01), routing_key="price.calculate")
+        await commands.publish(
+            aio_pika.Message(b"\x00binary", expiration=0.01), routing_key="price.calculate"
+        )
         binary = await _next(arrived)
         assert (binary.problem, binary.order_id, binary.body) == ("not_json", None, b"\x00binary")
         assert watcher.stats.problems == {"missing": 1, "not_json": 1}
         assert await store.count() == 2
 
 
-async def test_a_missing_queue_is_reported_and_retried(rabbitmq: RabbitServer, amqp_channel: AbstractChannel) -> None:
+async def test_a_missing_queue_is_reported_and_retried(
+    rabbitmq: RabbitServer, amqp_channel: AbstractChannel
+) -> None:
     store = MemoryHeldStore()
     name = f"not-yet-{time.monotonic_ns()}"
     async with watching(rabbitmq.url, store, queues=(name,)) as (watcher, arrived):
         await _until(lambda: watcher.stats.problems["missing_queue"] >= 1)
         queue = await amqp_channel.declare_queue(name, auto_delete=True)
         await asyncio.wait_for(watcher.wait_connected(), WAIT_S)
-        await amqp_channel.default_exchange.publish(aio_pika.Message(_body("ORD-LATE")), routing_key=queue.name)
+        await amqp_channel.default_exchange.publish(
+            aio_pika.Message(_body("ORD-LATE")), routing_key=queue.name
+        )
         assert (await _next(arrived)).order_id == "ORD-LATE"
 
 
@@ -180,12 +190,15 @@ async def test_observe_mode_takes_a_copy_and_leaves_the_dead_letter_queue_alone(
     # the existing dead-letter consumer's queue still got its copy
     existing = await amqp_channel.get_queue(topo.dead_letters)
     original = await existing.get(timeout=WAIT_S)
-    assert original is not None and json.loads(original.body)["orderId"] == "ORD-OBS"
+    assert original is not None
+    assert json.loads(original.body)["orderId"] == "ORD-OBS"
     await original.ack()
     await amqp_channel.queue_delete(own_queue)
 
 
-async def test_watcher_reconnects_after_the_broker_restarts(own_rabbitmq: RabbitServer, tmp_path: Path) -> None:
+async def test_watcher_reconnects_after_the_broker_restarts(
+    own_rabbitmq: RabbitServer, tmp_path: Path
+) -> None:
     connection = await aio_pika.connect(own_rabbitmq.url)
     topo = await declare_topology(await connection.channel(), durable=True)
     await connection.close()
