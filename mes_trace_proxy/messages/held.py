@@ -12,6 +12,7 @@ import asyncio
 import base64
 import datetime
 import decimal
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -342,6 +343,8 @@ class SqliteHeldStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mes-held-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._pending: list[tuple[tuple[str, str | None, float, str], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Future[None] | None = None
 
     async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
@@ -373,9 +376,32 @@ class SqliteHeldStore:
         return [decode_held(row[0]) for row in conn.execute(sql, args)]
 
     async def put(self, held: HeldMessage) -> None:
-        """Upsert one message in its own transaction."""
+        """Upsert one message; returns once the transaction that holds it has committed.
+
+        Puts that arrive while a commit is running wait for the next one, which takes them
+        all (group commit): one commit per batch, not per message, under load.
+        """
         row = (held.key, held.order_id, held.received_at, encode_held(held))
-        await self._call(lambda conn: conn.execute(_SQLITE_UPSERT, row))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            rows = [row for row, _ in batch]
+            try:
+                await self._call(functools.partial(_upsert_all, rows=rows))
+            except Exception as exc:  # every put of the batch fails alike; the callers decide
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def get(self, key: str) -> HeldMessage | None:
         """One message by key."""
@@ -430,6 +456,17 @@ class SqliteHeldStore:
         finally:
             self._closed = True
             self._executor.shutdown(wait=True)
+
+
+def _upsert_all(conn: sqlite3.Connection, rows: Sequence[tuple[str, str | None, float, str]]) -> None:
+    """All rows in one transaction, or none."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(_SQLITE_UPSERT, rows)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class RedisHeldStore:

@@ -243,9 +243,19 @@ class Watcher:
         return await channel.get_queue(name, ensure=True)
 
     async def _consume(self, queue: AbstractQueue) -> None:
-        async with queue.iterator() as messages:
-            async for incoming in messages:
-                await self._handle(incoming, queue.name)
+        # One task per message, at most ``prefetch`` at once (the broker sends no more unacked),
+        # so the store can commit many in one transaction instead of one commit per message.
+        running: set[asyncio.Task[None]] = set()
+        try:
+            async with queue.iterator() as messages:
+                async for incoming in messages:
+                    task = asyncio.create_task(self._handle(incoming, queue.name))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _handle(self, incoming: AbstractIncomingMessage, queue_name: str) -> None:
         held = hold(
