@@ -156,6 +156,8 @@ class MessagePath:
         self._book = book
         self._clock = clock
         self._index: dict[str, dict[str, HeldMessage]] = {}
+        #: called with each held message once stored (the demo and tests watch them arrive)
+        self.listeners: list[Callable[[HeldMessage], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         settings = WatcherSettings(
@@ -236,6 +238,8 @@ class MessagePath:
                 "span_id": format(held.span_id, "016x"),
             },
         )
+        for listener in self.listeners:
+            listener(held)
         if held.order_id is None:
             return
         self._index.setdefault(held.order_id, {})[held.key] = held
