@@ -24,6 +24,7 @@ from mes_trace_proxy.messages.redrive import Redriver
 from mes_trace_proxy.messages.service import MessagePath, amqp_url_with_secret
 from mes_trace_proxy.messages.settings import parse_messages
 from mes_trace_proxy.orders import OrderBook, SpanRef
+from tests.conftest import RedisServer
 from tests.messages.conftest import RabbitServer, Topology, declare_topology
 from tests.messages.test_watcher import WAIT_S, _expire
 
@@ -285,3 +286,41 @@ async def test_broker_gone_redrive_is_503_and_keeps_the_message(
     answer = await client.post("/orders/ORD-S6/redrive")
     assert answer.status == 503
     assert running.path.dead_letter("ORD-S6") is not None
+
+
+async def test_replicas_sharing_redis_redrive_each_others_dead_letters_once(
+    rabbitmq: RabbitServer,
+    amqp_channel: AbstractChannel,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+    redis_server: RedisServer,
+) -> None:
+    topo = await declare_topology(amqp_channel)
+    config = parse_messages({"amqp_url": rabbitmq.url, "dead_letter_queues": [topo.dead_letters]})
+    tracer = spans[0].get_tracer("t")
+    replicas = [
+        MessagePath(config, state_url=redis_server.url, tracer=tracer, redact=str, book=None, environ={})
+        for _ in range(2)
+    ]
+    stored: asyncio.Queue[HeldMessage] = asyncio.Queue()
+    for replica in replicas:
+        replica.listeners.append(stored.put_nowait)
+        await replica.start()
+    try:
+        order_ids = [f"ORD-R{n}" for n in range(4)]
+        for order_id in order_ids:
+            await _expire(amqp_channel, topo, order_id)
+        held = [await asyncio.wait_for(stored.get(), WAIT_S) for _ in order_ids]
+        assert sorted(h.order_id or "" for h in held) == order_ids  # competing consumers: each once
+        results = await asyncio.gather(
+            *(replica.redrive(order_id, who="admin:x") for order_id in order_ids for replica in replicas)
+        )
+        by_order: dict[str, list[str]] = {}
+        for result in results:
+            by_order.setdefault(result.order_id, []).append(result.outcome)
+        for order_id in order_ids:
+            assert sorted(by_order[order_id]) in (["nothing_held", "redriven"], ["in_progress", "redriven"])
+        queue = await amqp_channel.declare_queue(topo.price_requests, passive=True)
+        assert queue.declaration_result.message_count == len(order_ids)
+    finally:
+        for replica in replicas:
+            await replica.stop()

@@ -223,3 +223,25 @@ def test_the_shown_url_has_no_credentials(url: str) -> None:
     shown = WatcherSettings(url=url).shown_url
     assert shown == "amqp://127.0.0.1:1/"
     assert "secret" not in shown
+
+
+async def test_a_quorum_queue_delivery_limit_is_a_dead_letter(
+    rabbitmq: RabbitServer, amqp_channel: AbstractChannel
+) -> None:
+    topo = await declare_topology(amqp_channel)
+    limited = f"{topo.price_requests}.quorum"
+    queue = await amqp_channel.declare_queue(
+        limited, durable=True,
+        arguments={"x-queue-type": "quorum", "x-delivery-limit": 1, "x-dead-letter-exchange": topo.dlx},
+    )  # fmt: skip
+    store = MemoryHeldStore()
+    async with watching(rabbitmq.url, store, queues=(topo.dead_letters,)) as (_, arrived):
+        await amqp_channel.default_exchange.publish(aio_pika.Message(_body("ORD-LIMIT")), routing_key=limited)
+        for _ in range(2):  # delivered, returned; delivered again, returned: over the limit of 1
+            incoming = await queue.get(timeout=WAIT_S)
+            assert incoming is not None
+            await incoming.nack(requeue=True)
+        held = await _next(arrived)
+        assert (held.order_id, held.death and held.death.reason) == ("ORD-LIMIT", "delivery_limit")
+        assert held.cause == f"message given up in {limited}: delivery limit reached"
+    await amqp_channel.queue_delete(limited)
