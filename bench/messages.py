@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 
 import aio_pika
+from opentelemetry import trace
 
 from bench.procfs import parse_status
 from mes_trace_proxy.messages.deadletter import DEFAULT_MESSAGE_RULES, Message, compile_message_rules
 from mes_trace_proxy.messages.held import HeldMessage, MemoryHeldStore, SqliteHeldStore, hold
+from mes_trace_proxy.messages.service import MessagePath
+from mes_trace_proxy.messages.settings import parse_messages
 from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings
 from mes_trace_proxy.sim.rabbitmq import RabbitServer, rabbitmq_script
 
@@ -71,13 +74,26 @@ async def _memory(held_count: int, directory: Path) -> dict[str, float]:
     assert await sqlite.count() == held_count
     del store
     gc.collect()
-    after_sqlite = _rss()
+    before_index = _rss()
     await sqlite.close()
+    # What the proxy keeps in RAM with the SQLite store: the message path's per-order index.
+    config = parse_messages({"amqp_url": "amqp://127.0.0.1:1/", "dead_letter_queues": ["mes.dead-letters"]})
+    path = MessagePath(
+        config, state_url=f"sqlite:///{directory / 'rss.db'}", tracer=trace.get_tracer("bench"), redact=str,
+        book=None, environ={},
+    )  # fmt: skip
+    await path.load_index()
+    gc.collect()
+    index_growth = _rss() - before_index
+    assert path.held_count == held_count
+    await path.store.close()
     return {
         "held": held_count,
         "memory_store_rss_growth_bytes": growth,
         "memory_store_bytes_per_message": growth / held_count,
-        "rss_with_sqlite_store_bytes": after_sqlite,
+        "sqlite_index_rss_growth_bytes": index_growth,
+        "sqlite_index_bytes_per_message": index_growth / held_count,
+        "rss_with_sqlite_store_and_index_bytes": _rss(),
         "sqlite_file_bytes": (directory / "rss.db").stat().st_size,
     }
 

@@ -15,6 +15,7 @@ import decimal
 import functools
 import json
 import sqlite3
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ __all__ = [
     "CLAIM_TTL_S",
     "HeldMessage",
     "HeldStore",
+    "HeldSummary",
     "MemoryHeldStore",
     "RedisHeldStore",
     "SqliteHeldStore",
@@ -89,16 +91,58 @@ class HeldMessage:
 
     def dead_letter_object(self) -> dict[str, object]:
         """The ``dead_letter`` object of ``/orders/stuck`` and ``/orders/{id}`` entries."""
+        return self.summary().dead_letter_object()
+
+    def summary(self) -> HeldSummary:
+        """What the per-order index keeps: a few hundred bytes instead of the whole message."""
         death = self.death
-        when = death.time if death is not None and death.time is not None else self.received_at
+        message_id = self.properties.get("message_id")
+        return HeldSummary(
+            key=self.key,
+            order_id=self.order_id,
+            status=None if self.status is None else sys.intern(self.status),
+            received_at=self.received_at,
+            # Interned: thousands of dead letters from one queue share these strings.
+            queue=None if death is None else sys.intern(death.queue),
+            reason=None if death is None else sys.intern(death.reason),
+            count=0 if death is None else death.count,
+            exchange=None if death is None else sys.intern(death.exchange),
+            routing_key=sys.intern(death.routing_key if death is not None else self.routing_key),
+            time=death.time if death is not None and death.time is not None else self.received_at,
+            message_id=message_id if isinstance(message_id, str) else None,
+            cause=sys.intern(self.cause),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldSummary:
+    """A held message as the per-order index keeps it: the ``dead_letter`` facts, no body."""
+
+    key: str
+    order_id: str | None
+    status: str | None
+    received_at: float
+    queue: str | None
+    reason: str | None
+    count: int
+    exchange: str | None
+    routing_key: str
+    time: float
+    message_id: str | None
+    cause: str
+
+    def dead_letter_object(self) -> dict[str, object]:
+        """The ``dead_letter`` object of ``/orders/stuck`` and ``/orders/{id}`` entries."""
         return {
-            "queue": death.queue if death else None,
-            "reason": death.reason if death else None,
-            "count": death.count if death else 0,
-            "exchange": death.exchange if death else None,
-            "routing_key": death.routing_key if death else self.routing_key,
-            "time": datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat().replace("+00:00", "Z"),
-            "message_id": self.properties.get("message_id"),
+            "queue": self.queue,
+            "reason": self.reason,
+            "count": self.count,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "time": datetime.datetime.fromtimestamp(self.time, datetime.UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
+            "message_id": self.message_id,
             "cause": self.cause,
         }
 
@@ -243,6 +287,10 @@ class HeldStore(Protocol):
         """How many messages are held."""
         ...
 
+    async def summaries(self, limit: int) -> list[HeldSummary]:
+        """Up to ``limit`` summaries, oldest first, decoding one message at a time (start-up index)."""
+        ...
+
     async def claim(self, key: str, now: float) -> bool:
         """Take a held message for a re-drive; ``False`` when it is gone or already claimed."""
         ...
@@ -290,6 +338,10 @@ class MemoryHeldStore:
     async def count(self) -> int:
         """How many are held."""
         return len(self.held)
+
+    async def summaries(self, limit: int) -> list[HeldSummary]:
+        """Summaries of up to ``limit`` messages."""
+        return [h.summary() for h in _sorted(list(self.held.values()))[:limit]]
 
     async def claim(self, key: str, now: float) -> bool:
         """Claim unless gone or claimed less than CLAIM_TTL_S ago."""
@@ -424,6 +476,11 @@ class SqliteHeldStore:
         """How many are held."""
         return await self._call(lambda c: int(c.execute("SELECT count(*) FROM held_messages").fetchone()[0]))
 
+    async def summaries(self, limit: int) -> list[HeldSummary]:
+        """Summaries of up to ``limit`` messages, decoded row by row on the worker thread."""
+        sql = "SELECT record FROM held_messages ORDER BY received_at, key LIMIT ?"
+        return await self._call(lambda c: [decode_held(row[0]).summary() for row in c.execute(sql, (limit,))])
+
     async def claim(self, key: str, now: float) -> bool:
         """One UPDATE that succeeds only for an unclaimed (or stale-claimed) message."""
         sql = (
@@ -518,6 +575,14 @@ class RedisHeldStore:
     async def count(self) -> int:
         """HLEN of the hash."""
         return int(await self._redis.hlen(self._hash))
+
+    async def summaries(self, limit: int) -> list[HeldSummary]:
+        """Summaries of up to ``limit`` messages (HSCAN pages, each message decoded and dropped)."""
+        found: list[HeldSummary] = []
+        async for _, raw in self._redis.hscan_iter(self._hash, count=1000):
+            found.append(decode_held(raw).summary())
+        found.sort(key=lambda h: (h.received_at, h.key))
+        return found[:limit]
 
     async def claim(self, key: str, now: float) -> bool:
         """SET NX on the claim key, only while the message exists."""

@@ -23,7 +23,7 @@ from opentelemetry import trace as trace_api
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mes_trace_proxy.messages.held import HeldMessage, HeldStore, open_held_store, with_span
+from mes_trace_proxy.messages.held import HeldMessage, HeldStore, HeldSummary, open_held_store, with_span
 from mes_trace_proxy.messages.redrive import OUTCOMES, REDRIVE_COUNT_HEADER, Redriver, RedriveResult
 from mes_trace_proxy.messages.settings import MessagesConfig, auto_redrive_delay
 from mes_trace_proxy.messages.spans import dead_letter_span
@@ -155,7 +155,9 @@ class MessagePath:
         self._redact = redact
         self._book = book
         self._clock = clock
-        self._index: dict[str, dict[str, HeldMessage]] = {}
+        # order id → its held messages, oldest first; a tuple (most orders have one) is 4x
+        # smaller than a dict per order, and changes are rare.
+        self._index: dict[str, tuple[HeldSummary, ...]] = {}
         #: called with each held message once stored (the demo and tests watch them arrive)
         self.listeners: list[Callable[[HeldMessage], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,7 +180,7 @@ class MessagePath:
     async def start(self) -> None:
         """Load the index (a local read) and start the watcher; never waits on the broker."""
         try:
-            self._load(await self.store.all(INDEX_LIMIT))
+            await self.load_index()
         except Exception as exc:  # a store that is down now is retried by the refresher / watcher
             log.error("held dead letters could not be loaded: %s", type(exc).__name__)
         self.watcher.start()
@@ -204,15 +206,31 @@ class MessagePath:
         while True:
             await asyncio.sleep(SHARED_REFRESH_S)
             try:
-                self._index.clear()
-                self._load(await self.store.all(INDEX_LIMIT))
+                fresh = await self.store.summaries(INDEX_LIMIT)
             except Exception as exc:
                 log.warning("held dead letters refresh failed: %s", type(exc).__name__)
+                continue
+            # Swapped in one step: readers never see a half-built index.
+            previous, self._index = self._index, {}
+            self._load(fresh)
+            del previous
 
-    def _load(self, held: Iterable[HeldMessage]) -> None:
+    async def load_index(self) -> None:
+        """Read the held messages' summaries (up to INDEX_LIMIT) into the per-order index."""
+        self._load(await self.store.summaries(INDEX_LIMIT))
+
+    def _add(self, summary: HeldSummary) -> None:
+        if summary.order_id is None:
+            return
+        others = tuple(h for h in self._index.get(summary.order_id, ()) if h.key != summary.key)
+        self._index[summary.order_id] = tuple(
+            sorted((*others, summary), key=lambda h: (h.received_at, h.key))
+        )
+
+    def _load(self, held: Iterable[HeldSummary]) -> None:
         for message in held:
             if message.order_id is not None:
-                self._index.setdefault(message.order_id, {})[message.key] = message
+                self._add(message)
 
     # ── the watcher's hooks ────────────────────────────────────────────────────────────────
 
@@ -242,7 +260,7 @@ class MessagePath:
             listener(held)
         if held.order_id is None:
             return
-        self._index.setdefault(held.order_id, {})[held.key] = held
+        self._add(held.summary())
         self._schedule_auto(held)
 
     def _schedule_auto(self, held: HeldMessage) -> None:
@@ -271,16 +289,16 @@ class MessagePath:
         """Held messages with an order (the index; messages without an order id are in the store only)."""
         return sum(len(v) for v in self._index.values())
 
-    def held_for(self, order_id: str) -> list[HeldMessage]:
+    def held_for(self, order_id: str) -> list[HeldSummary]:
         """The order's held messages, oldest first."""
-        return sorted(self._index.get(order_id, {}).values(), key=lambda h: (h.received_at, h.key))
+        return list(self._index.get(order_id, ()))
 
     def dead_letter(self, order_id: str) -> dict[str, object] | None:
         """The ``dead_letter`` object of the order's latest held message, or ``None``."""
         held = self.held_for(order_id)
         return held[-1].dead_letter_object() if held else None
 
-    def moved_on(self, held: HeldMessage) -> bool:
+    def moved_on(self, held: HeldSummary) -> bool:
         """Whether the order changed status after the message died (then it is no longer flagged)."""
         if self._book is None or held.order_id is None:
             return False
@@ -308,12 +326,11 @@ class MessagePath:
     async def redrive(self, order_id: str, *, who: str) -> RedriveResult:
         """Re-drive the order's held messages (at most once each); the index follows the outcome."""
         result = await self.redriver.redrive_order(order_id, who=who)
-        held = self._index.get(order_id, {})
-        if not result.outcomes:
-            held.clear()  # another replica re-drove them already
-        for key, outcome in result.outcomes:
-            if outcome in {"redriven", "nothing_held"}:
-                held.pop(key, None)
-        if not held:
+        gone = {key for key, outcome in result.outcomes if outcome in {"redriven", "nothing_held"}}
+        # No outcome at all: another replica re-drove them already.
+        kept = tuple(h for h in self._index.get(order_id, ()) if result.outcomes and h.key not in gone)
+        if kept:
+            self._index[order_id] = kept
+        else:
             self._index.pop(order_id, None)
         return result
