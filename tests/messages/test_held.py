@@ -140,6 +140,8 @@ async def test_store_put_get_for_order_all_count_remove(store: HeldStore) -> Non
     assert [h.key for h in await store.for_order("A")] == [a1.key, a2.key]
     assert await store.for_order("nobody") == []
     assert [h.key for h in await store.all(2)] == [a1.key, a2.key]
+    assert await store.summaries(10) == [a1.summary(), a2.summary(), b1.summary()]
+    assert (await store.summaries(1))[0].dead_letter_object() == a1.dead_letter_object()
     await store.remove(a1.key)
     await store.remove("unknown")
     assert [h.key for h in await store.for_order("A")] == [a2.key]
