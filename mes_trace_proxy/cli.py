@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proxy_flags(serve)
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
+    check.add_argument(
+        "--schema", action="store_true", help="print the config file's JSON Schema and exit (loads nothing)"
+    )
     _add_proxy_flags(check)
 
     explain = sub.add_parser("explain", help="show the rule, span name and attributes for a request")
@@ -180,6 +183,11 @@ def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if args.schema:
+        from mes_trace_proxy.config.schema import schema_text
+
+        sys.stdout.write(schema_text())
+        return EXIT_OK
     config = load_from_args(args, environ)
     json.dump(config.describe(), sys.stdout, indent=2)
     sys.stdout.write("\nconfiguration OK\n")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mes_trace_proxy.config.options import (
+from mes_trace_proxy.config.keys import (
     _LIMIT_KEYS,
     _LISTENER_KEYS,
     _SECTION_KEYS,
     _TLS_KEYS,
     _TOP_KEYS,
     _UPSTREAM_TLS_KEYS,
+)
+from mes_trace_proxy.config.options import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_BODY_SIZE,
     ENV_CONFIG,

@@ -9,7 +9,9 @@ The package, by concern:
 
 - ``model``: the frozen dataclasses (:class:`Config` and one per section) and :class:`ConfigError`;
 - ``values``: scalar parsers (durations, sizes, addresses, URLs, enumerations);
-- ``options``: the table of flags and variables (``OPTIONS``), the defaults, the file's keys;
+- ``options``: the table of flags and variables (``OPTIONS``) and the defaults;
+- ``keys``: every key the file takes, with its kind (parser and JSON Schema), default and meaning;
+- ``schema``: the JSON Schema of the file, rendered from ``keys`` (``check-config --schema``);
 - ``overlay``: the file overlaid with variables and flags, remembering who set each key;
 - ``sections``: one parser per section (listeners, rule sets, lifecycle, TLS, limits, admin,
   privacy);
@@ -21,6 +23,7 @@ Everything users and the rest of the package import is re-exported here:
 
 from __future__ import annotations
 
+from mes_trace_proxy.config.keys import _LISTENER_KEYS, _SECTION_KEYS, _TOP_KEYS
 from mes_trace_proxy.config.loader import load_config
 from mes_trace_proxy.config.model import (
     CLIENT_SPAN_MODES,
@@ -42,9 +45,6 @@ from mes_trace_proxy.config.model import (
     is_loopback,
 )
 from mes_trace_proxy.config.options import (
-    _LISTENER_KEYS,
-    _SECTION_KEYS,
-    _TOP_KEYS,
     DEFAULT_ADMIN_LISTEN,
     DEFAULT_CHECK_INTERVAL,
     DEFAULT_CONNECT_TIMEOUT,

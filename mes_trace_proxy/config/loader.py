@@ -7,47 +7,35 @@ mapping and the flags as a mapping.
 from __future__ import annotations
 
 import copy
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
+from mes_trace_proxy.config.keys import _TOP_KEYS, SERVER, TRACING, WATCHDOG, Section
 from mes_trace_proxy.config.model import (
     Config,
     ConfigError,
+    HostPort,
+    ListenerConfig,
     ServerConfig,
     ServiceConfig,
     TracingConfig,
     WatchdogConfig,
 )
-from mes_trace_proxy.config.options import (
-    _TOP_KEYS,
-    DEFAULT_ADMIN_LISTEN,
-    DEFAULT_CHECK_INTERVAL,
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_JAEGER_URL,
-    DEFAULT_RETENTION,
-    DEFAULT_STATE,
-    ENV_USER_ID_KEY,
-)
-from mes_trace_proxy.config.overlay import _Doc, _get, _overlay, _positive
+from mes_trace_proxy.config.options import DEFAULT_ADMIN_LISTEN, ENV_USER_ID_KEY
+from mes_trace_proxy.config.overlay import _Doc, _get, _overlay
 from mes_trace_proxy.config.sections import (
     _admin,
     _check_rule_sources,
     _lifecycle,
     _listener,
+    _plain_values,
     _privacy,
     _rule_sets,
 )
-from mes_trace_proxy.config.values import (
-    _parse_bool,
-    _parse_client_span,
-    _parse_correlation,
-    _parse_hostport,
-    _parse_http_url,
-    _parse_log_level,
-    _parse_state,
-    _parse_workers,
-    parse_duration,
-)
+from mes_trace_proxy.config.values import HEADER_TOKEN, _parse_hostport
+from mes_trace_proxy.rules import CompiledRules
+
+_S = TypeVar("_S")
 
 
 def load_config(
@@ -82,7 +70,52 @@ def load_config(
             raise ConfigError(str(item), f"unknown top-level key; allowed: {', '.join(sorted(_TOP_KEYS))}")
     _overlay(doc, flags, environ)
 
-    rule_sets = _rule_sets(doc, defaults)
+    # The order of the steps below is the order in which problems are reported.
+    listeners = _listeners(doc, _rule_sets(doc, defaults), read_file)
+    admin = doc.section("admin")
+    admin_listen = _get(
+        doc, admin, ("admin", "listen"), _parse_hostport, _parse_hostport(DEFAULT_ADMIN_LISTEN)
+    )
+    _check_addresses(doc, listeners, admin_listen)
+    service = doc.section("service")
+    for name in ("server", "watchdog"):
+        doc.section(name)  # unknown keys are reported before any value
+    privacy = doc.section("privacy")
+    doc.section("tracing")
+    secret, key_source = _user_id_key(doc, privacy, environ, read_file)
+    user_header = str(privacy.get("user_id_header", "X-User-Id"))
+    if not HEADER_TOKEN.match(user_header):
+        raise ConfigError(doc.key("privacy", "user_id_header"), f"{user_header!r} is not a valid header name")
+    service_name = service.get("name", "mes-api")
+    if not isinstance(service_name, str) or not service_name:
+        raise ConfigError(doc.key("service", "name"), "expected a non-empty string")
+    privacy_config = _privacy(doc, privacy, user_header, secret, key_source)
+    _check_rule_sources(doc, listeners, privacy_config)
+    return Config(
+        listeners=listeners,
+        admin=_admin(doc, admin, admin_listen, read_file),
+        service=ServiceConfig(
+            name=service_name,
+            namespace=_opt_str(doc, service, ("service", "namespace")),
+            environment=_opt_str(doc, service, ("service", "environment")),
+        ),
+        privacy=privacy_config,
+        watchdog=_plain(doc, "watchdog", WATCHDOG, WatchdogConfig),
+        server=_plain(doc, "server", SERVER, ServerConfig),
+        lifecycle=_lifecycle(doc),
+        tracing=_plain(doc, "tracing", TRACING, TracingConfig),
+    )
+
+
+def _plain(doc: _Doc, name: str, definition: Section, build: Callable[..., _S]) -> _S:
+    """A top-level section of plain keys, built into its dataclass (fields named as the keys)."""
+    return build(**_plain_values(doc, doc.section(name), (name,), definition))
+
+
+def _listeners(
+    doc: _Doc, rule_sets: Mapping[str, CompiledRules], read_file: Callable[[str], bytes] | None
+) -> tuple[ListenerConfig, ...]:
+    """Every listener, with its rules; names must differ."""
     listeners_raw = doc.data.get("listeners")
     if listeners_raw is None:
         listeners_raw = [{}]
@@ -96,11 +129,11 @@ def load_config(
                 doc.key("listeners", index, "name"), f"{lst.name!r} is used by listener {seen[lst.name]}"
             )
         seen[lst.name] = index
+    return listeners
 
-    admin = doc.section("admin")
-    admin_listen = _get(
-        doc, admin, ("admin", "listen"), _parse_hostport, _parse_hostport(DEFAULT_ADMIN_LISTEN)
-    )
+
+def _check_addresses(doc: _Doc, listeners: Sequence[ListenerConfig], admin_listen: HostPort) -> None:
+    """No two listeners (the admin one included) on one address; port 0 never collides."""
     ports = [(lst.listen, doc.key("listeners", i, "listen")) for i, lst in enumerate(listeners)]
     ports.append((admin_listen, doc.key("admin", "listen")))
     bound: dict[tuple[str, int], str] = {}
@@ -111,12 +144,14 @@ def load_config(
             raise ConfigError(key, f"{address} is already used by {bound[(address.host, address.port)]}")
         bound[(address.host, address.port)] = key
 
-    service = doc.section("service")
-    server = doc.section("server")
-    watchdog = doc.section("watchdog")
-    privacy = doc.section("privacy")
-    tracing = doc.section("tracing")
 
+def _user_id_key(
+    doc: _Doc,
+    privacy: Mapping[str, object],
+    environ: Mapping[str, str],
+    read_file: Callable[[str], bytes] | None,
+) -> tuple[bytes | None, str | None]:
+    """The HMAC key for enduser.id and who gave it: the variable, or the key file (flag beats variable)."""
     key_source: str | None = None
     secret: bytes | None = None
     if environ.get(ENV_USER_ID_KEY):
@@ -134,49 +169,13 @@ def load_config(
     if secret is not None and len(secret) < 16:
         # A short key makes the pseudonym guessable by brute force over user ids.
         raise ConfigError(key_source or ENV_USER_ID_KEY, "the user-id key must be at least 16 bytes")
+    return secret, key_source
 
-    user_header = str(privacy.get("user_id_header", "X-User-Id"))
-    if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", user_header):
-        raise ConfigError(doc.key("privacy", "user_id_header"), f"{user_header!r} is not a valid header name")
 
-    service_name = service.get("name", "mes-api")
-    if not isinstance(service_name, str) or not service_name:
-        raise ConfigError(doc.key("service", "name"), "expected a non-empty string")
-
-    def opt_str(section: Mapping[str, object], path: tuple[str, str]) -> str | None:
-        value = section.get(path[1])
-        if value is None:
-            return None
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(doc.key(*path), "expected a string")
-        return str(value)
-
-    privacy_config = _privacy(doc, privacy, user_header, secret, key_source)
-    _check_rule_sources(doc, listeners, privacy_config)
-    return Config(
-        listeners=listeners,
-        admin=_admin(doc, admin, admin_listen, read_file),
-        service=ServiceConfig(
-            name=service_name,
-            namespace=opt_str(service, ("service", "namespace")),
-            environment=opt_str(service, ("service", "environment")),
-        ),
-        privacy=privacy_config,
-        watchdog=WatchdogConfig(
-            state=_get(doc, watchdog, ("watchdog", "state"), _parse_state, DEFAULT_STATE),
-            check_interval=_positive(doc, watchdog, ("watchdog", "check_interval"), DEFAULT_CHECK_INTERVAL),
-            jaeger_url=_get(doc, watchdog, ("watchdog", "jaeger_url"), _parse_http_url, DEFAULT_JAEGER_URL),
-            correlation=_get(doc, watchdog, ("watchdog", "correlation"), _parse_correlation, "link"),
-            retention=_positive(doc, watchdog, ("watchdog", "retention"), DEFAULT_RETENTION),
-        ),
-        server=ServerConfig(
-            workers=_get(doc, server, ("server", "workers"), _parse_workers, 1),
-            grace_period=_get(doc, server, ("server", "grace_period"), parse_duration, DEFAULT_GRACE_PERIOD),
-            log_level=_get(doc, server, ("server", "log_level"), _parse_log_level, "info"),
-            access_log=_get(doc, server, ("server", "access_log"), _parse_bool, True),
-        ),
-        lifecycle=_lifecycle(doc),
-        tracing=TracingConfig(
-            client_span=_get(doc, tracing, ("tracing", "client_span"), _parse_client_span, "sdk"),
-        ),
-    )
+def _opt_str(doc: _Doc, section: Mapping[str, object], path: tuple[str, str]) -> str | None:
+    value = section.get(path[1])
+    if value is None:
+        return None
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ConfigError(doc.key(*path), "expected a string")
+    return str(value)

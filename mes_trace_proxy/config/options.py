@@ -1,4 +1,4 @@
-"""What can be set: the flags and variables of every option, the defaults and the file's keys.
+"""What can be set from outside the file: the flags and variables of every option, and the defaults.
 
 ``OPTIONS`` is the one table of single-valued options (flag, variable, config-file key); the
 docs test checks it against docs/configuration.md, and the CLI builds its flags from it.
@@ -6,9 +6,7 @@ docs test checks it against docs/configuration.md, and the CLI builds its flags 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Final
 
 from mes_trace_proxy.config.model import Limits
@@ -130,60 +128,4 @@ DEFAULT_LIMITS: Final = Limits(
     header_read_timeout=DEFAULT_HEADER_READ_TIMEOUT,
     idle_timeout=DEFAULT_IDLE_TIMEOUT,
     max_connections=DEFAULT_MAX_CONNECTIONS,
-)
-
-_TOP_KEYS: Final = frozenset(
-    {"service", "listeners", "admin", "rule_sets", "lifecycle", "watchdog", "privacy", "server", "tracing"}
-)
-_LISTENER_KEYS: Final = frozenset(
-    {
-        "name",
-        "listen",
-        "upstream",
-        "rules",
-        "host_header",
-        "forwarded_headers",
-        "trace_id_header",
-        "traceresponse",
-        "timeouts",
-        "inspect_body_limit",
-        "tls",
-        "upstream_tls",
-        "limits",
-    }
-)
-_SECTION_KEYS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
-    {
-        "service": frozenset({"name", "namespace", "environment"}),
-        "admin": frozenset({"listen", "tokens_file"}),
-        "lifecycle": frozenset({"statuses", "cancel", "terminal", "entry", "dwell_limits"}),
-        "watchdog": frozenset({"state", "check_interval", "jaeger_url", "correlation", "retention"}),
-        "privacy": frozenset(
-            {
-                "user_id_header",
-                "user_id_key_file",
-                "query_allow",
-                "header_allow",
-                "redact_keys",
-                "trusted_callers",
-            }
-        ),
-        "server": frozenset({"workers", "grace_period", "log_level", "access_log"}),
-        "tracing": frozenset({"client_span"}),
-    }
-)
-
-
-_TLS_KEYS: Final = frozenset({"cert_file", "key_file"})
-_UPSTREAM_TLS_KEYS: Final = frozenset({"ca_file", "cert_file", "key_file", "verify"})
-_LIMIT_KEYS: Final = frozenset(
-    {
-        "max_line_size",
-        "max_header_size",
-        "max_headers",
-        "max_body_size",
-        "header_read_timeout",
-        "idle_timeout",
-        "max_connections",
-    }
 )

@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
+from mes_trace_proxy.config.keys import _SECTION_KEYS
 from mes_trace_proxy.config.model import ConfigError
 from mes_trace_proxy.config.options import (
-    _SECTION_KEYS,
     ENV_DWELL_LIMITS,
     FLAG_DWELL_LIMIT,
     OPTIONS,
 )
-from mes_trace_proxy.config.values import parse_duration
 
 _T = TypeVar("_T")
 
@@ -179,10 +178,3 @@ def _string_list(
     else:
         raise ConfigError(doc.key(*path), "expected a list of strings")
     return tuple(item.strip() for item in items if item.strip())
-
-
-def _positive(doc: _Doc, section: Mapping[str, object], path: tuple[str, str], default: float) -> float:
-    value = _get(doc, section, path, parse_duration, default)
-    if value <= 0:
-        raise ConfigError(doc.key(*path), "must be longer than zero")
-    return value

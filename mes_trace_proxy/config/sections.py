@@ -13,6 +13,16 @@ from types import MappingProxyType
 from typing import Final
 
 from mes_trace_proxy.admin_auth import TokenError, parse_tokens
+from mes_trace_proxy.config.keys import (
+    _LIMIT_KEYS,
+    _LISTENER_KEYS,
+    _TIMEOUT_KEYS,
+    _TLS_KEYS,
+    _UPSTREAM_TLS_KEYS,
+    LIMITS,
+    Kind,
+    Section,
+)
 from mes_trace_proxy.config.model import (
     AdminConfig,
     ConfigError,
@@ -26,21 +36,15 @@ from mes_trace_proxy.config.model import (
     UpstreamTls,
 )
 from mes_trace_proxy.config.options import (
-    _LIMIT_KEYS,
-    _LISTENER_KEYS,
-    _TLS_KEYS,
-    _UPSTREAM_TLS_KEYS,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_INSPECT_LIMIT,
-    DEFAULT_LIMITS,
     DEFAULT_LISTEN,
-    DEFAULT_MAX_BODY_SIZE,
     DEFAULT_READ_TIMEOUT,
     DEFAULT_RULE_SETS,
 )
 from mes_trace_proxy.config.overlay import _Doc, _get, _mapping, _missing_key, _section_source, _string_list
 from mes_trace_proxy.config.values import (
-    _count,
+    HEADER_TOKEN,
     _parse_bool,
     _parse_hostport,
     _parse_upstream,
@@ -57,7 +61,6 @@ from mes_trace_proxy.redact import (
 )
 from mes_trace_proxy.rules import CompiledRules, RuleError, SourceKind, compile_rules, format_pointer
 
-_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # What a PEM file of each kind must hold (RFC 7468 §5 certificates, §10/§11 private keys).
 _PEM_CERT: Final = b"-----BEGIN CERTIFICATE-----"
 _PEM_KEY: Final = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
@@ -119,13 +122,13 @@ def _listener(
     trace_header = raw.get("trace_id_header", "X-Trace-Id")
     if trace_header is not None and not isinstance(trace_header, str):
         raise ConfigError(doc.key(*base, "trace_id_header"), 'expected a header name or ""')
-    if trace_header and not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", trace_header):
+    if trace_header and not HEADER_TOKEN.match(trace_header):
         raise ConfigError(doc.key(*base, "trace_id_header"), f"{trace_header!r} is not a valid header name")
     timeouts_raw = raw.get("timeouts") or {}
     if not isinstance(timeouts_raw, dict):
         raise ConfigError(doc.key(*base, "timeouts"), "expected a mapping of connect, read, total")
     for item in timeouts_raw:
-        if item not in ("connect", "read", "total"):
+        if item not in _TIMEOUT_KEYS:
             raise ConfigError(doc.key(*base, "timeouts", item), "unknown key; allowed: connect, read, total")
 
     def timeout(name: str, default: float) -> float | None:
@@ -319,34 +322,24 @@ def _upstream_tls(
     )
 
 
+def _plain_values(
+    doc: _Doc, section: Mapping[str, object], path: tuple[str | int, ...], definition: Section
+) -> dict[str, object]:
+    """Each key of a plain section, read with its kind's parser or its default (config/keys.py)."""
+    values: dict[str, object] = {}
+    for key in definition.keys:
+        assert isinstance(key.value, Kind), key.name
+        assert key.value.parse is not None, key.name
+        values[key.name] = _get(doc, section, (*path, key.name), key.value.parse, key.default)
+    return values
+
+
 def _limits(doc: _Doc, raw: Mapping[str, object], base: tuple[str | int, ...]) -> Limits:
     path = (*base, "limits")
-    section = _mapping(doc, raw, path, _LIMIT_KEYS) or {}
-    d = DEFAULT_LIMITS
-
-    def size(name: str, default: int) -> int:
-        value = _get(doc, section, (*path, name), parse_size, default)
-        if value < 1:
-            raise ConfigError(doc.key(*path, name), "must be at least 1 byte")
-        return value
-
-    def seconds(name: str, default: float) -> float:
-        value = _get(doc, section, (*path, name), parse_duration, default)
-        if value <= 0:
-            raise ConfigError(doc.key(*path, name), "must be longer than zero")
-        return value
-
-    body = _get(doc, section, (*path, "max_body_size"), parse_size, DEFAULT_MAX_BODY_SIZE)
-    return Limits(
-        max_line_size=size("max_line_size", d.max_line_size),
-        max_header_size=size("max_header_size", d.max_header_size),
-        max_headers=_get(doc, section, (*path, "max_headers"), _count, d.max_headers),
-        # 0 turns the body limit off, as 0s turns an upstream timeout off.
-        max_body_size=body or None,
-        header_read_timeout=seconds("header_read_timeout", d.header_read_timeout),
-        idle_timeout=seconds("idle_timeout", d.idle_timeout),
-        max_connections=_get(doc, section, (*path, "max_connections"), _count, d.max_connections),
-    )
+    values = _plain_values(doc, _mapping(doc, raw, path, _LIMIT_KEYS) or {}, path, LIMITS)
+    # 0 turns the body limit off, as 0s turns an upstream timeout off.
+    values["max_body_size"] = values["max_body_size"] or None
+    return Limits(**values)  # type: ignore[arg-type]
 
 
 def _admin(
@@ -378,7 +371,7 @@ def _privacy(
 ) -> PrivacyConfig:
     headers = _string_list(doc, privacy, ("privacy", "header_allow"), DEFAULT_HEADER_ALLOW)
     for name in headers:
-        if not _HEADER_NAME.match(name):
+        if not HEADER_TOKEN.match(name):
             raise ConfigError(doc.key("privacy", "header_allow"), f"{name!r} is not a valid header name")
     callers = _string_list(doc, privacy, ("privacy", "trusted_callers"), ("*",))
     for item in callers:
