@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from mes_trace_proxy.admin_auth import TokenTable
+from mes_trace_proxy.forwarding import upstream_host_value
 from mes_trace_proxy.lifecycle import Lifecycle
 from mes_trace_proxy.redact import (
     DEFAULT_HEADER_ALLOW,
@@ -61,10 +62,8 @@ class Upstream:
     origin: str = field(init=False)
 
     def __post_init__(self) -> None:
-        # Both are read on every request: formatted once here.
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        host_header = host if self.port == default else f"{host}:{self.port}"
+        # Both are read on every request: formatted once here, by the one Host formatter.
+        host_header = upstream_host_value(self.scheme, self.host, self.port)
         object.__setattr__(self, "host_header", host_header)
         object.__setattr__(self, "origin", f"{self.scheme}://{host_header}{self.base_path}")
 
@@ -233,48 +232,7 @@ class Config:
     def describe(self) -> dict[str, object]:
         """The effective configuration as plain data with secrets masked (``check-config``)."""
         return {
-            "listeners": [
-                {
-                    "name": lst.name,
-                    "listen": str(lst.listen),
-                    "upstream": lst.upstream.url,
-                    "rules": lst.rule_set,
-                    "rule_count": len(lst.rules.rules),
-                    "host_header": "preserve" if lst.preserve_host else "upstream",
-                    "forwarded_headers": lst.forwarded_headers,
-                    "trace_id_header": lst.trace_id_header or "",
-                    "traceresponse": lst.traceresponse,
-                    "timeouts": {
-                        "connect": lst.timeouts.connect,
-                        "read": lst.timeouts.read,
-                        "total": lst.timeouts.total,
-                    },
-                    "inspect_body_limit": lst.inspect_body_limit,
-                    "tls": (
-                        {"cert_file": lst.tls.cert_file, "key_file": lst.tls.key_file} if lst.tls else None
-                    ),
-                    "upstream_tls": (
-                        {
-                            "ca_file": lst.upstream_tls.ca_file,
-                            "cert_file": lst.upstream_tls.cert_file,
-                            "key_file": lst.upstream_tls.key_file,
-                            "verify": lst.upstream_tls.verify,
-                        }
-                        if lst.upstream_tls
-                        else None
-                    ),
-                    "limits": {
-                        "max_line_size": lst.limits.max_line_size,
-                        "max_header_size": lst.limits.max_header_size,
-                        "max_headers": lst.limits.max_headers,
-                        "max_body_size": lst.limits.max_body_size or 0,
-                        "header_read_timeout": lst.limits.header_read_timeout,
-                        "idle_timeout": lst.limits.idle_timeout,
-                        "max_connections": lst.limits.max_connections,
-                    },
-                }
-                for lst in self.listeners
-            ],
+            "listeners": [_describe_listener(lst) for lst in self.listeners],
             "admin": {
                 "listen": str(self.admin.listen),
                 "tokens_file": self.admin.tokens_file,
@@ -316,6 +274,47 @@ class Config:
                 "dwell_limits": dict(self.lifecycle.dwell_limits),
             },
         }
+
+
+def _describe_listener(lst: ListenerConfig) -> dict[str, object]:
+    """One listener in ``check-config``'s output."""
+    return {
+        "name": lst.name,
+        "listen": str(lst.listen),
+        "upstream": lst.upstream.url,
+        "rules": lst.rule_set,
+        "rule_count": len(lst.rules.rules),
+        "host_header": "preserve" if lst.preserve_host else "upstream",
+        "forwarded_headers": lst.forwarded_headers,
+        "trace_id_header": lst.trace_id_header or "",
+        "traceresponse": lst.traceresponse,
+        "timeouts": {
+            "connect": lst.timeouts.connect,
+            "read": lst.timeouts.read,
+            "total": lst.timeouts.total,
+        },
+        "inspect_body_limit": lst.inspect_body_limit,
+        "tls": ({"cert_file": lst.tls.cert_file, "key_file": lst.tls.key_file} if lst.tls else None),
+        "upstream_tls": (
+            {
+                "ca_file": lst.upstream_tls.ca_file,
+                "cert_file": lst.upstream_tls.cert_file,
+                "key_file": lst.upstream_tls.key_file,
+                "verify": lst.upstream_tls.verify,
+            }
+            if lst.upstream_tls
+            else None
+        ),
+        "limits": {
+            "max_line_size": lst.limits.max_line_size,
+            "max_header_size": lst.limits.max_header_size,
+            "max_headers": lst.limits.max_headers,
+            "max_body_size": lst.limits.max_body_size or 0,
+            "header_read_timeout": lst.limits.header_read_timeout,
+            "idle_timeout": lst.limits.idle_timeout,
+            "max_connections": lst.limits.max_connections,
+        },
+    }
 
 
 # The userinfo password runs to the last '@' of the authority (urlsplit reads it so, and

@@ -20,6 +20,7 @@ from mes_trace_proxy.config.keys import (
     _TLS_KEYS,
     _UPSTREAM_TLS_KEYS,
     LIMITS,
+    TIMEOUTS,
     Kind,
     Section,
 )
@@ -36,10 +37,8 @@ from mes_trace_proxy.config.model import (
     UpstreamTls,
 )
 from mes_trace_proxy.config.options import (
-    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_INSPECT_LIMIT,
     DEFAULT_LISTEN,
-    DEFAULT_READ_TIMEOUT,
     DEFAULT_RULE_SETS,
 )
 from mes_trace_proxy.config.overlay import _Doc, _get, _mapping, _missing_key, _section_source, _string_list
@@ -98,24 +97,7 @@ def _listener(
         doc, raw, (*base, "listen"), _parse_hostport, _parse_hostport(listen_default or DEFAULT_LISTEN)
     )
     upstream = _get(doc, raw, (*base, "upstream"), _parse_upstream, _parse_upstream("http://unset"))
-    rules_raw = raw.get("rules")
-    if rules_raw is None:
-        rules_raw = DEFAULT_RULE_SETS[index] if index < len(DEFAULT_RULE_SETS) else None
-    if isinstance(rules_raw, str):
-        compiled = rule_sets.get(rules_raw)
-        if compiled is None:
-            raise ConfigError(
-                doc.key(*base, "rules"), f"no rule set {rules_raw!r}; defined: {', '.join(sorted(rule_sets))}"
-            )
-        rule_set_name = rules_raw
-    elif rules_raw is None:
-        compiled, rule_set_name = CompiledRules([]), "none"
-    else:
-        try:
-            compiled = compile_rules(rules_raw, key=doc.key(*base, "rules"))
-        except RuleError as exc:
-            raise ConfigError(exc.key, exc.message) from None
-        rule_set_name = "inline"
+    compiled, rule_set_name = _listener_rules(doc, raw, base, rule_sets)
     host_header = str(raw.get("host_header", "upstream"))
     if host_header not in ("upstream", "preserve"):
         raise ConfigError(doc.key(*base, "host_header"), f"{host_header!r}: use upstream or preserve")
@@ -124,17 +106,6 @@ def _listener(
         raise ConfigError(doc.key(*base, "trace_id_header"), 'expected a header name or ""')
     if trace_header and not HEADER_TOKEN.match(trace_header):
         raise ConfigError(doc.key(*base, "trace_id_header"), f"{trace_header!r} is not a valid header name")
-    timeouts_raw = raw.get("timeouts") or {}
-    if not isinstance(timeouts_raw, dict):
-        raise ConfigError(doc.key(*base, "timeouts"), "expected a mapping of connect, read, total")
-    for item in timeouts_raw:
-        if item not in _TIMEOUT_KEYS:
-            raise ConfigError(doc.key(*base, "timeouts", item), "unknown key; allowed: connect, read, total")
-
-    def timeout(name: str, default: float) -> float | None:
-        value = _get(doc, timeouts_raw, (*base, "timeouts", name), parse_duration, default)
-        return None if value == 0 else value
-
     inspect = _get(doc, raw, (*base, "inspect_body_limit"), parse_size, DEFAULT_INSPECT_LIMIT)
     return ListenerConfig(
         name=name,
@@ -146,16 +117,49 @@ def _listener(
         forwarded_headers=_get(doc, raw, (*base, "forwarded_headers"), _parse_bool, True),
         trace_id_header=trace_header or None,
         traceresponse=_get(doc, raw, (*base, "traceresponse"), _parse_bool, True),
-        timeouts=Timeouts(
-            connect=timeout("connect", DEFAULT_CONNECT_TIMEOUT),
-            read=timeout("read", DEFAULT_READ_TIMEOUT),
-            total=timeout("total", 0.0),
-        ),
+        timeouts=_timeouts(doc, raw, base),
         inspect_body_limit=inspect,
         limits=_limits(doc, raw, base),
         tls=_server_tls(doc, raw, base, read_file),
         upstream_tls=_upstream_tls(doc, raw, base, upstream, read_file),
     )
+
+
+def _listener_rules(
+    doc: _Doc, raw: Mapping[str, object], base: tuple[str | int, ...], rule_sets: Mapping[str, CompiledRules]
+) -> tuple[CompiledRules, str]:
+    """The listener's rules and how they were given: a rule set's name, ``inline`` or ``none``."""
+    index = base[-1]
+    assert isinstance(index, int)
+    rules_raw = raw.get("rules")
+    if rules_raw is None:
+        rules_raw = DEFAULT_RULE_SETS[index] if index < len(DEFAULT_RULE_SETS) else None
+    if isinstance(rules_raw, str):
+        compiled = rule_sets.get(rules_raw)
+        if compiled is None:
+            raise ConfigError(
+                doc.key(*base, "rules"), f"no rule set {rules_raw!r}; defined: {', '.join(sorted(rule_sets))}"
+            )
+        return compiled, rules_raw
+    if rules_raw is None:
+        return CompiledRules([]), "none"
+    try:
+        return compile_rules(rules_raw, key=doc.key(*base, "rules")), "inline"
+    except RuleError as exc:
+        raise ConfigError(exc.key, exc.message) from None
+
+
+def _timeouts(doc: _Doc, raw: Mapping[str, object], base: tuple[str | int, ...]) -> Timeouts:
+    """Upstream timeouts; ``0s`` turns one off (``None``)."""
+    path = (*base, "timeouts")
+    section = raw.get("timeouts") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(doc.key(*path), "expected a mapping of connect, read, total")
+    for item in section:
+        if item not in _TIMEOUT_KEYS:
+            raise ConfigError(doc.key(*path, item), "unknown key; allowed: connect, read, total")
+    values = _plain_values(doc, section, path, TIMEOUTS)
+    return Timeouts(**{name: value or None for name, value in values.items()})  # type: ignore[arg-type]
 
 
 def _rule_sets(doc: _Doc, defaults: Mapping[str, object]) -> dict[str, CompiledRules]:
