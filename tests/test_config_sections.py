@@ -136,3 +136,27 @@ def test_lifecycle_of_ones_own() -> None:
     assert dict(lifecycle.dwell_limits) == {"A": 60.0}
     doc = _Doc({"lifecycle": {"statuses": ["A", "B"], "terminal": ["B"], "dwell_limits": {"B": "1m"}}})
     assert _error(_lifecycle, doc).key == "lifecycle.dwell_limits.B"
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        pytest.param(
+            {"listeners": [{"trace_id_header": "X-Trace-Id\n"}]},
+            "listeners[0].trace_id_header",
+            id="trace-id",
+        ),
+        pytest.param({"privacy": {"user_id_header": "X-User-Id\n"}}, "privacy.user_id_header", id="user-id"),
+    ],
+)
+def test_a_header_name_with_a_trailing_newline_is_refused(doc: dict[str, object], key: str) -> None:
+    """A header name is one whole token: "X-Id\\n" passed the old "^...$" check (re.match)."""
+    from mes_trace_proxy.cli import read_default_rules
+    from mes_trace_proxy.config import load_config
+
+    listeners = doc.get("listeners", [{}])
+    assert isinstance(listeners, list)
+    file_doc = {**doc, "listeners": [{"upstream": "http://mes:8081", **listeners[0]}]}
+    with pytest.raises(ConfigError) as info:
+        load_config(flags={}, environ={}, file_doc=file_doc, defaults=read_default_rules())
+    assert info.value.key == key

@@ -207,11 +207,12 @@ STATE: Final = Kind(
 FILE: Final = Kind({"type": "string"})
 TEXT: Final = Kind({"type": "string", "minLength": 1})
 SCALAR_TEXT: Final = Kind({"type": ["string", "number"]})
-HEADER_NAME: Final = Kind({"type": "string", "pattern": _bare(HEADER_TOKEN)})
+_HEADER_NAME_PATTERN: Final = "^" + HEADER_TOKEN.pattern + "$"
+HEADER_NAME: Final = Kind({"type": "string", "pattern": _HEADER_NAME_PATTERN})
 #: a list in the file, or the comma-separated string a flag or variable gives
 STRINGS: Final = Kind({"type": ["array", "string"], "items": {"type": "string"}})
 HEADER_NAMES: Final = Kind(
-    {"type": ["array", "string"], "items": {"type": "string", "pattern": _bare(HEADER_TOKEN)}}
+    {"type": ["array", "string"], "items": {"type": "string", "pattern": _HEADER_NAME_PATTERN}}
 )
 STATUS_NAMES: Final = Kind({"type": "array", "items": {"type": "string", "minLength": 1}})
 
@@ -323,7 +324,7 @@ LISTENER: Final = Section(
         Key("forwarded_headers", BOOL, "append X-Forwarded-For/-Proto/-Host and Forwarded", True),
         Key(
             "trace_id_header",
-            Kind({"type": ["string", "null"], "pattern": "^(?:|" + _bare(HEADER_TOKEN)[1:-1] + ")$"}),
+            Kind({"type": ["string", "null"], "pattern": "^(?:|" + HEADER_TOKEN.pattern + ")$"}),
             'response header carrying the trace id; "" turns it off',
             "X-Trace-Id",
         ),

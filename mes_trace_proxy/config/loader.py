@@ -84,7 +84,7 @@ def load_config(
     doc.section("tracing")
     secret, key_source = _user_id_key(doc, privacy, environ, read_file)
     user_header = str(privacy.get("user_id_header", "X-User-Id"))
-    if not HEADER_TOKEN.match(user_header):
+    if not HEADER_TOKEN.fullmatch(user_header):
         raise ConfigError(doc.key("privacy", "user_id_header"), f"{user_header!r} is not a valid header name")
     service_name = service.get("name", "mes-api")
     if not isinstance(service_name, str) or not service_name:

@@ -104,7 +104,7 @@ def _listener(
     trace_header = raw.get("trace_id_header", "X-Trace-Id")
     if trace_header is not None and not isinstance(trace_header, str):
         raise ConfigError(doc.key(*base, "trace_id_header"), 'expected a header name or ""')
-    if trace_header and not HEADER_TOKEN.match(trace_header):
+    if trace_header and not HEADER_TOKEN.fullmatch(trace_header):
         raise ConfigError(doc.key(*base, "trace_id_header"), f"{trace_header!r} is not a valid header name")
     inspect = _get(doc, raw, (*base, "inspect_body_limit"), parse_size, DEFAULT_INSPECT_LIMIT)
     return ListenerConfig(
@@ -375,7 +375,7 @@ def _privacy(
 ) -> PrivacyConfig:
     headers = _string_list(doc, privacy, ("privacy", "header_allow"), DEFAULT_HEADER_ALLOW)
     for name in headers:
-        if not HEADER_TOKEN.match(name):
+        if not HEADER_TOKEN.fullmatch(name):
             raise ConfigError(doc.key("privacy", "header_allow"), f"{name!r} is not a valid header name")
     callers = _string_list(doc, privacy, ("privacy", "trusted_callers"), ("*",))
     for item in callers:
