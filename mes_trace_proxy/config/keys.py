@@ -3,14 +3,23 @@
 The one definition of the file's shape. Derived from it: the loader's unknown-key checks
 (``_TOP_KEYS``, ``_SECTION_KEYS``, ``_LISTENER_KEYS`` …), the JSON Schema that
 ``mes-trace-proxy check-config --schema`` prints (:mod:`mes_trace_proxy.config.schema`), and
-the whole parsing of the plain sections (``server``, ``watchdog``, ``tracing``): each of their
-keys is read with its kind's parser and its default. A :class:`Kind` carries both the parser
-and the JSON Schema fragment, so the two are written side by side, and
-tests/test_config_schema.py checks sample values against both.
+the whole parsing of the plain sections (``server``, ``watchdog``, ``tracing``, a listener's
+``limits`` and ``timeouts``): each key is read with its kind's parser and its default. A
+:class:`Kind` carries both the parser and the JSON Schema fragment, written side by side;
+tests/test_config_keys.py holds sample values against both.
 
-To add a key to a plain section: one :class:`Key` row here, one field of the same name in the
-section's dataclass (config/model.py), and its line in docs/configuration.md. A flag and a
-variable for it: one row in ``OPTIONS`` (config/options.py) and its help text in cli.py.
+To add an option:
+
+- a config-file key: one :class:`Key` row here (kind, meaning, default) and one field of the
+  same name in its section's dataclass (config/model.py); a plain section (server, watchdog,
+  tracing, listeners[].limits) then parses it with no further code, and
+  docs/config.schema.json is regenerated with ``mes-trace-proxy check-config --schema``;
+- a flag and a variable for it: one row in ``OPTIONS`` (config/options.py) with its help text;
+- its line in docs/configuration.md (tests/test_docs.py checks that it is there).
+
+A new plain section is a :class:`Section` here, its :class:`Key` in ``FILE_SECTIONS``, its
+dataclass and field of :class:`~mes_trace_proxy.config.Config`, and one
+``_plain(doc, "name", NAME, NameConfig)`` line in ``load_config``.
 """
 
 from __future__ import annotations

@@ -20,65 +20,186 @@ class _Option:
     flag: str
     env: str
     path: tuple[str | int, ...]
+    #: the flag's ``--help`` text (the variable is appended by the CLI)
+    help: str
+    #: the flag takes no value and sets the key to false (``--no-access-log``)
+    switch_off: bool = False
 
 
-#: Every single-valued option: the table the docs test checks against docs/configuration.md.
+_L0, _L1 = ("listeners", 0), ("listeners", 1)
+
+#: Every single-valued option: the table the docs test checks against docs/configuration.md and
+#: the CLI builds its flags from. A new one is one row here (and its key in config/keys.py).
 OPTIONS: Final = (
-    _Option("listen", "--listen", "MES_PROXY_LISTEN", ("listeners", 0, "listen")),
-    _Option("upstream", "--upstream", "MES_PROXY_UPSTREAM", ("listeners", 0, "upstream")),
-    _Option("egress_listen", "--egress-listen", "MES_PROXY_EGRESS_LISTEN", ("listeners", 1, "listen")),
     _Option(
-        "egress_upstream", "--egress-upstream", "MES_PROXY_EGRESS_UPSTREAM", ("listeners", 1, "upstream")
+        "listen",
+        "--listen",
+        "MES_PROXY_LISTEN",
+        (*_L0, "listen"),
+        "ingress listener HOST:PORT (CRM and dashboard → MES) [default 127.0.0.1:8080]",
     ),
-    _Option("admin_listen", "--admin-listen", "MES_PROXY_ADMIN_LISTEN", ("admin", "listen")),
-    _Option("workers", "--workers", "MES_PROXY_WORKERS", ("server", "workers")),
-    _Option("grace_period", "--grace-period", "MES_PROXY_GRACE_PERIOD", ("server", "grace_period")),
-    _Option("log_level", "--log-level", "MES_PROXY_LOG_LEVEL", ("server", "log_level")),
-    _Option("access_log", "--no-access-log", "MES_PROXY_ACCESS_LOG", ("server", "access_log")),
+    _Option(
+        "upstream",
+        "--upstream",
+        "MES_PROXY_UPSTREAM",
+        (*_L0, "upstream"),
+        "MES base URL, http:// or https:// (required)",
+    ),
+    _Option(
+        "egress_listen",
+        "--egress-listen",
+        "MES_PROXY_EGRESS_LISTEN",
+        (*_L1, "listen"),
+        "egress listener HOST:PORT (MES → CRM)",
+    ),
+    _Option(
+        "egress_upstream",
+        "--egress-upstream",
+        "MES_PROXY_EGRESS_UPSTREAM",
+        (*_L1, "upstream"),
+        "CRM base URL for the egress listener",
+    ),
+    _Option(
+        "admin_listen",
+        "--admin-listen",
+        "MES_PROXY_ADMIN_LISTEN",
+        ("admin", "listen"),
+        "admin listener HOST:PORT: /healthz /readyz /metrics [default 127.0.0.1:9901]",
+    ),
+    _Option(
+        "workers",
+        "--workers",
+        "MES_PROXY_WORKERS",
+        ("server", "workers"),
+        "processes sharing the listen sockets (SO_REUSEPORT) [default 1]",
+    ),
+    _Option(
+        "grace_period",
+        "--grace-period",
+        "MES_PROXY_GRACE_PERIOD",
+        ("server", "grace_period"),
+        "drain time on SIGTERM, e.g. 20s [default 20s]",
+    ),
+    _Option(
+        "log_level",
+        "--log-level",
+        "MES_PROXY_LOG_LEVEL",
+        ("server", "log_level"),
+        "debug, info, warning or error [default info]",
+    ),
+    _Option(
+        "access_log",
+        "--no-access-log",
+        "MES_PROXY_ACCESS_LOG",
+        ("server", "access_log"),
+        "do not write the JSON access log",
+        switch_off=True,
+    ),
     _Option(
         "user_id_key_file",
         "--user-id-key-file",
         "MES_PROXY_USER_ID_KEY_FILE",
         ("privacy", "user_id_key_file"),
+        "file holding the HMAC key for enduser.id (no key: no user id recorded)",
     ),
-    _Option("state", "--state", "MES_PROXY_STATE", ("watchdog", "state")),
-    _Option("check_interval", "--check-interval", "MES_PROXY_CHECK_INTERVAL", ("watchdog", "check_interval")),
-    _Option("jaeger_url", "--jaeger-url", "MES_PROXY_JAEGER_URL", ("watchdog", "jaeger_url")),
-    _Option("correlation", "--correlation", "MES_PROXY_CORRELATION", ("watchdog", "correlation")),
-    _Option("tls_cert", "--tls-cert", "MES_PROXY_TLS_CERT", ("listeners", 0, "tls", "cert_file")),
-    _Option("tls_key", "--tls-key", "MES_PROXY_TLS_KEY", ("listeners", 0, "tls", "key_file")),
     _Option(
-        "upstream_ca", "--upstream-ca", "MES_PROXY_UPSTREAM_CA", ("listeners", 0, "upstream_tls", "ca_file")
+        "state",
+        "--state",
+        "MES_PROXY_STATE",
+        ("watchdog", "state"),
+        "order state: memory, sqlite:///PATH or redis://HOST:PORT/DB",
+    ),
+    _Option(
+        "check_interval",
+        "--check-interval",
+        "MES_PROXY_CHECK_INTERVAL",
+        ("watchdog", "check_interval"),
+        "how often the watchdog looks for stuck orders, e.g. 10s",
+    ),
+    _Option(
+        "jaeger_url",
+        "--jaeger-url",
+        "MES_PROXY_JAEGER_URL",
+        ("watchdog", "jaeger_url"),
+        "Jaeger UI base URL for links on the admin page",
+    ),
+    _Option(
+        "correlation",
+        "--correlation",
+        "MES_PROXY_CORRELATION",
+        ("watchdog", "correlation"),
+        "link, trace-per-order or off",
+    ),
+    _Option(
+        "tls_cert",
+        "--tls-cert",
+        "MES_PROXY_TLS_CERT",
+        (*_L0, "tls", "cert_file"),
+        "PEM certificate chain: serve TLS on the ingress listener (reloaded on change and SIGHUP)",
+    ),
+    _Option(
+        "tls_key",
+        "--tls-key",
+        "MES_PROXY_TLS_KEY",
+        (*_L0, "tls", "key_file"),
+        "PEM private key for --tls-cert",
+    ),
+    _Option(
+        "upstream_ca",
+        "--upstream-ca",
+        "MES_PROXY_UPSTREAM_CA",
+        (*_L0, "upstream_tls", "ca_file"),
+        "PEM CA bundle that signs the https:// upstream's certificate",
     ),
     _Option(
         "upstream_cert",
         "--upstream-cert",
         "MES_PROXY_UPSTREAM_CERT",
-        ("listeners", 0, "upstream_tls", "cert_file"),
+        (*_L0, "upstream_tls", "cert_file"),
+        "PEM client certificate for mTLS to the upstream",
     ),
     _Option(
         "upstream_key",
         "--upstream-key",
         "MES_PROXY_UPSTREAM_KEY",
-        ("listeners", 0, "upstream_tls", "key_file"),
+        (*_L0, "upstream_tls", "key_file"),
+        "PEM private key for --upstream-cert",
     ),
     _Option(
         "max_body_size",
         "--max-body-size",
         "MES_PROXY_MAX_BODY_SIZE",
-        ("listeners", 0, "limits", "max_body_size"),
+        (*_L0, "limits", "max_body_size"),
+        "largest request body accepted, e.g. 1GiB (0: no limit) [default 1GiB]",
     ),
     _Option(
         "max_connections",
         "--max-connections",
         "MES_PROXY_MAX_CONNECTIONS",
-        ("listeners", 0, "limits", "max_connections"),
+        (*_L0, "limits", "max_connections"),
+        "open connections accepted by the ingress listener [default 4096]",
     ),
-    _Option("admin_token_file", "--admin-token-file", "MES_PROXY_ADMIN_TOKEN_FILE", ("admin", "tokens_file")),
     _Option(
-        "trusted_callers", "--trusted-callers", "MES_PROXY_TRUSTED_CALLERS", ("privacy", "trusted_callers")
+        "admin_token_file",
+        "--admin-token-file",
+        "MES_PROXY_ADMIN_TOKEN_FILE",
+        ("admin", "tokens_file"),
+        "ROLE:TOKEN lines; admin endpoints but /healthz, /readyz then need a bearer token",
     ),
-    _Option("client_span", "--client-span", "MES_PROXY_CLIENT_SPAN", ("tracing", "client_span")),
+    _Option(
+        "trusted_callers",
+        "--trusted-callers",
+        "MES_PROXY_TRUSTED_CALLERS",
+        ("privacy", "trusted_callers"),
+        "comma-separated CIDRs whose trace context is continued [default *]",
+    ),
+    _Option(
+        "client_span",
+        "--client-span",
+        "MES_PROXY_CLIENT_SPAN",
+        ("tracing", "client_span"),
+        "who makes the CLIENT span: sdk or instrumentation (the contrib package) [default sdk]",
+    ),
 )
 ENV_USER_ID_KEY: Final = "MES_PROXY_USER_ID_KEY"
 ENV_DWELL_LIMITS: Final = "MES_PROXY_DWELL_LIMITS"
