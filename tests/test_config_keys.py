@@ -9,11 +9,13 @@ from typing import Any, Final
 import jsonschema
 import pytest
 
-from mes_trace_proxy.config import Config, ServerConfig, TracingConfig, WatchdogConfig
+from mes_trace_proxy.config import Config, Limits, ServerConfig, Timeouts, TracingConfig, WatchdogConfig
 from mes_trace_proxy.config.keys import (
     FILE_SECTIONS,
+    LIMITS,
     RULE,
     SERVER,
+    TIMEOUTS,
     TRACING,
     WATCHDOG,
     Key,
@@ -170,14 +172,24 @@ def test_the_rule_definition_covers_rules_keys() -> None:
 
 @pytest.mark.parametrize(
     ("section", "model"),
-    [(SERVER, ServerConfig), (WATCHDOG, WatchdogConfig), (TRACING, TracingConfig)],
-    ids=["server", "watchdog", "tracing"],
+    [
+        (SERVER, ServerConfig),
+        (WATCHDOG, WatchdogConfig),
+        (TRACING, TracingConfig),
+        (LIMITS, Limits),
+        (TIMEOUTS, Timeouts),
+    ],
+    ids=["server", "watchdog", "tracing", "limits", "timeouts"],
 )
 def test_plain_sections_match_their_dataclass(section: Section, model: Any) -> None:
-    """A plain section is parsed key by key into a field of the same name, so the two must agree."""
+    """A plain section is parsed key by key into a field of the same name, so the two must agree.
+
+    A field added to the dataclass without its Key row (or the reverse) fails here.
+    """
     assert section.names() == {field.name for field in dataclasses.fields(model)}
-    assert all(isinstance(key.value, Kind) and key.value.parse is not None for key in section.keys)
-    assert all(key.default is not None for key in section.keys)
+    for key in section.keys:
+        assert isinstance(key.value, Kind), key.name
+        assert key.value.parse is not None, key.name
 
 
 def test_every_top_level_section_is_a_field_of_config() -> None:
