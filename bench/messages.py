@@ -25,7 +25,8 @@ from opentelemetry import trace
 
 from bench.procfs import parse_status
 from mes_trace_proxy.messages.deadletter import DEFAULT_MESSAGE_RULES, Message, compile_message_rules
-from mes_trace_proxy.messages.held import HeldMessage, MemoryHeldStore, SqliteHeldStore, hold
+from mes_trace_proxy.messages.held import MemoryHeldStore, SqliteHeldStore
+from mes_trace_proxy.messages.record import HeldMessage, hold
 from mes_trace_proxy.messages.service import MessagePath
 from mes_trace_proxy.messages.settings import parse_messages
 from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from mes_trace_proxy.messages.deadletter import Message, MessageRules
-from mes_trace_proxy.messages.held import hold
+from mes_trace_proxy.messages.record import hold
 
 __all__ = ["explain_message", "format_report", "parse_headers"]
 

@@ -23,7 +23,8 @@ from opentelemetry import trace as trace_api
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mes_trace_proxy.messages.held import HeldMessage, HeldStore, HeldSummary, open_held_store, with_span
+from mes_trace_proxy.messages.held import HeldStore, open_held_store
+from mes_trace_proxy.messages.record import HeldMessage, HeldSummary, with_span
 from mes_trace_proxy.messages.redrive import OUTCOMES, REDRIVE_COUNT_HEADER, Redriver, RedriveResult
 from mes_trace_proxy.messages.settings import MessagesConfig, auto_redrive_delay
 from mes_trace_proxy.messages.spans import dead_letter_span

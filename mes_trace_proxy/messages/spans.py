@@ -27,7 +27,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.util.types import AttributeValue
 
 from mes_trace_proxy.attributes import MES_LINK_KIND, MES_ORDER_ID, MES_ORDER_STATUS
-from mes_trace_proxy.messages.held import HeldMessage
+from mes_trace_proxy.messages.record import HeldMessage
 from mes_trace_proxy.orders import SpanRef
 from mes_trace_proxy.tracecontext import format_traceparent, parse_traceparent
 

@@ -27,7 +27,8 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from mes_trace_proxy.messages.deadletter import Message, MessageRules
-from mes_trace_proxy.messages.held import HeldMessage, HeldStore, hold
+from mes_trace_proxy.messages.held import HeldStore
+from mes_trace_proxy.messages.record import HeldMessage, hold
 
 __all__ = ["Watcher", "WatcherSettings", "WatcherStats", "incoming_properties", "incoming_to_message"]
 

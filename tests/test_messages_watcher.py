@@ -5,69 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from mes_trace_proxy.messages.deadletter import DEFAULT_MESSAGE_RULES, compile_message_rules
-from mes_trace_proxy.messages.held import HeldMessage, HeldStore, MemoryHeldStore, SqliteHeldStore
-from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings
-from tests.messages.conftest import RabbitServer, Topology, declare_topology
-
-RULES = compile_message_rules(list(DEFAULT_MESSAGE_RULES), key="message_rules")
-#: Bound for every wait on the broker: far above the milliseconds each step takes.
-WAIT_S = 20.0
-
-
-def _body(order_id: str, **extra: object) -> bytes:
-    doc: dict[str, object] = {"orderId": order_id, "status": "SUBMITTED", "modelUrl": "s3://m/1.stl"}
-    doc.update(extra)
-    return json.dumps(doc).encode()
-
-
-@asynccontextmanager
-async def watching(
-    url: str, store: HeldStore, *, queues: tuple[str, ...] = (), observe_exchange: str | None = None,
-    observe_queue: str = "mes-trace-proxy.dead-letters",
-) -> AsyncIterator[tuple[Watcher, asyncio.Queue[HeldMessage]]]:  # fmt: skip
-    """A running watcher whose stored messages arrive on a queue, stopped afterwards."""
-    arrived: asyncio.Queue[HeldMessage] = asyncio.Queue()
-    settings = WatcherSettings(
-        url=url, queues=queues, observe_exchange=observe_exchange, observe_queue=observe_queue,
-        backoff_initial_s=0.05, backoff_max_s=0.5,
-    )  # fmt: skip
-    watcher = Watcher(settings, store, RULES, clock=time.time, on_stored=arrived.put_nowait)
-    watcher.start()
-    try:
-        yield watcher, arrived
-    finally:
-        await watcher.stop()
-
-
-async def _next(arrived: asyncio.Queue[HeldMessage]) -> HeldMessage:
-    return await asyncio.wait_for(arrived.get(), WAIT_S)
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    """Poll a condition the code under test offers no event for, bounded in time."""
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
-async def _expire(channel: AbstractChannel, topo: Topology, order_id: str, **extra: object) -> None:
-    """A price request with a 10 ms TTL and no consumer: the broker dead-letters it as expired."""
-    exchange = await channel.get_exchange(topo.commands)
-    await exchange.publish(
-        aio_pika.Message(_body(order_id, **extra), message_id=f"msg-{order_id}", expiration=0.01,
-                         content_type="application/json", headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}),  # noqa: E501
-        routing_key="price.calculate",
-    )  # fmt: skip
+from mes_trace_proxy.messages.held import MemoryHeldStore, SqliteHeldStore
+from mes_trace_proxy.messages.watcher import WatcherSettings
+from tests.rabbitmq import WAIT_S, RabbitServer, body, declare_topology, expire, next_held, until, watching
 
 
 async def test_expired_message_is_held_with_its_cause_and_acked(
@@ -76,8 +22,8 @@ async def test_expired_message_is_held_with_its_cause_and_acked(
     topo = await declare_topology(amqp_channel)
     store = SqliteHeldStore(tmp_path / "state.db")
     async with watching(rabbitmq.url, store, queues=(topo.dead_letters,)) as (watcher, arrived):
-        await _expire(amqp_channel, topo, "ORD-EXP")
-        held = await _next(arrived)
+        await expire(amqp_channel, topo, "ORD-EXP")
+        held = await next_held(arrived)
         assert (held.order_id, held.status, held.problem) == ("ORD-EXP", "SUBMITTED", None)
         death = held.death
         assert death is not None
@@ -102,19 +48,19 @@ async def test_rejected_and_maxlen_messages_are_held(
     store = MemoryHeldStore()
     commands = await amqp_channel.get_exchange(topo.commands)
     async with watching(rabbitmq.url, store, queues=(topo.dead_letters,)) as (_, arrived):
-        await commands.publish(aio_pika.Message(_body("ORD-REJ")), routing_key="price.calculate")
+        await commands.publish(aio_pika.Message(body("ORD-REJ")), routing_key="price.calculate")
         work = await amqp_channel.get_queue(topo.price_requests)
         incoming = await work.get(timeout=WAIT_S)
         assert incoming is not None
         await incoming.reject(requeue=False)
-        rejected = await _next(arrived)
+        rejected = await next_held(arrived)
         assert (rejected.order_id, rejected.death and rejected.death.reason) == ("ORD-REJ", "rejected")
         assert rejected.cause == f"message rejected by a consumer of {topo.price_requests}"
 
         # x-max-length 1: the second message pushes the first out at the head
         for order_id in ("ORD-FULL-1", "ORD-FULL-2"):
-            await commands.publish(aio_pika.Message(_body(order_id)), routing_key="order.approved")
-        full = await _next(arrived)
+            await commands.publish(aio_pika.Message(body(order_id)), routing_key="order.approved")
+        full = await next_held(arrived)
         assert (full.order_id, full.death and full.death.reason) == ("ORD-FULL-1", "maxlen")
         assert full.cause == f"message dropped from {topo.small}: the queue was full"
 
@@ -127,16 +73,16 @@ async def test_bad_messages_are_held_and_counted_not_lost(
     async with watching(rabbitmq.url, store, queues=(topo.dead_letters,)) as (watcher, arrived):
         # published straight to the dead-letter queue: no x-death
         await amqp_channel.default_exchange.publish(
-            aio_pika.Message(_body("ORD-DIRECT")), routing_key=topo.dead_letters
+            aio_pika.Message(body("ORD-DIRECT")), routing_key=topo.dead_letters
         )
-        direct = await _next(arrived)
+        direct = await next_held(arrived)
         assert (direct.problem, direct.order_id, direct.deaths) == ("missing", "ORD-DIRECT", ())
         # a body that is not JSON, dead-lettered for real
         commands = await amqp_channel.get_exchange(topo.commands)
         await commands.publish(
             aio_pika.Message(b"\x00binary", expiration=0.01), routing_key="price.calculate"
         )
-        binary = await _next(arrived)
+        binary = await next_held(arrived)
         assert (binary.problem, binary.order_id, binary.body) == ("not_json", None, b"\x00binary")
         assert watcher.stats.problems == {"missing": 1, "not_json": 1}
         assert await store.count() == 2
@@ -148,13 +94,13 @@ async def test_a_missing_queue_is_reported_and_retried(
     store = MemoryHeldStore()
     name = f"not-yet-{time.monotonic_ns()}"
     async with watching(rabbitmq.url, store, queues=(name,)) as (watcher, arrived):
-        await _until(lambda: watcher.stats.problems["missing_queue"] >= 1)
+        await until(lambda: watcher.stats.problems["missing_queue"] >= 1)
         queue = await amqp_channel.declare_queue(name, auto_delete=True)
         await asyncio.wait_for(watcher.wait_connected(), WAIT_S)
         await amqp_channel.default_exchange.publish(
-            aio_pika.Message(_body("ORD-LATE")), routing_key=queue.name
+            aio_pika.Message(body("ORD-LATE")), routing_key=queue.name
         )
-        assert (await _next(arrived)).order_id == "ORD-LATE"
+        assert (await next_held(arrived)).order_id == "ORD-LATE"
 
 
 async def test_a_failing_store_leaves_the_message_on_the_broker(
@@ -164,11 +110,11 @@ async def test_a_failing_store_leaves_the_message_on_the_broker(
     # A real failure: the database's directory does not exist yet, so every write fails.
     store = SqliteHeldStore(tmp_path / "later" / "state.db")
     async with watching(rabbitmq.url, store, queues=(topo.dead_letters,)) as (watcher, arrived):
-        await _expire(amqp_channel, topo, "ORD-WAIT")
-        await _until(lambda: watcher.stats.store_failures >= 1)
+        await expire(amqp_channel, topo, "ORD-WAIT")
+        await until(lambda: watcher.stats.store_failures >= 1)
         assert arrived.empty()
         (tmp_path / "later").mkdir()
-        held = await _next(arrived)  # redelivered by the broker, stored once the store works
+        held = await next_held(arrived)  # redelivered by the broker, stored once the store works
         assert held.order_id == "ORD-WAIT"
         assert [h.order_id for h in await store.all(10)] == ["ORD-WAIT"]
     await store.close()
@@ -184,8 +130,8 @@ async def test_observe_mode_takes_a_copy_and_leaves_the_dead_letter_queue_alone(
         watcher, arrived,
     ):  # fmt: skip
         await asyncio.wait_for(watcher.wait_connected(), WAIT_S)
-        await _expire(amqp_channel, topo, "ORD-OBS")
-        held = await _next(arrived)
+        await expire(amqp_channel, topo, "ORD-OBS")
+        held = await next_held(arrived)
         assert (held.order_id, held.consumed_from) == ("ORD-OBS", own_queue)
     # the existing dead-letter consumer's queue still got its copy
     existing = await amqp_channel.get_queue(topo.dead_letters)
@@ -206,12 +152,12 @@ async def test_watcher_reconnects_after_the_broker_restarts(
     async with watching(own_rabbitmq.url, store, queues=(topo.dead_letters,)) as (watcher, arrived):
         await asyncio.wait_for(watcher.wait_connected(), WAIT_S)
         own_rabbitmq.kill()
-        await _until(lambda: not watcher.stats.connected)
+        await until(lambda: not watcher.stats.connected)
         await asyncio.to_thread(own_rabbitmq.start)
         connection = await aio_pika.connect(own_rabbitmq.url)
         try:
-            await _expire(await connection.channel(), topo, "ORD-AFTER")
-            assert (await _next(arrived)).order_id == "ORD-AFTER"
+            await expire(await connection.channel(), topo, "ORD-AFTER")
+            assert (await next_held(arrived)).order_id == "ORD-AFTER"
         finally:
             await connection.close()
         assert watcher.stats.connects >= 2
@@ -236,12 +182,12 @@ async def test_a_quorum_queue_delivery_limit_is_a_dead_letter(
     )  # fmt: skip
     store = MemoryHeldStore()
     async with watching(rabbitmq.url, store, queues=(topo.dead_letters,)) as (_, arrived):
-        await amqp_channel.default_exchange.publish(aio_pika.Message(_body("ORD-LIMIT")), routing_key=limited)
+        await amqp_channel.default_exchange.publish(aio_pika.Message(body("ORD-LIMIT")), routing_key=limited)
         for _ in range(2):  # delivered, returned; delivered again, returned: over the limit of 1
             incoming = await queue.get(timeout=WAIT_S)
             assert incoming is not None
             await incoming.nack(requeue=True)
-        held = await _next(arrived)
+        held = await next_held(arrived)
         assert (held.order_id, held.death and held.death.reason) == ("ORD-LIMIT", "delivery_limit")
         assert held.cause == f"message given up in {limited}: delivery limit reached"
     await amqp_channel.queue_delete(limited)

@@ -12,8 +12,8 @@ from aio_pika.abc import AbstractChannel
 
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from tests.conftest import otlp_env
-from tests.messages.conftest import RabbitServer, Topology, declare_topology
 from tests.proxy_process import ProxyProcess, proxy_process
+from tests.rabbitmq import RabbitServer, Topology, declare_topology
 from tests.upstream import RecordingUpstream
 
 WAIT_S = 30.0
@@ -50,7 +50,8 @@ async def _wait_dead_letter(
         await asyncio.sleep(0.05)
 
 
-async def _expire(channel: AbstractChannel, topo: Topology, order_id: str) -> None:
+async def expire_with_canaries(channel: AbstractChannel, topo: Topology, order_id: str) -> None:
+    """A dead letter whose body carries a name, an e-mail and a phone number."""
     body = {
         "orderId": order_id,
         "status": "SUBMITTED",
@@ -82,7 +83,7 @@ async def test_dead_letter_is_flagged_redriven_and_leaks_nothing(
             proxy.url() + "/api/v1/orders/ORD-E2E-1/status", json={"status": "SUBMITTED"}
         ) as answer:
             assert answer.status == 200
-        await _expire(amqp_channel, topo, "ORD-E2E-1")
+        await expire_with_canaries(amqp_channel, topo, "ORD-E2E-1")
         dead = await _wait_dead_letter(client, proxy, "ORD-E2E-1")
         assert (dead["queue"], dead["reason"], dead["message_id"]) == (
             topo.price_requests,
@@ -145,7 +146,7 @@ async def test_the_proxy_serves_while_the_broker_is_down_and_reconnects(
         connection = await aio_pika.connect(own_rabbitmq.url)
         try:
             channel = await connection.channel()
-            await _expire(channel, topo, "ORD-AFTER-RESTART")
+            await expire_with_canaries(channel, topo, "ORD-AFTER-RESTART")
             dead = await _wait_dead_letter(client, proxy, "ORD-AFTER-RESTART")
             assert dead["reason"] == "expired"
         finally:

@@ -1,84 +1,22 @@
-"""The message path as the proxy runs it: index, flags, moving on, auto policy, metrics, the admin route."""
+"""The message path as the proxy runs it: index, flags, moving on, auto policy, metrics, replicas."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import pytest
 from aio_pika.abc import AbstractChannel
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mes_trace_proxy.admin_auth import TokenTable, parse_tokens
-from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE
-from mes_trace_proxy.messages.admin import add_message_routes, caller
-from mes_trace_proxy.messages.held import HeldMessage
-from mes_trace_proxy.messages.redrive import Redriver
+from mes_trace_proxy.messages.record import HeldMessage
 from mes_trace_proxy.messages.service import MessagePath, amqp_url_with_secret
 from mes_trace_proxy.messages.settings import parse_messages
-from mes_trace_proxy.orders import OrderBook, SpanRef
+from mes_trace_proxy.orders import SpanRef
 from tests.conftest import RedisServer
-from tests.messages.conftest import RabbitServer, Topology, declare_topology
-from tests.messages.test_watcher import WAIT_S, _expire
-
-ADMIN = "a" * 32
-VIEWER = "v" * 32
-
-
-@pytest.fixture
-def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
-
-
-class Running:
-    """A started MessagePath over a private topology, with a queue of what it stored."""
-
-    def __init__(self, path: MessagePath, topo: Topology, book: OrderBook) -> None:
-        self.path, self.topo, self.book = path, topo, book
-        self.stored: asyncio.Queue[HeldMessage] = asyncio.Queue()
-
-    async def next(self) -> HeldMessage:
-        return await asyncio.wait_for(self.stored.get(), WAIT_S)
-
-
-async def _start(
-    rabbitmq: RabbitServer, channel: AbstractChannel, provider: TracerProvider, state: str, **extra: object
-) -> Running:
-    topo = await declare_topology(channel)
-    config = parse_messages({"amqp_url": rabbitmq.url, "dead_letter_queues": [topo.dead_letters], **extra})
-    book = OrderBook(REFERENCE_LIFECYCLE)
-    path = MessagePath(
-        config, state_url=state, tracer=provider.get_tracer("t"), redact=str, book=book, environ={}
-    )
-    running = Running(path, topo, book)
-    path.listeners.append(running.stored.put_nowait)
-    await path.start()
-    return running
-
-
-@pytest.fixture
-async def running(
-    rabbitmq: RabbitServer,
-    amqp_channel: AbstractChannel,
-    spans: tuple[TracerProvider, InMemorySpanExporter],
-    tmp_path: Path,
-) -> AsyncIterator[Running]:
-    started = await _start(rabbitmq, amqp_channel, spans[0], f"sqlite:///{tmp_path / 'state.db'}")
-    try:
-        yield started
-    finally:
-        await started.path.stop()
+from tests.rabbitmq import WAIT_S, RabbitServer, Running, declare_topology, expire, start_path
 
 
 async def test_a_dead_letter_flags_its_order_until_it_moves_on(
@@ -93,7 +31,7 @@ async def test_a_dead_letter_flags_its_order_until_it_moves_on(
         span=SpanRef(7, 8),
         source="ingress",
     )
-    await _expire(amqp_channel, running.topo, "ORD-S1")
+    await expire(amqp_channel, running.topo, "ORD-S1")
     held = await running.next()
     (flag,) = running.path.flagged()
     assert (flag.order_id, flag.status) == ("ORD-S1", "SUBMITTED")
@@ -117,7 +55,7 @@ async def test_a_dead_letter_flags_its_order_until_it_moves_on(
 
 
 async def test_redrive_clears_the_flag_and_counts(running: Running, amqp_channel: AbstractChannel) -> None:
-    await _expire(amqp_channel, running.topo, "ORD-S2")
+    await expire(amqp_channel, running.topo, "ORD-S2")
     await running.next()
     assert [f.order_id for f in running.path.flagged()] == ["ORD-S2"]
     assert (await running.path.redrive("ORD-S2", who="admin:x")).outcome == "redriven"
@@ -143,11 +81,11 @@ async def test_held_messages_survive_a_restart_of_the_proxy(
     tmp_path: Path,
 ) -> None:
     state = f"sqlite:///{tmp_path / 'state.db'}"
-    first = await _start(rabbitmq, amqp_channel, spans[0], state)
-    await _expire(amqp_channel, first.topo, "ORD-S3")
+    first = await start_path(rabbitmq, amqp_channel, spans[0], state)
+    await expire(amqp_channel, first.topo, "ORD-S3")
     await first.next()
     await first.path.stop()
-    again = await _start(rabbitmq, amqp_channel, spans[0], state)
+    again = await start_path(rabbitmq, amqp_channel, spans[0], state)
     try:
         assert again.path.dead_letter("ORD-S3") is not None
         assert again.path.held_count == 1
@@ -171,7 +109,7 @@ async def test_auto_policy_redrives_transient_dead_letters(
     try:
         held: asyncio.Queue[HeldMessage] = asyncio.Queue()
         path.listeners.append(held.put_nowait)
-        await _expire(amqp_channel, topo, "ORD-AUTO")
+        await expire(amqp_channel, topo, "ORD-AUTO")
         await asyncio.wait_for(held.get(), WAIT_S)  # dead-lettered, so no longer on the work queue
         work = await amqp_channel.get_queue(topo.price_requests)
         deadline = time.monotonic() + WAIT_S
@@ -200,94 +138,6 @@ def test_password_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
 # ── the admin route ─────────────────────────────────────────────────────────────────────────
 
 
-async def rabbit_gone(running: Running) -> None:
-    """Point the re-driver at a port nothing listens on, as if the broker had gone away."""
-    await running.path.redriver.close()
-    running.path.redriver = Redriver(
-        "amqp://guest:guest@127.0.0.1:1/",
-        running.path.store,
-        running.path.redriver._tracer,
-        redact=str,
-        clock=time.time,
-    )
-
-
-def test_caller_is_role_and_token_fingerprint() -> None:
-    table = parse_tokens(f"admin:{ADMIN}\nviewer:{VIEWER}\n")
-    who = caller(table, f"Bearer {ADMIN}")
-    assert who.startswith("admin:sha256:")
-    assert len(who) == len("admin:sha256:") + 8
-    assert ADMIN not in who
-    assert caller(table, f"Bearer {VIEWER}").startswith("viewer:")
-    assert caller(table, "Bearer nope") == "anonymous"
-    assert caller(TokenTable(), f"Bearer {ADMIN}") == "anonymous"
-
-
-@pytest.fixture
-async def client(running: Running) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    app = web.Application()
-    add_message_routes(app, lambda: running.path, TokenTable)
-    async with TestClient(TestServer(app)) as test_client:
-        yield test_client
-
-
-async def test_redrive_route_answers_each_outcome(
-    running: Running, amqp_channel: AbstractChannel, client: TestClient[web.Request, web.Application]
-) -> None:
-    await _expire(amqp_channel, running.topo, "ORD-S4")
-    await running.next()
-    ok = await client.post("/orders/ORD-S4/redrive")
-    assert ok.status == 200
-    body = await ok.json()
-    assert (body["outcome"], len(body["messages"]), len(body["traceparents"])) == ("redriven", 1, 1)
-    again = await client.post("/orders/ORD-S4/redrive")
-    assert again.status == 404
-    assert again.content_type == "application/problem+json"
-    assert (await again.json())["type"].endswith("nothing-held")
-
-
-async def test_redrive_route_from_the_page_form(
-    running: Running, amqp_channel: AbstractChannel, client: TestClient[web.Request, web.Application]
-) -> None:
-    await _expire(amqp_channel, running.topo, "ORD-S5")
-    await running.next()
-    cross = await client.post(
-        "/orders/ORD-S5/redrive",
-        data={"go": "1"},
-        headers={"Origin": "https://evil.example"},
-        allow_redirects=False,
-    )
-    assert cross.status == 403
-    assert running.path.dead_letter("ORD-S5") is not None
-    same = await client.post(
-        "/orders/ORD-S5/redrive",
-        data={"go": "1"},
-        headers={"Sec-Fetch-Site": "same-origin"},
-        allow_redirects=False,
-    )
-    assert (same.status, same.headers["Location"]) == (303, "/?redrive=redriven")
-
-
-async def test_redrive_route_when_the_message_path_is_off() -> None:
-    app = web.Application()
-    add_message_routes(app, lambda: None, TokenTable)
-    async with TestClient(TestServer(app)) as test_client:
-        answer = await test_client.post("/orders/X/redrive")
-        assert answer.status == 404
-        assert (await answer.json())["type"].endswith("messages-off")
-
-
-async def test_broker_gone_redrive_is_503_and_keeps_the_message(
-    running: Running, amqp_channel: AbstractChannel, client: TestClient[web.Request, web.Application]
-) -> None:
-    await _expire(amqp_channel, running.topo, "ORD-S6")
-    await running.next()
-    await rabbit_gone(running)
-    answer = await client.post("/orders/ORD-S6/redrive")
-    assert answer.status == 503
-    assert running.path.dead_letter("ORD-S6") is not None
-
-
 async def test_replicas_sharing_redis_redrive_each_others_dead_letters_once(
     rabbitmq: RabbitServer,
     amqp_channel: AbstractChannel,
@@ -308,7 +158,7 @@ async def test_replicas_sharing_redis_redrive_each_others_dead_letters_once(
     try:
         order_ids = [f"ORD-R{n}" for n in range(4)]
         for order_id in order_ids:
-            await _expire(amqp_channel, topo, order_id)
+            await expire(amqp_channel, topo, order_id)
         held = [await asyncio.wait_for(stored.get(), WAIT_S) for _ in order_ids]
         assert sorted(h.order_id or "" for h in held) == order_ids  # competing consumers: each once
         results = await asyncio.gather(
