@@ -15,9 +15,14 @@ PACKAGE: Final = Path(mes_trace_proxy.__file__).parent
 TESTS: Final = Path(__file__).parent
 
 #: The sans-I/O core (docs/architecture.md, "Pure core, thin I/O shell"): plain values in, frozen
-#: values out. Each name is a module (``rules.py``) or a package (``config/``, every file in it).
+#: values out. Each name is a module (``rules.py``), a package (``config/``, every file in it) or
+#: a module of a subpackage (``messages.deadletter``).
 CORE: Final = (
     "config",
+    "messages.deadletter",
+    "messages.record",
+    "messages.settings",
+    "messages.explain",
     "rules",
     "extract",
     "redact",
@@ -69,10 +74,10 @@ NO_TEST_NEEDED_PACKAGES: Final = frozenset({"sim"})
 
 def _sources(module: str, package: Path = PACKAGE) -> list[Path]:
     """The files of one core unit: ``module.py``, or every file of the package ``module/``."""
-    folder = package / module
+    folder = package.joinpath(*module.split("."))
     if folder.is_dir():
         return sorted(folder.rglob("*.py"))
-    return [package / f"{module}.py"]
+    return [folder.with_suffix(".py")]
 
 
 def _imports(module: str, package: Path = PACKAGE) -> list[str]:
@@ -128,7 +133,7 @@ def test_core_modules_exist() -> None:
     missing = [
         module
         for module in CORE
-        if not (PACKAGE / f"{module}.py").is_file() and not (PACKAGE / module / "__init__.py").is_file()
+        if not _sources(module)[0].is_file()
     ]
     assert missing == []
 
