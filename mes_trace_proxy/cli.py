@@ -19,7 +19,15 @@ from typing import Final
 import yaml
 
 from mes_trace_proxy import __version__, native
-from mes_trace_proxy.config import ENV_CONFIG, FLAG_DWELL_LIMIT, OPTIONS, Config, ConfigError, load_config
+from mes_trace_proxy.config import (
+    ENV_CONFIG,
+    FLAG_DEAD_LETTER_QUEUE,
+    FLAG_DWELL_LIMIT,
+    OPTIONS,
+    Config,
+    ConfigError,
+    load_config,
+)
 
 __all__ = ["build_parser", "load_from_args", "main"]
 
@@ -71,6 +79,7 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
         file_doc = None
     flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
     flags["dwell_limit"] = getattr(args, "dwell_limit", None)
+    flags["dead_letter_queue"] = getattr(args, "dead_letter_queue", None)
     return load_config(
         flags=flags,
         environ=environ,
@@ -96,6 +105,13 @@ def _add_proxy_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="STATUS=DURATION",
         help="dwell limit for a status, repeatable, e.g. SUBMITTED=15m (env MES_PROXY_DWELL_LIMITS)",
+    )
+    parser.add_argument(
+        FLAG_DEAD_LETTER_QUEUE,
+        dest="dead_letter_queue",
+        action="append",
+        metavar="NAME",
+        help="own mode: a dead-letter queue to consume, repeatable (env MES_PROXY_DEAD_LETTER_QUEUES)",
     )
 
 

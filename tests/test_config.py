@@ -320,6 +320,24 @@ CASES: dict[str, OptionCase] = {
         default=("*",),
         expect=(("10.0.0.0/8",), ("192.168.0.0/16", "127.0.0.1"), ("*",)),
     ),
+    "amqp_url": OptionCase(
+        file_key="messages.amqp_url",
+        file="amqp://mes-trace-proxy@file.rabbit:5672/mes",
+        env="amqp://env.rabbit:5672/",
+        flag="amqps://flag.rabbit:5671/mes",
+        invalid="http://rabbit.internal/",
+        read=lambda c: c.messages.amqp_url,
+        base={"listeners": [{"upstream": MES}], "messages": {"dead_letter_queues": ["mes.dead-letters"]}},
+    ),
+    "observe_dead_letter_exchange": OptionCase(
+        file_key="messages.observe_exchange",
+        file="mes.dlx.file",
+        env="mes.dlx.env",
+        flag="mes.dlx.flag",
+        invalid="x" * 256,  # AMQP names are at most 255 bytes
+        read=lambda c: c.messages.observe_exchange,
+        base={"listeners": [{"upstream": MES}], "messages": {"amqp_url": "amqp://rabbit:5672/"}},
+    ),
 }
 OPTION_BY_DEST = {option.dest: option for option in OPTIONS}
 BASE_DOC: dict[str, object] = {
@@ -376,6 +394,36 @@ def test_invalid_value_names_its_source(dest: str, source: str) -> None:
     flags = {option.dest: case.invalid} if source == "flag" else {}
     error = _error(file_doc=file_doc, environ=environ, flags=flags, files=KEYS)
     assert error.key == {"file": case.file_key, "env": option.env, "flag": option.flag}[source]
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "queues", "blamed"),
+    [
+        ({"MES_PROXY_DEAD_LETTER_QUEUES": "a, b"}, {}, ("a", "b"), None),
+        ({"MES_PROXY_DEAD_LETTER_QUEUES": "a"}, {"dead_letter_queue": ["c", "d"]}, ("c", "d"), None),
+        ({}, {"dead_letter_queue": ["c", "c"]}, None, "--dead-letter-queue"),
+        ({"MES_PROXY_DEAD_LETTER_QUEUES": "a,a"}, {}, None, "MES_PROXY_DEAD_LETTER_QUEUES"),
+    ],
+)
+def test_dead_letter_queues_from_the_flag_or_the_variable(
+    environ: dict[str, str], flags: dict[str, object], queues: tuple[str, ...] | None, blamed: str | None
+) -> None:
+    """The repeated flag beats the comma list of the variable, which beats the file's list."""
+    doc = _with(BASE_DOC, ("messages",), {"amqp_url": "amqp://rabbit/", "dead_letter_queues": ["file"]})
+    if blamed is not None:
+        assert _error(file_doc=doc, environ=environ, flags=flags).key == blamed
+        return
+    assert _load(file_doc=doc, environ=environ, flags=flags).messages.dead_letter_queues == queues
+
+
+def test_the_amqp_password_never_shows_in_the_description() -> None:
+    """/config and check-config show the AMQP URL without its password."""
+    doc = _with(
+        BASE_DOC, ("messages",), {"amqp_url": "amqp://proxy:s3cret@rabbit/", "dead_letter_queues": ["q"]}
+    )
+    described = _load(file_doc=doc).describe()
+    assert "s3cret" not in repr(described)
+    assert described["messages"]["amqp_url"] == "amqp://proxy:***@rabbit/"  # type: ignore[index]
 
 
 def test_empty_env_value_is_unset() -> None:

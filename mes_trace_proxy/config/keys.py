@@ -446,6 +446,49 @@ TRACING: Final = Section(
         ),
     )
 )
+#: The message path (docs/messages.md); mes_trace_proxy/messages/settings.py parses and checks it.
+MESSAGES: Final = Section(
+    (
+        Key(
+            "amqp_url",
+            Kind({"type": "string", "pattern": r"^\s*amqps?://"}),
+            "RabbitMQ URL; the message path is off without it",
+        ),
+        Key("amqp_password_file", FILE, "file holding the AMQP password (or MES_PROXY_AMQP_PASSWORD)"),
+        Key(
+            "tls",
+            Kind({"type": "object", "properties": {n: {"type": "string"} for n in ("ca", "cert", "key")}}),
+            "CA, client certificate and key files for amqps://",
+        ),
+        Key("dead_letter_queues", STRINGS, "own mode: the dead-letter queues the proxy consumes"),
+        Key(
+            "observe_exchange", TEXT, "observe mode: the dead-letter exchange the proxy's own queue binds to"
+        ),
+        Key(
+            "observe_queue",
+            TEXT,
+            "observe mode: the proxy's own durable queue",
+            "mes-trace-proxy.dead-letters",
+        ),
+        Key(
+            "prefetch",
+            Kind({"type": "integer", "minimum": 1, "maximum": 10000}),
+            "unacked messages per queue",
+            64,
+        ),
+        Key("restore_expiration", BOOL, "re-drive with the message's original per-message TTL", False),
+        Key(
+            "message_rules",
+            Kind({"type": "array", "items": {"type": "object"}}),
+            "where a message's order id and status come from",
+        ),
+        Key(
+            "auto_redrive",
+            Kind({"type": "object"}),
+            "queue → {attempts, backoff, reasons}: opt-in automatic re-drive",
+        ),
+    )
+)
 #: The whole file.
 FILE_SECTIONS: Final = Section(
     (
@@ -464,6 +507,7 @@ FILE_SECTIONS: Final = Section(
         Key("privacy", PRIVACY, "what may leave the proxy about a user"),
         Key("server", SERVER, "process-level settings"),
         Key("tracing", TRACING, "how the proxy makes its spans (exporters: the OTEL_* variables)"),
+        Key("messages", MESSAGES, "the message path: RabbitMQ dead letters held, traced and re-driven"),
     )
 )
 

@@ -33,6 +33,7 @@ from mes_trace_proxy.config.sections import (
     _rule_sets,
 )
 from mes_trace_proxy.config.values import HEADER_TOKEN, _parse_hostport
+from mes_trace_proxy.messages.settings import MessagesConfig, MessagesConfigError, parse_messages
 from mes_trace_proxy.rules import CompiledRules
 
 _S = TypeVar("_S")
@@ -104,7 +105,19 @@ def load_config(
         server=_plain(doc, "server", SERVER, ServerConfig),
         lifecycle=_lifecycle(doc),
         tracing=_plain(doc, "tracing", TRACING, TracingConfig),
+        messages=_messages(doc),
     )
+
+
+def _messages(doc: _Doc) -> MessagesConfig:
+    """The ``messages`` section (messages/settings.py checks it), blaming the flag or variable."""
+    try:
+        return parse_messages(doc.section("messages"))
+    except MessagesConfigError as exc:
+        # "messages.amqp_url" → the flag or variable that set it, when one did.
+        path = tuple(exc.key.split("[")[0].split("."))[:2]
+        origin = doc.key(*path)
+        raise ConfigError(origin if origin != ".".join(path) else exc.key, exc.message) from None
 
 
 def _plain(doc: _Doc, name: str, definition: Section, build: Callable[..., _S]) -> _S:

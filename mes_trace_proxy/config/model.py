@@ -14,6 +14,7 @@ from typing import Final
 from mes_trace_proxy.admin_auth import TokenTable
 from mes_trace_proxy.forwarding import upstream_host_value
 from mes_trace_proxy.lifecycle import Lifecycle
+from mes_trace_proxy.messages.settings import MessagesConfig
 from mes_trace_proxy.redact import (
     DEFAULT_HEADER_ALLOW,
     DEFAULT_QUERY_ALLOW,
@@ -228,6 +229,7 @@ class Config:
     server: ServerConfig
     lifecycle: Lifecycle
     tracing: TracingConfig = TracingConfig()
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
 
     def describe(self) -> dict[str, object]:
         """The effective configuration as plain data with secrets masked (``check-config``)."""
@@ -267,6 +269,8 @@ class Config:
                 "access_log": self.server.access_log,
             },
             "tracing": {"client_span": self.tracing.client_span},
+            # The AMQP URL without its password (messages/settings.py).
+            "messages": self.messages.describe(),
             "lifecycle": {
                 "statuses": list(self.lifecycle.statuses),
                 "cancel": self.lifecycle.cancel,

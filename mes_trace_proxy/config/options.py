@@ -200,10 +200,26 @@ OPTIONS: Final = (
         ("tracing", "client_span"),
         "who makes the CLIENT span: sdk or instrumentation (the contrib package) [default sdk]",
     ),
+    _Option(
+        "amqp_url",
+        "--amqp-url",
+        "MES_PROXY_AMQP_URL",
+        ("messages", "amqp_url"),
+        "RabbitMQ URL, amqp:// or amqps://, for the message path (docs/messages.md) [default off]",
+    ),
+    _Option(
+        "observe_dead_letter_exchange",
+        "--observe-dead-letter-exchange",
+        "MES_PROXY_OBSERVE_DEAD_LETTER_EXCHANGE",
+        ("messages", "observe_exchange"),
+        "observe mode: bind a queue of the proxy's own to this dead-letter exchange",
+    ),
 )
 ENV_USER_ID_KEY: Final = "MES_PROXY_USER_ID_KEY"
 ENV_DWELL_LIMITS: Final = "MES_PROXY_DWELL_LIMITS"
 FLAG_DWELL_LIMIT: Final = "--dwell-limit"
+ENV_DEAD_LETTER_QUEUES: Final = "MES_PROXY_DEAD_LETTER_QUEUES"
+FLAG_DEAD_LETTER_QUEUE: Final = "--dead-letter-queue"
 ENV_CONFIG: Final = "MES_PROXY_CONFIG"
 
 # Defaults, each with its reason.

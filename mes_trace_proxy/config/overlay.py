@@ -13,7 +13,9 @@ from typing import TypeVar
 from mes_trace_proxy.config.keys import _SECTION_KEYS
 from mes_trace_proxy.config.model import ConfigError
 from mes_trace_proxy.config.options import (
+    ENV_DEAD_LETTER_QUEUES,
     ENV_DWELL_LIMITS,
+    FLAG_DEAD_LETTER_QUEUE,
     FLAG_DWELL_LIMIT,
     OPTIONS,
 )
@@ -132,6 +134,12 @@ def _overlay(doc: _Doc, flags: Mapping[str, object], environ: Mapping[str, str])
     for item in raw_flags:
         for status, duration in _dwell_items(str(item), FLAG_DWELL_LIMIT):
             doc.set(("lifecycle", "dwell_limits", status), duration, FLAG_DWELL_LIMIT)
+    # Dead-letter queues: the variable's comma list, or the repeated flag, replaces the file's list.
+    queues = flags.get("dead_letter_queue")
+    if isinstance(queues, list | tuple) and queues:
+        doc.set(("messages", "dead_letter_queues"), [str(q) for q in queues], FLAG_DEAD_LETTER_QUEUE)
+    elif environ.get(ENV_DEAD_LETTER_QUEUES):
+        doc.set(("messages", "dead_letter_queues"), environ[ENV_DEAD_LETTER_QUEUES], ENV_DEAD_LETTER_QUEUES)
 
 
 def _missing_key(doc: _Doc, path: tuple[str | int, ...]) -> str:
