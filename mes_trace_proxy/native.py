@@ -57,6 +57,7 @@ COMPILED: Final = (
     "proxy",
     "redact",
     "rules",
+    "span_context",
     "spans",
     "tracecontext",
 )

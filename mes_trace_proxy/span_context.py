@@ -16,12 +16,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+from multidict import CIMultiDictProxy
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    TraceFlags,
+    TraceState,
+    get_current_span,
+    set_span_in_context,
+)
 
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tracecontext import caller_traceparent, parse_tracestate
 
-__all__ = ["EMPTY_TRACE_STATE", "caller_span_context", "clean_trace_state", "span_context", "trace_state"]
+__all__ = [
+    "EMPTY_TRACE_STATE",
+    "caller_span_context",
+    "clean_trace_state",
+    "incoming_context",
+    "span_context",
+    "trace_state",
+]
 
 _new_tuple: Final = tuple.__new__
 _new_object: Final = object.__new__
@@ -106,3 +123,23 @@ def clean_trace_state(context: SpanContext, redactor: Redactor) -> SpanContext:
             context.is_valid,
         ),
     )
+
+
+def incoming_context(
+    headers: CIMultiDictProxy[str], propagator: TextMapPropagator, *, w3c: bool, redactor: Redactor
+) -> Context:
+    """The caller's context as a ``Context`` (for code that starts spans through the SDK's tracer).
+
+    With the default W3C propagators it is read as the handler reads it (:func:`caller_span_context`:
+    every field, the editor's-draft grammar); with others, by them. Either way the tracestate
+    members that carry personal data are left out, as on the handler's spans.
+    """
+    if w3c:
+        found = caller_span_context(
+            headers.getall("traceparent", ()), headers.getall("tracestate", ()), redactor
+        )
+        return Context() if found is None else set_span_in_context(NonRecordingSpan(found), Context())
+    context = propagator.extract(headers)
+    caller = get_current_span(context).get_span_context()
+    cleaned = clean_trace_state(caller, redactor)
+    return context if cleaned is caller else set_span_in_context(NonRecordingSpan(cleaned), context)

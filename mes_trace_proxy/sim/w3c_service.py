@@ -57,7 +57,6 @@ class W3cTestService:
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
         self.port = 0
         #: every request's trace fields as received, oldest first (what tests read back)
         self.received: list[list[tuple[str, str]]] = []
@@ -69,7 +68,6 @@ class W3cTestService:
 
     async def start(self) -> W3cTestService:
         """Bind the listener (port 0: any free port, read back into :attr:`port`)."""
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_SECONDS))
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -82,11 +80,9 @@ class W3cTestService:
         return self
 
     async def aclose(self) -> None:
-        """Stop listening and close the callback client."""
+        """Stop listening."""
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
 
     async def __aenter__(self) -> W3cTestService:
         return await self.start()
@@ -104,7 +100,7 @@ class W3cTestService:
             return web.json_response({"error": "the body is not JSON"}, status=400)
         if not isinstance(actions, list):
             actions = [actions] if actions else []
-        results = []
+        results: list[dict[str, object]] = []
         for action in actions:
             if not isinstance(action, dict) or not isinstance(action.get("url"), str):
                 results.append({"error": "an action needs a url"})
@@ -116,11 +112,17 @@ class W3cTestService:
         self, url: str, arguments: object, fields: list[tuple[str, str]]
     ) -> dict[str, object]:
         """POST ``arguments`` to ``url`` with ``fields``; the outcome, never an exception."""
-        assert self._session is not None
-        # A list of pairs keeps repeated names and their order (a dict would merge them).
-        headers = [*fields, ("Content-Type", "application/json")]
+        # As session defaults, not per-request headers: aiohttp merges a per-request field whose
+        # name differs only in case from an earlier one ("tracestate", then "TRACESTATE"), while
+        # the defaults are copied as they are (the suite's own harness sends them this way too).
+        timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_SECONDS)
         try:
-            async with self._session.post(url, data=json.dumps(arguments), headers=headers) as resp:
+            async with (
+                aiohttp.ClientSession(headers=fields, timeout=timeout) as session,
+                session.post(
+                    url, data=json.dumps(arguments), headers={"Content-Type": "application/json"}
+                ) as resp,
+            ):
                 await resp.read()
                 return {"url": url, "status": resp.status}
         except (aiohttp.ClientError, TimeoutError) as exc:
