@@ -875,9 +875,9 @@ class SpanFactory:
         limits = self.limits
         kept: list[LeanLink] = []
         for link in links:
-            attributes = link.attributes
-            if link is not None and _is_valid_link(link.context, attributes):
-                cleaned, dropped = _bounded(attributes, limits.link_attributes, limits.value_length)
+            # A None among the links is skipped, as Span._new_links skips it ("if link and ...").
+            if link is not None and _is_valid_link(link.context, link.attributes):
+                cleaned, dropped = _bounded(link.attributes, limits.link_attributes, limits.value_length)
                 kept.append(LeanLink(link.context, cleaned, dropped))
         excess = len(kept) - limits.links
         if excess > 0:

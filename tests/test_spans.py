@@ -759,6 +759,8 @@ LIMIT_CASES: dict[str, tuple[dict[str, AttributeValue] | None, Sequence[Link], O
         lambda span: None,
     ),
     "links over their limits by add_link": (None, (), _links_over_limits),
+    # Regression: _set_links read link.attributes before checking for None (AttributeError).
+    "a None among the links is skipped": (None, (None, Link(CALLER), None), lambda span: None),  # type: ignore[dict-item]
     "status OK is final": (None, (), _status_ok_is_final),
     "status UNSET ignored": (None, (), _status_unset_ignored),
     "status description only with ERROR": (None, (), _status_description_only_with_error),
@@ -784,7 +786,7 @@ def test_limits_validation_and_status_rules_match_the_sdk(
     for make in ("sdk", "lean"):
         ids.reset()
         # Links are rebuilt: the SDK replaces the attributes of the Link objects it is given.
-        fresh = [Link(li.context, li.attributes) for li in links]
+        fresh = [None if li is None else Link(li.context, li.attributes) for li in links]
         if make == "sdk":
             span = tracer.start_span(
                 NAME,
