@@ -61,7 +61,7 @@ from mes_trace_proxy.problems import (
 from mes_trace_proxy.problems import rejection as make_rejection
 from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
 from mes_trace_proxy.rules import RouteMatch
-from mes_trace_proxy.span_context import caller_span_context, clean_trace_state
+from mes_trace_proxy.span_context import caller_span_context, clean_trace_state, span_context
 from mes_trace_proxy.spans import ProxySpan
 from mes_trace_proxy.tracecontext import (
     TrustPolicy,
@@ -90,7 +90,6 @@ log = logging.getLogger("mes_trace_proxy.proxy")
 # slow client never makes us hold more than a few of them per connection.
 CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
-_new_tuple: Final = tuple.__new__
 _DEFAULT_FLAGS: Final = TraceFlags(TraceFlags.DEFAULT)
 _DEFAULT_STATE: Final = TraceState()
 _FIRST_SPAN_LINK: Final = {A.MES_LINK_KIND: "order.first_span"}
@@ -878,10 +877,6 @@ def _record_order(
         # SpanContext is a tuple; its checked constructor costs more than the link itself
         # (the ids come from a span this process made, so they are valid).
         span.add_link(
-            _new_tuple(
-                trace_api.SpanContext,
-                (first.trace_id, first.span_id, False, _DEFAULT_FLAGS, _DEFAULT_STATE, True),
-            ),
-            _FIRST_SPAN_LINK,
+            span_context(first.trace_id, first.span_id, _DEFAULT_FLAGS, _DEFAULT_STATE), _FIRST_SPAN_LINK
         )
     return findings

@@ -83,6 +83,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 
 from mes_trace_proxy.attributes import HTTP_ROUTE
 from mes_trace_proxy.export import ExportStats, OtlpExportProcessor
+from mes_trace_proxy.span_context import span_context
 
 __all__ = ["LeanEvent", "LeanLink", "ProxySpan", "SpanFactory"]
 
@@ -92,8 +93,8 @@ log = logging.getLogger("mes_trace_proxy.spans")
 _NO_LIMIT: Final = sys.maxsize
 #: Attribute value types the SDK stores unchanged (exact types: subclasses take the SDK's path).
 _PLAIN: Final = frozenset({str, int, float, bool})
-#: ``tuple.__new__``: makes a SpanContext, LeanEvent or LeanLink from its fields without their
-#: Python-level ``__new__`` (SpanContext's only computes ``is_valid``, which is done here).
+#: ``tuple.__new__``: makes a LeanEvent or LeanLink from its fields without their Python-level
+#: ``__new__`` (SpanContexts come from span_context.span_context, which does the same).
 _new_tuple: Final = tuple.__new__
 _TRACE_ID_END: Final = 1 << 128
 _SPAN_ID_END: Final = 1 << 64
@@ -796,13 +797,13 @@ class SpanFactory:
         valid = 0 < trace < _TRACE_ID_END and 0 < span_id < _SPAN_ID_END
         if trace & _TRACE_ID_LOW >= bound:
             flags = _FLAGS[random_bit]
-            return NonRecordingSpan(_new_tuple(SpanContext, (trace, span_id, False, flags, state, valid)))
+            return NonRecordingSpan(span_context(trace, span_id, flags, state, valid=valid))
         flags = _FLAGS[_SAMPLED | random_bit]
         span = ProxySpan(
             self,
             name,
             kind,
-            _new_tuple(SpanContext, (trace, span_id, False, flags, state, valid)),
+            span_context(trace, span_id, flags, state, valid=valid),
             parent,
             time_ns() if start_time is None else start_time,
             self._provider.resource,
@@ -849,14 +850,14 @@ class SpanFactory:
         result = self._sampling.sampler.should_sample(context, trace, name, kind, merged, links)
         decision = result.decision
         flags = _FLAGS[(_SAMPLED if decision is Decision.RECORD_AND_SAMPLE else 0) | random_bit]
-        span_context = SpanContext(trace, self._new_span_id(), False, flags, result.trace_state)
+        context = SpanContext(trace, self._new_span_id(), False, flags, result.trace_state)
         if decision is Decision.DROP:
-            return NonRecordingSpan(span_context)
+            return NonRecordingSpan(context)
         span = ProxySpan(
             self,
             name,
             kind,
-            span_context,
+            context,
             parent,
             time_ns() if start_time is None else start_time,
             self._provider.resource,

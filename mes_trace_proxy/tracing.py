@@ -44,6 +44,7 @@ from mes_trace_proxy.attributes import HTTP_ROUTE
 from mes_trace_proxy.config import Config
 from mes_trace_proxy.correlation import OrderTraceIds
 from mes_trace_proxy.export import ExportStats, OtlpExportProcessor, make_transport, otlp_settings
+from mes_trace_proxy.span_context import span_context
 from mes_trace_proxy.spans import SpanFactory
 
 __all__ = [
@@ -376,10 +377,8 @@ class Tracing:
         else:
             trace = trace_id if trace_id is not None else ids.generate_trace_id()
             flags, state = _NOT_SAMPLED, _NO_STATE
-        # SpanContext is a tuple; its checked constructor costs more than the ids it holds.
-        return trace_api.NonRecordingSpan(
-            _new_tuple(trace_api.SpanContext, (trace, ids.generate_span_id(), False, flags, state, True))
-        )
+        # The checked SpanContext constructor costs more than the ids it holds.
+        return trace_api.NonRecordingSpan(span_context(trace, ids.generate_span_id(), flags, state))
 
     @property
     def service_name(self) -> str:
@@ -415,7 +414,6 @@ class Tracing:
 
 _NOT_SAMPLED: Final = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
 _NO_STATE: Final = trace_api.TraceState()
-_new_tuple: Final = tuple.__new__
 
 
 def is_default_w3c(propagator: TextMapPropagator) -> bool:
