@@ -227,7 +227,12 @@ class Attempt:
 
 
 class Transport(Protocol):
-    """Sends one encoded ``ExportTraceServiceRequest``; one call at a time."""
+    """Sends encoded ``ExportTraceServiceRequest``s, one per call, several calls at once.
+
+    The processor keeps up to :data:`MAX_IN_FLIGHT` calls running together, so an
+    implementation must take concurrent calls: ``HttpTransport`` has a pool of
+    :data:`HTTP_POOL` connections, ``GrpcTransport`` multiplexes them on one channel.
+    """
 
     async def send(self, body: bytes, budget: float) -> Attempt:
         """Send ``body`` once, within ``budget`` seconds; never raise for a collector's failure."""

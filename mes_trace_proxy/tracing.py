@@ -147,7 +147,11 @@ class RouteSampler(Sampler):
 
 
 class BatchExportProcessor(SpanProcessor):
-    """A bounded batch processor that counts what it drops.
+    """A bounded batch processor that counts what it drops: ``OTEL_TRACES_EXPORTER=console`` only.
+
+    Not the default: OTLP, the default exporter, goes through ``export.OtlpExportProcessor``
+    (see :func:`_processors`, where the choice is made). This one serves the SDK's
+    ``SpanExporter`` interface, which the console exporter needs.
 
     Like the SDK's ``BatchSpanProcessor`` (one worker thread, a bounded deque, batches by
     size or delay) but every lost span is counted, so a dead collector shows up in
@@ -288,11 +292,12 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
 
 
 def _processors(environ: Mapping[str, str]) -> list[OtlpExportProcessor | BatchExportProcessor]:
-    """One counting processor per ``OTEL_TRACES_EXPORTER`` entry.
+    """One counting processor per ``OTEL_TRACES_EXPORTER`` entry: the one place the choice is made.
 
-    OTLP goes through our own export path (``export.py``: spans encoded as they end, sent
-    from the event loop); ``console`` keeps the SDK's exporter in a worker thread, since it
-    is for debugging and its cost does not matter.
+    ``otlp`` -- the default, when the variable is unset -- goes through our own export path
+    (``export.OtlpExportProcessor``: spans encoded as they end, sent from the event loop);
+    ``console`` keeps the SDK's exporter in :class:`BatchExportProcessor`'s worker thread,
+    since it is for debugging and its cost does not matter; ``none`` adds nothing.
 
     Raises:
         ValueError: an unknown exporter or protocol, or an unusable ``OTEL_EXPORTER_OTLP_*``.
