@@ -745,7 +745,7 @@ class SpanFactory:
         The SDK equivalent: ``tracer.start_span(name, context=..., kind=kind,
         attributes={"http.route": route, **attributes}, links=links, start_time=start_time)``
         with the context holding ``NonRecordingSpan(parent)`` (an empty ``Context()`` for no
-        parent), inside ``tracing.ids.using(trace_id)``.
+        parent), with the provider's id generator answering ``trace_id`` for the root's trace id.
 
         Args:
             name: the span name.

@@ -26,6 +26,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -351,8 +352,8 @@ class Tracing:
     tracer: trace_api.Tracer
     propagator: TextMapPropagator
     processors: tuple[OtlpExportProcessor | BatchExportProcessor, ...]
-    #: the provider's id generator: ``ids.using(trace_id)`` picks a root span's trace id
-    ids: OrderTraceIds
+    #: the provider's id generator (a root span's trace id is chosen by ``spans.start(trace_id=)``)
+    ids: IdGenerator
     #: the proxy's own SERVER and CLIENT spans, made lean on the provider's configuration
     spans: SpanFactory
 

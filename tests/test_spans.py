@@ -49,7 +49,6 @@ from opentelemetry.util.types import Attributes, AttributeValue
 
 from mes_trace_proxy import __version__
 from mes_trace_proxy.config import Config
-from mes_trace_proxy.correlation import OrderTraceIds
 from mes_trace_proxy.export import Attempt, ExportStats, OtlpExportProcessor
 from mes_trace_proxy.otlp_encode import OtlpSpanEncoder
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
@@ -86,16 +85,16 @@ class _SeededRandom(IdGenerator):
         return self._random_ids
 
 
-class _SeededIds(OrderTraceIds):
-    """``OrderTraceIds`` (``using`` included) over seeded ids; ``build_tracing`` makes this one in tests."""
+class _SeededIds(_SeededRandom):
+    """Seeded ids whose next root trace id can be chosen: the SDK tracer's side of a comparison
+    with ``spans.start(trace_id=)`` (the SDK asks the generator for a root span's trace id)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._random = _SeededRandom()  # type: ignore[assignment]
+        self.chosen: int | None = None
 
-    def reset(self) -> None:
-        assert isinstance(self._random, _SeededRandom)
-        self._random.reset()
+    def generate_trace_id(self) -> int:
+        return self.chosen if self.chosen is not None else super().generate_trace_id()
 
 
 @pytest.fixture
@@ -440,10 +439,15 @@ def _compare_start(
 ) -> None:
     """Start the span both ways from the same ids and compare what a caller can see of it."""
     _reset(tracing)
-    with tracing.ids.using(trace_id):
+    ids = tracing.ids
+    assert isinstance(ids, _SeededIds)
+    ids.chosen = trace_id
+    try:
         sdk = tracing.tracer.start_span(
             NAME, context=_context_of(parent), kind=start.kind, attributes=start.merged(), links=start.links
         )
+    finally:
+        ids.chosen = None
     _reset(tracing)
     lean = tracing.spans.start(
         NAME,
