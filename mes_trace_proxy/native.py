@@ -55,9 +55,11 @@ COMPILED: Final = (
     "orders",
     "otlp_encode",
     "proxy",
+    "proxy_span",
     "redact",
     "rules",
     "span_context",
+    "span_limits",
     "spans",
     "tracecontext",
 )
