@@ -48,6 +48,7 @@ COMPONENTS: Final = (
     ("mes_trace_proxy/export.py", EXPORT_COMPONENT),
     ("mes_trace_proxy/otlp_transport.py", EXPORT_COMPONENT),
     ("mes_trace_proxy/otlp_encode.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/otlp_wire.py", EXPORT_COMPONENT),
     ("mes_trace_proxy/", "our code (mes_trace_proxy)"),
     ("bench/peers/", "the peer's own handler"),
     ("aiohttp/web_", "aiohttp server"),

@@ -54,6 +54,7 @@ COMPILED: Final = (
     "metrics",
     "orders",
     "otlp_encode",
+    "otlp_wire",
     "proxy",
     "proxy_span",
     "redact",

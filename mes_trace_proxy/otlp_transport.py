@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mes_trace_proxy import __version__
-from mes_trace_proxy.otlp_encode import rejected_spans
+from mes_trace_proxy.otlp_wire import rejected_spans
 from mes_trace_proxy.otlp_settings import OtlpSettings
 
 __all__ = [
