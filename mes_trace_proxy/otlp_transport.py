@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mes_trace_proxy import __version__
-from mes_trace_proxy.otlp_wire import rejected_spans
 from mes_trace_proxy.otlp_settings import OtlpSettings
+from mes_trace_proxy.otlp_wire import rejected_spans
 
 __all__ = [
     "HTTP_POOL",

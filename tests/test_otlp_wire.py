@@ -80,7 +80,7 @@ def test_values_otlp_cannot_carry_are_refused(value: object, error: type[Excepti
 )
 def test_malformed_messages_raise_value_error(data: bytes) -> None:
     """message_fields refuses what it cannot read with ValueError only."""
-    with pytest.raises(ValueError, match="varint|truncated|wire type"):
+    with pytest.raises(ValueError, match=r"varint|truncated|wire type"):
         message_fields(data)
 
 
