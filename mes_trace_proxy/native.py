@@ -54,9 +54,13 @@ COMPILED: Final = (
     "metrics",
     "orders",
     "otlp_encode",
+    "otlp_wire",
     "proxy",
+    "proxy_span",
     "redact",
     "rules",
+    "span_context",
+    "span_limits",
     "spans",
     "tracecontext",
 )

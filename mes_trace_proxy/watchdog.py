@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from mes_trace_proxy import attributes as A
@@ -205,20 +204,20 @@ class Watchdog:
         at = int(now * _NS)
         trace_id = order_trace_id(stuck.order_id) if self._correlation == "trace-per-order" else None
         try:
-            with self._tracing.ids.using(trace_id):
-                span = self._tracing.tracer.start_span(
-                    A.SPAN_ORDER_STUCK,
-                    context=Context(),  # a root span: the watchdog acts on its own, not for a caller
-                    kind=SpanKind.INTERNAL,
-                    attributes={
-                        A.MES_ORDER_ID: stuck.order_id,
-                        A.MES_ORDER_STATUS: stuck.status,
-                        A.MES_ORDER_DWELL: dwell,
-                        A.MES_ORDER_DWELL_LIMIT: stuck.limit,
-                    },
-                    links=[link for link in links if link is not None],
-                    start_time=at,
-                )
+            span = self._tracing.spans.start(
+                A.SPAN_ORDER_STUCK,
+                kind=SpanKind.INTERNAL,
+                parent=None,  # a root span: the watchdog acts on its own, not for a caller
+                attributes={
+                    A.MES_ORDER_ID: stuck.order_id,
+                    A.MES_ORDER_STATUS: stuck.status,
+                    A.MES_ORDER_DWELL: dwell,
+                    A.MES_ORDER_DWELL_LIMIT: stuck.limit,
+                },
+                links=[link for link in links if link is not None],
+                trace_id=trace_id,
+                start_time=at,
+            )
             span.end(end_time=at)
         except Exception:  # telemetry never fails the check; the log line above went out
             log.exception("recording the stuck-order span failed")
