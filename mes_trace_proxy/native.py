@@ -52,6 +52,8 @@ COMPILED: Final = (
     "forwarding",
     "logs",
     "metrics",
+    "order_index",
+    "order_records",
     "orders",
     "otlp_encode",
     "proxy",

@@ -25,6 +25,8 @@ CORE: Final = (
     "forwarding",
     "lifecycle",
     "orders",
+    "order_records",
+    "order_index",
     "problems",
     "explain",
     "admin_page",

@@ -355,7 +355,7 @@ def test_overdue_oldest_first_and_stuck_sorted(book: OrderBook, call: Calls) -> 
 
 @pytest.mark.skipif(
     "orders" in native.current().modules,
-    reason="the native build calls _since directly, past the patch; make test's pure pass runs this",
+    reason="the native build calls since_of directly, past the patch; make test's pure pass runs this",
 )
 def test_overdue_touches_only_due_orders(
     book: OrderBook, call: Calls, monkeypatch: pytest.MonkeyPatch
@@ -364,14 +364,14 @@ def test_overdue_touches_only_due_orders(
     for i in range(1000):
         call(f"o-{i}", "SUBMITTED", at=T0 + i)
     reads = 0
-    real: Callable[[bytes], float] = orders_module._since
+    real: Callable[[bytes], float] = orders_module.since_of
 
     def counting(hist: bytes) -> float:
         nonlocal reads
         reads += 1
         return real(hist)
 
-    monkeypatch.setattr(orders_module, "_since", counting)
+    monkeypatch.setattr(orders_module, "since_of", counting)
     found = book.overdue(T0 + SUBMITTED_LIMIT + 2.5)  # o-0, o-1, o-2 are due
     assert [s.order_id for s in found] == ["o-0", "o-1", "o-2"]
     # 1 per due order + 1 to stop, plus 1 per due order to build its StuckOrder.
