@@ -141,21 +141,19 @@ class _Orders:
         except ValueError as exc:
             return _bad_request(str(exc))
         now = self._shared.clock()
-        found = book.stuck(now)
-        items = [self._stuck_json(book, s, now) for s in found[page.offset : page.offset + page.limit]]
+        # A page costs its own orders, not the whole stuck list (a mass event can hold 100k).
+        found = book.stuck(now, offset=page.offset, limit=page.limit)
         return web.json_response(
             {
                 "now": iso_utc(now),
-                "total": len(found),
+                "total": book.stuck_total(),
                 "limit": page.limit,
                 "offset": page.offset,
-                "orders": items,
+                "orders": [self._stuck_json(s, now) for s in found],
             }
         )
 
-    def _stuck_json(self, book: OrderBook, stuck: StuckOrder, now: float) -> dict[str, object]:
-        view = book.get(stuck.order_id)
-        first = view.history[0].at if view is not None else stuck.since
+    def _stuck_json(self, stuck: StuckOrder, now: float) -> dict[str, object]:
         return {
             "order_id": stuck.order_id,
             "status": stuck.status,
@@ -163,7 +161,7 @@ class _Orders:
             "over_limit_by_seconds": round(stuck.over_by, 3),
             "limit_seconds": stuck.limit,
             "last_trace_id": stuck.span.trace_id_hex,
-            "jaeger_url": self._search(stuck.order_id, first, now),
+            "jaeger_url": self._search(stuck.order_id, stuck.first_seen, now),
         }
 
     async def by_status(self, request: web.Request) -> web.StreamResponse:

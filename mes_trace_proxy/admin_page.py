@@ -130,7 +130,7 @@ class DashboardData:
 def dashboard_data(
     book: OrderBook, now: float, *, jaeger_url: str, service: str, refresh: int = 30
 ) -> DashboardData:
-    """Copy what the page needs out of the book (O(statuses + stuck orders)).
+    """Copy what the page needs out of the book (O(statuses + ``PAGE_STUCK_LIMIT``)).
 
     Args:
         book: The order book.
@@ -143,9 +143,8 @@ def dashboard_data(
         The page's data.
     """
     snapshot = book.snapshot()
-    stuck = book.stuck(now)
     entries = []
-    for item in stuck[:PAGE_STUCK_LIMIT]:
+    for item in book.stuck(now, limit=PAGE_STUCK_LIMIT):
         view = book.get(item.order_id)
         entries.append(StuckEntry(stuck=item, history=view.history if view is not None else ()))
     known = book.lifecycle.known
@@ -156,7 +155,7 @@ def dashboard_data(
         counts=snapshot.by_status,
         stuck_counts=snapshot.stuck_by_status,
         stuck=tuple(entries),
-        stuck_total=len(stuck),
+        stuck_total=sum(snapshot.stuck_by_status.values()),
         tracked=snapshot.orders,
         jaeger_url=jaeger_url,
         service=service,

@@ -147,18 +147,22 @@ class StatusQueue:
     """The orders in one status, oldest first: ``waiting``, and ``stuck`` (reported).
 
     Orders enter a status at ``now``, so appending keeps each chain ordered. An insertion
-    older than the tail (clock step, merge from a replica) marks the queue ``dirty``, and the
-    next ordered read re-sorts it.
+    older than a chain's newest (clock step, merge from a replica, an order flagged stuck
+    after a replica's newer one) marks the queue ``dirty``, and the next ordered read
+    re-sorts it. Both chains sorted is what lets the stuck list be read a page at a time.
     """
 
-    __slots__ = ("dirty", "flags", "links", "stuck", "tail", "waiting")
+    __slots__ = ("dirty", "flags", "links", "stuck", "stuck_tail", "tail", "waiting")
 
     def __init__(self, links: Slots) -> None:
         self.links = links
         self.flags = links.stuck
         self.waiting = Chain(links)
         self.stuck = Chain(links)
+        # The newest ``since`` added to either chain, and to the stuck chain (upper bounds:
+        # removals leave them as they are, which at worst costs one needless re-sort).
         self.tail = -math.inf
+        self.stuck_tail = -math.inf
         self.dirty = False
 
     def add(self, slot: int, since: float, *, stuck: bool = False) -> None:
@@ -168,6 +172,8 @@ class StatusQueue:
             self.dirty = True
         else:
             self.tail = since
+        if stuck and since > self.stuck_tail:
+            self.stuck_tail = since
 
     def remove(self, slot: int) -> bool:
         """Remove the order; return True when it was reported stuck."""
@@ -177,10 +183,15 @@ class StatusQueue:
         self.waiting.unlink(slot)
         return False
 
-    def flag_stuck(self, slot: int) -> None:
+    def flag_stuck(self, slot: int, since: float) -> None:
+        """Move the order from waiting to stuck (``since``: when it entered the status)."""
         self.waiting.unlink(slot)
         self.stuck.push(slot)
         self.flags[slot] = True
+        if since < self.stuck_tail:
+            self.dirty = True
+        else:
+            self.stuck_tail = since
 
     def ordered(self, orders: Mapping[str, bytes]) -> None:
         if self.dirty:

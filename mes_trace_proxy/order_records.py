@@ -258,6 +258,12 @@ def since_of(hist: bytes) -> float:
     return at
 
 
+def first_at(hist: bytes, start: int) -> float:
+    """When the first entry of the history at ``start`` was recorded."""
+    at: float = _AT.unpack_from(hist, start)[0]
+    return at
+
+
 def span_at(hist: bytes, offset: int) -> SpanRef:
     hi, lo, span = _SPAN.unpack_from(hist, offset + 8)
     return SpanRef((hi << 64) | lo, span)

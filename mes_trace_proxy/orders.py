@@ -8,6 +8,7 @@ and the name tables, slots and per-status queues the book indexes orders with ar
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from types import MappingProxyType
 from typing import Final
 
 from mes_trace_proxy.lifecycle import Lifecycle, TransitionKind
-from mes_trace_proxy.order_index import OTHER, SLOT, SLOT_SIZE, NameTable, Slots, StatusQueue
+from mes_trace_proxy.order_index import NIL, OTHER, SLOT, SLOT_SIZE, NameTable, Slots, StatusQueue
 from mes_trace_proxy.order_records import (
     COMPACT_SIZE,
     ENTRY,
@@ -27,6 +28,7 @@ from mes_trace_proxy.order_records import (
     OrderRecord,
     SpanRef,
     append_entry,
+    first_at,
     pack_all,
     since_of,
     span_at,
@@ -99,6 +101,8 @@ class StuckOrder:
     over_by: float
     span: SpanRef
     first_span: SpanRef
+    first_seen: float
+    """When the book first saw the order (the start of a search for its spans)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +136,8 @@ class BookSnapshot:
 
 
 _NOTHING: Final = Findings()
+
+
 # Name tables past the lifecycle: a MES with local changes adds a handful of statuses, and
 # every one becomes a metric label; 32 leaves room and still bounds the label set.
 _EXTRA_STATUSES: Final = 32
@@ -412,26 +418,75 @@ class OrderBook:
         for status, limit in self._limits.items():
             queue = self._queues[status]
             queue.ordered(orders)
-            due: list[int] = []
+            due: list[tuple[int, float]] = []
             for slot in queue.waiting:
-                if now - since_of(orders[ids[slot]]) <= limit:
+                since = since_of(orders[ids[slot]])
+                if now - since <= limit:
                     break
-                due.append(slot)
-            for slot in due:
-                queue.flag_stuck(slot)
+                due.append((slot, since))
+            for slot, since in due:
+                queue.flag_stuck(slot, since)
                 found.append(self._stuck_order(ids[slot], status, limit, now))
         return found
 
-    def stuck(self, now: float) -> list[StuckOrder]:
-        """Every order currently flagged stuck, the longest over its limit first."""
+    def stuck_total(self) -> int:
+        """How many orders are flagged stuck now, in O(statuses)."""
+        queues = self._queues
+        return sum(queues[status].stuck.size for status in self._limits)
+
+    def stuck(self, now: float, *, offset: int = 0, limit: int | None = None) -> list[StuckOrder]:
+        """Orders flagged stuck, the longest over its limit first: a page, or every one.
+
+        Each status keeps its stuck orders oldest first, so they are already in order of
+        lateness within the status; the page is a merge of those lists that stops after
+        ``offset + limit`` orders and builds only the page's: O(offset + limit) for the few
+        statuses with a dwell limit, whatever the total.
+
+        Args:
+            now: Wall-clock epoch seconds.
+            offset: Orders to skip.
+            limit: Orders to return at most (None: all from ``offset`` on).
+
+        Raises:
+            ValueError: for a negative ``offset`` or ``limit``.
+        """
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError("limit and offset must not be negative")
+        orders = self._orders
         ids = self._links.ids
-        found = [
-            self._stuck_order(ids[slot], status, limit, now)
-            for status, limit in self._limits.items()
-            for slot in self._queues[status].stuck
-        ]
-        found.sort(key=lambda s: s.over_by, reverse=True)
-        return found
+        after = self._links.next
+        # One run per status with stuck orders: its next slot, that order's lateness, and the
+        # status's name and limit. Few statuses have limits, so a scan picks the next order.
+        slots: list[int] = []
+        lateness: list[float] = []
+        names: list[str] = []
+        limits: list[float] = []
+        for status, dwell_limit in self._limits.items():
+            queue = self._queues[status]
+            if queue.stuck.size:
+                queue.ordered(orders)
+                head = queue.stuck.head
+                slots.append(head)
+                lateness.append(now - since_of(orders[ids[head]]) - dwell_limit)
+                names.append(status)
+                limits.append(dwell_limit)
+        end = self.stuck_total() if limit is None else offset + limit
+        page: list[StuckOrder] = []
+        for taken in range(end):
+            run = -1
+            most = -math.inf
+            for i, late in enumerate(lateness):
+                if late > most:  # strictly: on a tie the earlier status goes first
+                    run, most = i, late
+            if run < 0:
+                break
+            slot = slots[run]
+            if taken >= offset:
+                page.append(self._stuck_order(ids[slot], names[run], limits[run], now))
+            slot = after[slot]
+            slots[run] = slot
+            lateness[run] = -math.inf if slot == NIL else now - since_of(orders[ids[slot]]) - limits[run]
+        return page
 
     def _stuck_order(self, order_id: str, status: str, limit: float, now: float) -> StuckOrder:
         hist = self._orders[order_id]
@@ -444,6 +499,7 @@ class OrderBook:
             over_by=now - since - limit,
             span=span_at(hist, len(hist) - ENTRY_SIZE),
             first_span=span_at(hist, SLOT_SIZE),
+            first_seen=first_at(hist, SLOT_SIZE),
         )
 
     def purge(self, now: float, retention: float) -> int:

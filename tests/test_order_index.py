@@ -43,9 +43,28 @@ def test_queue_is_oldest_first_and_resorts_after_an_older_insert() -> None:
     assert queue.dirty
     queue.ordered(orders)
     assert [slots.ids[s] for s in queue.slots()] == ["a", "b", "c"]
-    queue.flag_stuck(2)  # "a" (slot 2) is reported stuck
+    queue.flag_stuck(2, T0 + 1)  # "a" (slot 2) is reported stuck
     assert [slots.ids[s] for s in queue.stuck] == ["a"]
+    assert not queue.dirty
     assert [slots.ids[s] for s in queue.slots()] == ["a", "b", "c"]
     assert queue.remove(2) is True
     assert queue.remove(0) is False
     assert len(queue) == 1
+
+
+def test_flagging_an_order_older_than_a_stuck_one_marks_the_queue_for_sorting() -> None:
+    """A replica's newer stuck order ahead of an older local one is put back in order."""
+    slots = Slots()
+    queue = StatusQueue(slots)
+    orders: dict[str, bytes] = {}
+    newer = slots.alloc("replica")
+    orders["replica"] = _hist(newer, T0 + 50)
+    older = slots.alloc("local")
+    orders["local"] = _hist(older, T0 + 10)
+    queue.add(older, T0 + 10)
+    queue.add(newer, T0 + 50, stuck=True)
+    assert not queue.dirty
+    queue.flag_stuck(older, T0 + 10)
+    assert queue.dirty
+    queue.ordered(orders)
+    assert [slots.ids[s] for s in queue.stuck] == ["local", "replica"]
