@@ -27,6 +27,7 @@ from aiohttp import web
 from mes_trace_proxy import native
 from mes_trace_proxy.admin import TOKENS, build_admin_app
 from mes_trace_proxy.app import Shared, build_proxy_server
+from mes_trace_proxy.book_sync import BookSync
 from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
 from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.logs import AccessLog
@@ -180,10 +181,10 @@ async def running(
     if clock is not None:
         shared.clock = clock
     metrics.bind(upstream_answers=shared.readiness.last_upstream_answer)
+    sync = BookSync(book=book, store=store, writer=writer)
     watchdog = Watchdog(
         book=book,
-        store=store,
-        writer=writer,
+        sync=sync,
         tracing=tracing,
         config=config.watchdog,
         metrics=metrics,
@@ -194,12 +195,12 @@ async def running(
     # --state memory the order book is the state: copying each change into a MemoryStore would
     # keep every order twice and cost every status change a record for nobody to read.
     if not isinstance(store, MemoryStore):
-        shared.on_order_changed = watchdog.order_changed
+        shared.on_order_changed = sync.order_changed
     metrics.bind(
         export_stats=tracing.export_stats,
         order_counts=book.counts,
         stuck_counts=watchdog.stuck_counts,
-        store_stats=watchdog.store_stats,
+        store_stats=sync.store_stats,
     )
     runners: list[web.BaseRunner] = []
     sessions = []
@@ -219,7 +220,7 @@ async def running(
             for name, server in servers.items()
         }
     )
-    await watchdog.restore()
+    await sync.restore()
     # Spans are encoded as they end and sent by tasks on this loop (export.py).
     tracing.start()
     writer.start()
