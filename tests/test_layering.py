@@ -27,6 +27,7 @@ CORE: Final = (
     "orders",
     "order_records",
     "order_index",
+    "store_codec",
     "problems",
     "explain",
     "admin_page",
