@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from mes_trace_proxy.orders import HistoryEntry, OrderBook, StuckOrder
 
@@ -22,6 +22,7 @@ __all__ = [
     "dashboard_data",
     "human_duration",
     "iso_utc",
+    "jaeger_link_base",
     "jaeger_search_url",
     "jaeger_trace_url",
     "render",
@@ -60,6 +61,18 @@ def human_duration(seconds: float) -> str:
                     text += f" {rest} {next_name}"
             return text
     raise AssertionError("unreachable: the last unit is one second")
+
+
+def jaeger_link_base(url: str) -> str:
+    """The Jaeger UI base URL as links may carry it: no user, password, query or fragment.
+
+    ``--jaeger-url`` may hold credentials (``https://user:secret@jaeger``) for a proxy in front
+    of Jaeger; links go to every viewer of the page and the orders API, so they never do.
+    The browser asks the viewer to sign in instead.
+    """
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
 def jaeger_search_url(base: str, service: str, order_id: str, *, start: float, end: float) -> str:
@@ -249,7 +262,7 @@ def _stuck_list(data: DashboardData) -> str:
     items = [_stuck_item(data, entry, index < _OPEN_TIMELINES) for index, entry in enumerate(data.stuck)]
     more = data.stuck_total - len(data.stuck)
     tail = (
-        f'<p class="meta">{more} more: <a href="orders/stuck">orders/stuck</a> lists every one.</p>'
+        f'<p class="meta">{more} more: <a href="orders/-/stuck">orders/-/stuck</a> lists every one.</p>'
         if more > 0
         else ""
     )

@@ -18,6 +18,7 @@ from mes_trace_proxy.admin_page import (
     dashboard_data,
     human_duration,
     iso_utc,
+    jaeger_link_base,
     jaeger_search_url,
     jaeger_trace_url,
     render,
@@ -77,6 +78,21 @@ def test_jaeger_search_url_matches_the_jaeger_ui_format() -> None:
         "limit": "100",
     }
     assert jaeger_trace_url(JAEGER, "ab" * 16) == f"{JAEGER}/trace/{'ab' * 16}"
+
+
+@pytest.mark.parametrize(
+    ("configured", "link_base"),
+    [
+        ("http://jaeger:16686", "http://jaeger:16686"),
+        ("https://user:secret@jaeger.example/ui/", "https://jaeger.example/ui"),
+        ("https://user@jaeger.example:8443", "https://jaeger.example:8443"),
+        ("https://u:p@ss@[::1]:16686/x?token=secret#frag", "https://[::1]:16686/x"),
+    ],
+    ids=["plain", "user-password", "user-only", "at-in-password-query-fragment"],
+)
+def test_links_never_carry_the_jaeger_urls_credentials(configured: str, link_base: str) -> None:
+    """The base links use has no user, password, query or fragment, whatever --jaeger-url holds."""
+    assert jaeger_link_base(configured) == link_base
 
 
 def _book() -> OrderBook:

@@ -36,6 +36,7 @@ from mes_trace_proxy.tracecontext import order_trace_id
 from mes_trace_proxy.tracing import build_tracing
 from mes_trace_proxy.watchdog import REPORTS_PER_CHECK, STUCK_MESSAGE, UNREPORTED_MESSAGE, Watchdog
 from tests.conftest import MakeConfig, ManualClock, RedisServer, StartProxy, otlp_env
+from tests.proxy_process import ProxyProcess, proxy_process
 from tests.upstream import RecordingUpstream
 
 SUBMITTED_LIMIT = 15 * 60.0  # the reference dwell limit of SUBMITTED (mes-api.md)
@@ -406,7 +407,7 @@ class Stack:
             return await resp.text()
 
     async def stuck_ids(self) -> list[str]:
-        status, doc = await self.admin("/orders/stuck")
+        status, doc = await self.admin("/orders/-/stuck")
         assert status == 200
         assert isinstance(doc, dict)
         return [item["order_id"] for item in doc["orders"]]
@@ -624,7 +625,7 @@ async def test_two_proxies_sharing_redis_agree(
         assert await a.watchdog.sync.writer.flush()
         assert (await b.watchdog.check_once(clock())).found == ()
         for proxy in (a, b):
-            async with http.get(f"{proxy.admin_url}/orders/stuck") as resp:
+            async with http.get(f"{proxy.admin_url}/orders/-/stuck") as resp:
                 assert [o["order_id"] for o in (await resp.json())["orders"]] == ["ORD-R"]
 
         async with http.put(f"{b.url('egress')}/api/orders/ORD-R/price", json={"price": 1}) as resp:
@@ -633,7 +634,7 @@ async def test_two_proxies_sharing_redis_agree(
         assert (await a.watchdog.check_once(clock())).merged == 1
         views = []
         for proxy in (a, b):
-            async with http.get(f"{proxy.admin_url}/orders/stuck") as resp:
+            async with http.get(f"{proxy.admin_url}/orders/-/stuck") as resp:
                 assert (await resp.json())["orders"] == []
             async with http.get(f"{proxy.admin_url}/orders/ORD-R") as resp:
                 views.append(await resp.json())
@@ -685,3 +686,74 @@ async def test_unusable_state_url_stops_start_up_naming_the_option(
     with pytest.raises(StartupError, match=r"^--state / MES_PROXY_STATE / watchdog.state: state URL"):
         async with running(make_config(base, state=state), environ=NO_OTEL):
             pytest.fail("the proxy started")
+
+
+# ── a real proxy process: a mass event, the stuck page, metrics and links ───────────────────
+
+MASS = REPORTS_PER_CHECK + 30
+JAEGER_SECRET = "jaeger-pass-4417"
+
+
+async def _wait_for_line(proc: ProxyProcess, message: str) -> dict[str, object]:
+    """The first JSON line the child printed with ``message`` (its output is pumped by a task)."""
+    async with asyncio.timeout(3 * WAIT):
+        while True:
+            for line in proc.json_lines():
+                if line.get("message") == message:
+                    return line
+            await asyncio.sleep(0.05)
+
+
+async def test_a_mass_event_in_a_real_proxy_process(
+    recording_upstream: tuple[str, RecordingUpstream], otlp_sink: OtlpSink
+) -> None:
+    """130 orders stuck at once: 100 spans and lines, one summary; pages, metrics and links stay clean."""
+    base, _ = recording_upstream
+    args = [
+        *("--upstream", base, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+        *("--state", "memory", "--dwell-limit", "SUBMITTED=1s", "--check-interval", "4s"),
+        *("--jaeger-url", f"https://viewer:{JAEGER_SECRET}@jaeger.example:16686/ui?token={JAEGER_SECRET}"),
+    ]
+    async with proxy_process(args, otlp_env(otlp_sink)) as proc, aiohttp.ClientSession() as http:
+        # The first check ran at start; all orders go in well before the second, 4 s later.
+        await asyncio.gather(
+            *(_price(http, proc.url(), f"ORD-{n:04d}") for n in range(MASS)),
+            _set(http, proc.url(), "ORD-NAMED", "Petrov Sergei Ivanovich"),
+        )
+        summary = await _wait_for_line(proc, UNREPORTED_MESSAGE)
+        spans = await otlp_sink.wait_for_spans(
+            REPORTS_PER_CHECK, predicate=lambda s: s.name == "mes.order.stuck"
+        )
+        async with http.get(f"{proc.admin_url}/orders/-/stuck?limit=5") as resp:
+            page = await resp.json()
+        async with http.get(f"{proc.admin_url}/") as resp:
+            html_page = await resp.text()
+        async with http.get(f"{proc.admin_url}/metrics") as resp:
+            metrics_text = await resp.text()
+    lines = [line for line in proc.json_lines() if line.get("message") == STUCK_MESSAGE]
+    assert (summary["count"], summary["reported"]) == (MASS - REPORTS_PER_CHECK, REPORTS_PER_CHECK)
+    assert summary["by_status"] == {"SUBMITTED": MASS - REPORTS_PER_CHECK}
+    assert len(lines) == len(spans) == REPORTS_PER_CHECK
+    # The most late are the ones reported: the first orders sent (all in one check).
+    assert (page["total"], len(page["orders"])) == (MASS, 5)
+    assert {o["order_id"] for o in page["orders"]} <= {line["order_id"] for line in lines}
+    assert _sample(metrics_text, "mes_order_stuck_found_total", status="SUBMITTED") == MASS
+    assert _sample(metrics_text, "mes_order_stuck_unreported_total", status="SUBMITTED") == MASS - 100
+    assert _sample(metrics_text, "mes_orders", status="_OTHER") == 1
+    assert "Petrov" not in metrics_text
+    # Links point at the Jaeger UI without the credentials --jaeger-url carries.
+    for text in (json.dumps(page), html_page):
+        assert JAEGER_SECRET not in text
+        assert "viewer@" not in text
+    assert page["orders"][0]["jaeger_url"].startswith("https://jaeger.example:16686/ui/search?")
+    assert "https://jaeger.example:16686/ui/search?" in html_page
+
+
+async def _price(http: aiohttp.ClientSession, base: str, order_id: str) -> None:
+    async with http.post(f"{base}/api/v1/orders/{order_id}/price-calculation") as resp:
+        assert resp.status == 200
+
+
+async def _set(http: aiohttp.ClientSession, base: str, order_id: str, status: str) -> None:
+    async with http.put(f"{base}/api/v1/orders/{order_id}/status", json={"status": status}) as resp:
+        assert resp.status == 200
