@@ -54,6 +54,7 @@ COMPILED: Final = (
     "metrics",
     "order_index",
     "order_records",
+    "order_values",
     "orders",
     "otlp_encode",
     "proxy",

@@ -362,12 +362,11 @@ async def _devtools_page(
     )
     assert proc.stderr is not None
     async with asyncio.timeout(CHROMIUM_TIMEOUT_S):
-        while True:  # Chromium says where its DevTools listen, once it does
+        line = ""
+        while not line.startswith("DevTools listening on ws://"):  # said once they listen
             line = (await proc.stderr.readline()).decode(errors="replace")
             assert line, "chromium exited before its DevTools were up"
-            if line.startswith("DevTools listening on ws://"):
-                port = int(line.split("ws://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-                break
+        port = int(line.split("ws://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
         async with http.get(f"http://127.0.0.1:{port}/json/list") as resp:
             targets = await resp.json()
     page = next(t for t in targets if t["type"] == "page")

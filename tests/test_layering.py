@@ -27,6 +27,7 @@ CORE: Final = (
     "orders",
     "order_records",
     "order_index",
+    "order_values",
     "store_codec",
     "problems",
     "explain",

@@ -27,6 +27,11 @@ def test_slots_are_reused() -> None:
     assert slots.ids == ["a", "d", "c"]
 
 
+def _dirty(queue: StatusQueue) -> bool:
+    # A call, not the attribute: mypy would narrow ``queue.dirty`` across the calls between.
+    return queue.dirty
+
+
 def _hist(slot: int, since: float) -> bytes:
     return SLOT.pack(slot) + ENTRY.pack(since, 0, 1, 1, 0, 0, 0, 0)
 
@@ -40,12 +45,12 @@ def test_queue_is_oldest_first_and_resorts_after_an_older_insert() -> None:
         slot = slots.alloc(order_id)
         orders[order_id] = _hist(slot, since)
         queue.add(slot, since)
-    assert queue.dirty
+    assert _dirty(queue)
     queue.ordered(orders)
     assert [slots.ids[s] for s in queue.slots()] == ["a", "b", "c"]
     queue.flag_stuck(2, T0 + 1)  # "a" (slot 2) is reported stuck
     assert [slots.ids[s] for s in queue.stuck] == ["a"]
-    assert not queue.dirty
+    assert not _dirty(queue)
     assert [slots.ids[s] for s in queue.slots()] == ["a", "b", "c"]
     assert queue.remove(2) is True
     assert queue.remove(0) is False
@@ -63,8 +68,8 @@ def test_flagging_an_order_older_than_a_stuck_one_marks_the_queue_for_sorting() 
     orders["local"] = _hist(older, T0 + 10)
     queue.add(older, T0 + 10)
     queue.add(newer, T0 + 50, stuck=True)
-    assert not queue.dirty
+    assert not _dirty(queue)
     queue.flag_stuck(older, T0 + 10)
-    assert queue.dirty
+    assert _dirty(queue)
     queue.ordered(orders)
     assert [slots.ids[s] for s in queue.stuck] == ["local", "replica"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mes_trace_proxy import native
+from mes_trace_proxy import native, order_records
 from mes_trace_proxy import orders as orders_module
 from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, Lifecycle, TransitionKind
 from mes_trace_proxy.orders import (
@@ -393,7 +393,7 @@ def test_a_stuck_page_reads_only_its_orders(
         call(f"a-{i}", "MANUFACTURING_APPROVED", at=T0 + i)
     book.overdue(T0 + 86400)
     reads = 0
-    real: Callable[[bytes], float] = orders_module.since_of
+    real: Callable[[bytes], float] = order_records.since_of
 
     def counting(hist: bytes) -> float:
         nonlocal reads
@@ -420,7 +420,7 @@ def test_overdue_touches_only_due_orders(
     for i in range(1000):
         call(f"o-{i}", "SUBMITTED", at=T0 + i)
     reads = 0
-    real: Callable[[bytes], float] = orders_module.since_of
+    real: Callable[[bytes], float] = order_records.since_of
 
     def counting(hist: bytes) -> float:
         nonlocal reads
