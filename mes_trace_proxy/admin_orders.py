@@ -37,7 +37,7 @@ from mes_trace_proxy.admin_page import (
     render,
 )
 from mes_trace_proxy.app import Shared
-from mes_trace_proxy.orders import HistoryEntry, OrderBook, OrderView, StuckOrder
+from mes_trace_proxy.orders import HistoryEntry, OrderBook, OrderView, SpanRef, StuckOrder
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
 __all__ = [
@@ -208,16 +208,23 @@ class _Orders:
             }
         )
 
-    def _stuck_json(self, stuck: StuckOrder, now: float) -> dict[str, object]:
+    def _entry(
+        self, order_id: str, status: str, since: float, span: SpanRef, first_seen: float, now: float
+    ) -> dict[str, object]:
+        """The fields every order entry of the API carries: the one place to add one to all."""
         return {
-            "order_id": stuck.order_id,
-            "status": stuck.status,
-            "since": iso_utc(stuck.since),
-            "over_limit_by_seconds": round(stuck.over_by, 3),
-            "limit_seconds": stuck.limit,
-            "last_trace_id": stuck.span.trace_id_hex,
-            "jaeger_url": self._search(stuck.order_id, stuck.first_seen, now),
+            "order_id": order_id,
+            "status": status,
+            "since": iso_utc(since),
+            "last_trace_id": span.trace_id_hex,
+            "jaeger_url": self._search(order_id, first_seen, now),
         }
+
+    def _stuck_json(self, stuck: StuckOrder, now: float) -> dict[str, object]:
+        entry = self._entry(stuck.order_id, stuck.status, stuck.since, stuck.span, stuck.first_seen, now)
+        entry["over_limit_by_seconds"] = round(stuck.over_by, 3)
+        entry["limit_seconds"] = stuck.limit
+        return entry
 
     async def by_status(self, request: web.Request) -> web.StreamResponse:
         """Orders in one status (``?status=``) or in all, the longest waiting first (paged)."""
@@ -263,16 +270,11 @@ class _Orders:
         )
 
     def _summary(self, view: OrderView, now: float) -> dict[str, object]:
-        return {
-            "order_id": view.order_id,
-            "status": view.status,
-            "since": iso_utc(view.since),
-            "dwell_seconds": round(now - view.since, 3),
-            "dwell_limit_seconds": view.dwell_limit,
-            "stuck": view.stuck,
-            "last_trace_id": view.span.trace_id_hex,
-            "jaeger_url": self._search(view.order_id, view.history[0].at, now),
-        }
+        entry = self._entry(view.order_id, view.status, view.since, view.span, view.history[0].at, now)
+        entry["dwell_seconds"] = round(now - view.since, 3)
+        entry["dwell_limit_seconds"] = view.dwell_limit
+        entry["stuck"] = view.stuck
+        return entry
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         """One order: its state and timeline with trace ids; 404 problem for an unknown id."""
