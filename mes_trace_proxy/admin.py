@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mes_trace_proxy.admin_auth import ANSWERS, Role, TokenError, TokenTable, Verdict, authorize, parse_tokens
 from mes_trace_proxy.admin_orders import add_order_routes
 from mes_trace_proxy.app import Shared
+from mes_trace_proxy.messages.admin import add_message_routes
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
 __all__ = ["ROUTE_ROLES", "SHARED", "TOKENS", "TokenStore", "build_admin_app"]
@@ -48,6 +49,8 @@ ROUTE_ROLES: Final[Mapping[tuple[str, str], Role | None]] = MappingProxyType(
         ("GET", "/orders/-/stuck"): Role.VIEWER,
         ("GET", "/orders/{order_id}"): Role.VIEWER,
         ("POST", "/orders/-/purge"): Role.ADMIN,
+        # Re-drive a dead-lettered order's held messages (docs/messages.md): it publishes.
+        ("POST", "/orders/{order_id}/redrive"): Role.ADMIN,
         # The old paths (admin_orders.py), deprecated for one release.
         ("GET", "/orders/stuck"): Role.VIEWER,
         ("POST", "/orders/purge"): Role.ADMIN,
@@ -196,5 +199,6 @@ def build_admin_app(shared: Shared) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     add_order_routes(app, shared)
+    add_message_routes(app, lambda: shared.messages, lambda: app[TOKENS].table)
     app.router.add_get("/config", config_dump)
     return app

@@ -37,6 +37,7 @@ from mes_trace_proxy.admin_page import (
     render,
 )
 from mes_trace_proxy.app import Shared
+from mes_trace_proxy.messages.admin import flagged_json, page_section
 from mes_trace_proxy.orders import HistoryEntry, OrderBook, OrderView, SpanRef, StuckOrder
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
@@ -66,6 +67,8 @@ ROUTE_ACCESS: Final[Mapping[str, str]] = {
     "orders.purge": "admin",
     "orders.stuck.deprecated": "read",
     "orders.purge.deprecated": "admin",
+    # Added by messages/admin.py: republishes an order's held dead letters (docs/messages.md).
+    "orders.redrive": "admin",
 }
 """Route name → ``read`` (looks) or ``admin`` (changes state): what each route needs."""
 
@@ -86,7 +89,8 @@ MAX_REFRESH_S: Final = 3600
 # The page runs no script and loads nothing: a strict policy costs nothing and stops any
 # injected markup from running or calling out. Inline CSS is the page's only resource.
 _PAGE_CSP: Final = (
-    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+    # Forms only to this origin: the Re-drive buttons post to /orders/{id}/redrive.
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
 
@@ -179,7 +183,8 @@ class _Orders:
         data = dashboard_data(
             book, self._shared.clock(), jaeger_url=self._jaeger, service=self._service, refresh=refresh
         )
-        response = web.Response(text=render(data), content_type="text/html", charset="utf-8")
+        text = render(data, extra=page_section(request))
+        response = web.Response(text=text, content_type="text/html", charset="utf-8")
         response.headers["Cache-Control"] = "no-store"
         response.headers["Content-Security-Policy"] = _PAGE_CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -196,29 +201,52 @@ class _Orders:
         except ValueError as exc:
             return _bad_request(str(exc))
         now = self._shared.clock()
+        # Dead-lettered orders come first, flagged at once (docs/messages.md); then the book's.
+        dead = self._dead_lettered(book, now)
+        items = dead[page.offset : page.offset + page.limit]
+        want = page.limit - len(items)
         # A page costs its own orders, not the whole stuck list (a mass event can hold 100k).
-        found = book.stuck(now, offset=page.offset, limit=page.limit)
+        found = book.stuck(now, offset=max(0, page.offset - len(dead)), limit=want) if want > 0 else []
         return web.json_response(
             {
                 "now": iso_utc(now),
-                "total": book.stuck_total(),
+                "total": book.stuck_total() + len(dead),
                 "limit": page.limit,
                 "offset": page.offset,
-                "orders": [self._stuck_json(s, now) for s in found],
+                "orders": items + [self._stuck_json(s, now) for s in found],
             }
         )
+
+    def _dead_lettered(self, book: OrderBook, now: float) -> list[dict[str, object]]:
+        """Dead-lettered orders the book does not list as stuck already (those carry it too)."""
+        messages = self._shared.messages
+        if messages is None:
+            return []
+        entries = []
+        for flagged in messages.flagged():
+            view = book.get(flagged.order_id)
+            if view is not None and view.stuck:
+                continue
+            entry = self._summary(view, now) if view is not None else flagged_json(flagged, iso_utc)
+            entry["dead_letter"] = dict(flagged.dead_letter)
+            entries.append(entry)
+        return entries
 
     def _entry(
         self, order_id: str, status: str, since: float, span: SpanRef, first_seen: float, now: float
     ) -> dict[str, object]:
         """The fields every order entry of the API carries: the one place to add one to all."""
-        return {
+        entry: dict[str, object] = {
             "order_id": order_id,
             "status": status,
             "since": iso_utc(since),
             "last_trace_id": span.trace_id_hex,
             "jaeger_url": self._search(order_id, first_seen, now),
         }
+        messages = self._shared.messages
+        if messages is not None:  # the message path is on: the cause, when a message died
+            entry["dead_letter"] = messages.dead_letter(order_id)
+        return entry
 
     def _stuck_json(self, stuck: StuckOrder, now: float) -> dict[str, object]:
         entry = self._entry(stuck.order_id, stuck.status, stuck.since, stuck.span, stuck.first_seen, now)
@@ -301,6 +329,13 @@ class _Orders:
         if book is None:
             return _not_tracking()
         view = book.get(order_id)
+        messages = self._shared.messages
+        held = messages.held_for(order_id) if view is None and messages is not None else []
+        if held:  # known only from a dead letter (no HTTP call seen): what the message says
+            return web.json_response(
+                {"order_id": order_id, "status": held[-1].status, "since": iso_utc(held[0].received_at),
+                 "dead_letter": held[-1].dead_letter_object(), "timeline": []}
+            )  # fmt: skip
         if view is None:
             # The id is not echoed: it came from the URL and may be anything.
             return _problem(

@@ -206,11 +206,13 @@ ol.timeline a{font-family:ui-monospace,monospace}
 """
 
 
-def render(data: DashboardData) -> str:
+def render(data: DashboardData, *, extra: str = "") -> str:
     """The whole page as one HTML string; every value from the book is escaped.
 
     Args:
         data: What to show (``dashboard_data``).
+        extra: Sections drawn after the stuck orders, already escaped (the message path's
+            "Dead letters", messages/page.py).
 
     Returns:
         An HTML5 document.
@@ -231,6 +233,7 @@ def render(data: DashboardData) -> str:
         f'<section><h2 id="stuck">Stuck orders ({data.stuck_total})</h2>',
         _stuck_list(data),
         "</section>",
+        extra,
         _counts_table(data),
         "</body></html>",
     ]

@@ -36,6 +36,7 @@ from mes_trace_proxy.tracing import Tracing
 from mes_trace_proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
+    from mes_trace_proxy.messages.service import MessagePath
     from mes_trace_proxy.watchdog import Watchdog
 
 __all__ = ["Readiness", "Shared", "build_proxy_server", "make_pool", "make_session", "trust_policy"]
@@ -79,6 +80,8 @@ class Shared:
     on_order_changed: Callable[[str], None] | None = None
     #: the stuck-order watchdog; its ``sync`` keeps the book and the store in step (None: no order state)
     watchdog: Watchdog | None = None
+    #: the message path: dead letters held, shown and re-driven (None: no --amqp-url)
+    messages: MessagePath | None = None
 
 
 def make_session(

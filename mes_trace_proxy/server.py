@@ -8,13 +8,15 @@
 4. the proxy listeners: each one's upstream clients, then its server, bound and accepting;
 5. the admin listener;
 6. the stuck-order watchdog;
-7. ready: ``/readyz`` says so and the ``mes-trace-proxy ready`` line is logged.
+7. the message path, when ``--amqp-url`` is set: its watcher connects in the background, so
+   nothing here or in the listeners ever waits on RabbitMQ (docs/messages.md);
+8. ready: ``/readyz`` says so and the ``mes-trace-proxy ready`` line is logged.
 
 Teardown (SIGTERM/SIGINT, or a later step failing) is the same list in reverse, by
-construction: mark draining, stop the watchdog, close the admin listener, stop accepting and
-let every listener's in-flight requests finish within the grace period, close the upstream
-clients, flush the access log, flush spans, write the orders' last changes and close the
-store. SIGHUP re-reads the listeners' TLS certificates and the admin tokens without a restart.
+construction: mark draining, stop the message path and the watchdog, close the admin listener,
+stop accepting and let every listener's in-flight requests finish within the grace period,
+close the upstream clients, flush the access log, flush spans, write the orders' last changes
+and close the store. SIGHUP re-reads the listeners' TLS certificates and the admin tokens without a restart.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from mes_trace_proxy.book_sync import BookSync
 from mes_trace_proxy.config import Config, ConfigError, HostPort, ListenerConfig, is_loopback
 from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.logs import AccessLog
+from mes_trace_proxy.messages.service import MessagePath
 from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
@@ -179,6 +182,7 @@ async def running(
         certificates = await stack.enter_async_context(_proxy_listeners(shared, parts.servers, reuse_port))
         admin_app, admin = await stack.enter_async_context(_admin_listener(shared, reuse_port))
         await stack.enter_async_context(_watchdog(parts.watchdog))
+        await stack.enter_async_context(_message_path(shared.messages))
         stack.enter_context(_ready(shared, parts.servers, admin))
         yield RunningProxy(
             shared=shared,
@@ -231,6 +235,9 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
     if not isinstance(store, MemoryStore):
         shared.on_order_changed = sync.order_changed
     parts = _Parts(store=store, writer=writer, tracing=tracing, shared=shared, watchdog=watchdog)
+    if config.messages.enabled:
+        shared.messages = _build_message_path(config, environ, shared)
+        metrics.registry.register(shared.messages.collector)
     metrics.bind(
         upstream_answers=shared.readiness.last_upstream_answer,
         export_stats=tracing.export_stats,
@@ -374,6 +381,34 @@ async def _watchdog(watchdog: Watchdog) -> AsyncIterator[None]:
         yield
     finally:
         await watchdog.stop()
+
+
+def _build_message_path(config: Config, environ: Mapping[str, str], shared: Shared) -> MessagePath:
+    """The message path over the same state store URL; nothing connects yet.
+
+    Raises:
+        StartupError: the AMQP password file or the TLS files cannot be read.
+    """
+    try:
+        return MessagePath(
+            config.messages, state_url=config.watchdog.state, tracer=shared.tracing.tracer,
+            redact=shared.redactor.value, book=shared.orders, environ=environ, clock=shared.clock,
+        )  # fmt: skip
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"messages.amqp_password_file / messages.tls: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def _message_path(messages: MessagePath | None) -> AsyncIterator[None]:
+    """The dead-letter watcher and re-drive: started in the background, stopped before the listeners."""
+    if messages is None:
+        yield
+        return
+    await messages.start()
+    try:
+        yield
+    finally:
+        await messages.stop()
 
 
 @contextlib.contextmanager

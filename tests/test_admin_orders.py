@@ -326,13 +326,14 @@ async def test_page_is_html_with_a_strict_policy(admin: Admin) -> None:
 
 
 async def test_every_orders_route_is_named_in_the_access_table(admin: Admin) -> None:
-    """Each route this module adds has a name in ROUTE_ACCESS, and only purge changes state."""
+    """Each orders route has a name in ROUTE_ACCESS, and only purge and re-drive change state."""
     app = build_admin_app(admin.proxy.shared)
     names = {r.name for r in app.router.routes() if r.name is not None and r.name.startswith("orders.")}
     assert set(ROUTE_ACCESS) == names
     assert {name for name, access in ROUTE_ACCESS.items() if access != "read"} == {
         "orders.purge",
         "orders.purge.deprecated",
+        "orders.redrive",
     }
     # Every per-order route has two segments after /orders/: none may be named like a view.
     for resource in app.router.resources():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import aio_pika
 import aiohttp
@@ -33,7 +34,7 @@ def _args(upstream: str, amqp_url: str, topo: Topology) -> list[str]:
 async def _stuck_dead_letters(
     client: aiohttp.ClientSession, proxy: ProxyProcess
 ) -> dict[str, dict[str, object]]:
-    async with client.get(proxy.admin_url + "/orders/stuck") as answer:
+    async with client.get(proxy.admin_url + "/orders/-/stuck") as answer:
         doc = await answer.json()
     return {str(o["order_id"]): o["dead_letter"] for o in doc["orders"] if o.get("dead_letter")}
 
@@ -46,7 +47,7 @@ async def _wait_dead_letter(
         found = await _stuck_dead_letters(client, proxy)
         if order_id in found:
             return found[order_id]
-        assert time.monotonic() < deadline, f"{order_id} never appeared in /orders/stuck"
+        assert time.monotonic() < deadline, f"{order_id} never appeared in /orders/-/stuck"
         await asyncio.sleep(0.05)
 
 
@@ -169,3 +170,45 @@ async def test_no_broker_at_start_does_not_delay_the_listeners(
         async with client.get(proxy.admin_url + "/config") as answer:
             assert PASSWORD not in await answer.text()
     assert PASSWORD not in "\n".join(proxy.lines)
+
+
+ADMIN_TOKEN = "admin-token-for-messages-0123456789"
+VIEWER_TOKEN = "viewer-token-for-messages-0123456789"
+
+
+async def test_only_admins_redrive_and_see_the_button(
+    rabbitmq: RabbitServer,
+    amqp_channel: AbstractChannel,
+    recording_upstream: tuple[str, RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    topo = await declare_topology(amqp_channel)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"viewer:{VIEWER_TOKEN}\nadmin:{ADMIN_TOKEN}\n")
+    args = [*_args(recording_upstream[0], rabbitmq.url, topo), "--admin-token-file", str(tokens)]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    viewer = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+    async with proxy_process(args) as proxy, aiohttp.ClientSession() as client:
+        await expire_with_canaries(amqp_channel, topo, "ORD-ROLE")
+        deadline = time.monotonic() + WAIT_S
+        while True:  # poll the page (bounded) until the dead letter is on it
+            async with client.get(proxy.admin_url + "/", headers=viewer) as answer:
+                viewer_page = await answer.text()
+            if "ORD-ROLE" in viewer_page:
+                break
+            assert time.monotonic() < deadline, "the dead letter never reached the page"
+            await asyncio.sleep(0.05)
+        assert "Re-drive" not in viewer_page.split('id="dead-letters"')[1]
+        async with client.get(proxy.admin_url + "/", headers=admin) as answer:
+            assert 'action="/orders/ORD-ROLE/redrive"' in await answer.text()
+            assert "form-action 'self'" in answer.headers["Content-Security-Policy"]
+        async with client.post(proxy.admin_url + "/orders/ORD-ROLE/redrive", headers=viewer) as answer:
+            assert answer.status == 403
+        async with client.post(proxy.admin_url + "/orders/ORD-ROLE/redrive") as answer:
+            assert answer.status == 401
+        async with client.post(proxy.admin_url + "/orders/ORD-ROLE/redrive", headers=admin) as answer:
+            assert answer.status == 200
+    audit = [line for line in proxy.lines if "outcome=redriven" in line]
+    assert len(audit) == 1
+    assert "by=admin:sha256:" in audit[0]
+    assert ADMIN_TOKEN not in "\n".join(proxy.lines)

@@ -21,10 +21,12 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 
 from mes_trace_proxy.admin_auth import TokenTable
-from mes_trace_proxy.messages.service import FlaggedOrder, MessagePath
+from mes_trace_proxy.messages.page import dead_letter_section
+from mes_trace_proxy.messages.record import FlaggedOrder
+from mes_trace_proxy.messages.service import MessagePath
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
-__all__ = ["REDRIVE_ROUTE", "add_message_routes", "caller", "flagged_json"]
+__all__ = ["REDRIVE_ROUTE", "add_message_routes", "caller", "dead_letter_of", "flagged_json", "page_section"]
 
 REDRIVE_ROUTE: Final = "/orders/{order_id}/redrive"
 #: outcome → (HTTP status, problem slug, title); ``redriven`` is a 200 with a JSON body.
@@ -53,7 +55,7 @@ def caller(table: TokenTable, authorization: str | None) -> str:
 
 
 def flagged_json(flagged: FlaggedOrder, iso: Callable[[float], str]) -> dict[str, object]:
-    """A dead-lettered order as an ``/orders/stuck`` entry."""
+    """A dead-lettered order as an ``/orders/-/stuck`` entry."""
     return {
         "order_id": flagged.order_id,
         "status": flagged.status,
@@ -116,4 +118,32 @@ def add_message_routes(
             }
         )
 
+    app[_PATH] = path
+    app[_TOKENS] = tokens
     app.router.add_post(REDRIVE_ROUTE, redrive, name="orders.redrive")
+
+
+_TOKENS: Final[web.AppKey[Callable[[], TokenTable]]] = web.AppKey("message_path_tokens")
+_PATH: Final[web.AppKey[Callable[[], MessagePath | None]]] = web.AppKey("message_path")
+
+
+def page_section(request: web.Request) -> str:
+    """The page's "Dead letters" section for this caller ("" when the message path is off).
+
+    The Re-drive buttons are drawn for the ``admin`` role (or for everyone when the admin
+    listener has no tokens, as every route is open then).
+    """
+    path_of = request.app.get(_PATH)
+    messages = path_of() if path_of is not None else None
+    if messages is None:
+        return ""
+    table = request.app[_TOKENS]()
+    allowed = not table.enabled or caller(table, request.headers.get("Authorization")).startswith("admin:")
+    return dead_letter_section(messages.flagged(), can_redrive=allowed, notice=request.query.get("redrive"))
+
+
+def dead_letter_of(request: web.Request, order_id: str) -> dict[str, object] | None:
+    """The order's ``dead_letter`` object, or ``None`` (also when the message path is off)."""
+    path_of = request.app.get(_PATH)
+    messages = path_of() if path_of is not None else None
+    return None if messages is None else messages.dead_letter(order_id)

@@ -4,7 +4,7 @@
 on): the proxy gets ``--amqp-url`` and ``--dead-letter-queue mes.dead-letters``; the CRM side
 sends price requests with a short TTL while MES is "down" (nothing consumes), so the broker
 dead-letters them as expired; MES comes back and rejects one request it cannot read. The
-summary lists the dead-lettered orders with their causes, as ``/orders/stuck`` gives them,
+summary lists the dead-lettered orders with their causes, as ``/orders/-/stuck`` gives them,
 and shows one re-drive that MES then prices: the order is back on track.
 """
 
@@ -134,11 +134,11 @@ class MessageDemo:
 
 
 async def _wait_flagged(session: aiohttp.ClientSession, admin: str, expected: int) -> list[tuple[str, str]]:
-    """Poll ``/orders/stuck`` (bounded) until ``expected`` orders carry a dead letter."""
+    """Poll ``/orders/-/stuck`` (bounded) until ``expected`` orders carry a dead letter."""
     deadline = time.monotonic() + WAIT_S
     found: list[tuple[str, str]] = []
     while time.monotonic() < deadline:
-        async with session.get(f"{admin}/orders/stuck", params={"limit": "500"}) as answer:
+        async with session.get(f"{admin}/orders/-/stuck", params={"limit": "500"}) as answer:
             doc = await answer.json(content_type=None) if answer.status == 200 else {}
         found = [
             (str(item["order_id"]), str(item["dead_letter"]["cause"]))

@@ -27,6 +27,7 @@ from mes_trace_proxy.messages.deadletter import (
 
 __all__ = [
     "HELD_FORMAT",
+    "FlaggedOrder",
     "HeldMessage",
     "HeldSummary",
     "decode_held",
@@ -293,3 +294,13 @@ def hold(
         routing_key=message.routing_key,
         problem=problem,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlaggedOrder:
+    """A dead-lettered order that has not moved on since: for ``/orders/stuck`` and the page."""
+
+    order_id: str
+    status: str | None
+    since: float
+    dead_letter: Mapping[str, object]

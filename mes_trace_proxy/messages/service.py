@@ -15,7 +15,6 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, urlsplit
 
@@ -24,14 +23,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mes_trace_proxy.messages.held import HeldStore, open_held_store
-from mes_trace_proxy.messages.record import HeldMessage, HeldSummary, with_span
+from mes_trace_proxy.messages.record import FlaggedOrder, HeldMessage, HeldSummary, with_span
 from mes_trace_proxy.messages.redrive import OUTCOMES, REDRIVE_COUNT_HEADER, Redriver, RedriveResult
 from mes_trace_proxy.messages.settings import MessagesConfig, auto_redrive_delay
 from mes_trace_proxy.messages.spans import dead_letter_span
 from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings
 from mes_trace_proxy.orders import OrderBook
 
-__all__ = ["DEAD_LETTER_MESSAGE", "FlaggedOrder", "MessagePath", "amqp_url_with_secret", "tls_context"]
+__all__ = ["DEAD_LETTER_MESSAGE", "MessagePath", "amqp_url_with_secret", "tls_context"]
 
 log = logging.getLogger("mes_trace_proxy.messages")
 
@@ -42,16 +41,6 @@ INDEX_LIMIT: Final = 100_000
 #: With a shared (Redis) store, how often the index picks up what other replicas held or re-drove.
 SHARED_REFRESH_S: Final = 10.0
 ENV_PASSWORD: Final = "MES_PROXY_AMQP_PASSWORD"  # noqa: S105  (the variable's name, not a secret)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FlaggedOrder:
-    """A dead-lettered order that has not moved on since: for ``/orders/stuck`` and the page."""
-
-    order_id: str
-    status: str | None
-    since: float
-    dead_letter: Mapping[str, object]
 
 
 def amqp_url_with_secret(url: str, password_file: str | None, environ: Mapping[str, str]) -> str:
