@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry, generate_latest
 
 from mes_trace_proxy.messages.record import HeldMessage
-from mes_trace_proxy.messages.service import MessagePath, amqp_url_with_secret
+from mes_trace_proxy.messages.service import METRIC_FAMILIES, MessagePath, amqp_url_with_secret
 from mes_trace_proxy.messages.settings import parse_messages
 from mes_trace_proxy.orders import SpanRef
 from tests.conftest import RedisServer
@@ -72,6 +72,7 @@ async def test_redrive_clears_the_flag_and_counts(running: Running, amqp_channel
     assert "mes_messages_held 0.0" in text
     assert "mes_messages_broker_connected 1.0" in text
     assert "ORD-S2" not in text  # no order id in any label
+    assert {f.name: f.type for f in registry.collect()} == METRIC_FAMILIES
 
 
 async def test_held_messages_survive_a_restart_of_the_proxy(

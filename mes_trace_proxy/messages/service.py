@@ -30,7 +30,7 @@ from mes_trace_proxy.messages.spans import dead_letter_span
 from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings
 from mes_trace_proxy.orders import OrderBook
 
-__all__ = ["DEAD_LETTER_MESSAGE", "MessagePath", "amqp_url_with_secret", "tls_context"]
+__all__ = ["DEAD_LETTER_MESSAGE", "METRIC_FAMILIES", "MessagePath", "amqp_url_with_secret", "tls_context"]
 
 log = logging.getLogger("mes_trace_proxy.messages")
 
@@ -40,7 +40,16 @@ DEAD_LETTER_MESSAGE: Final = "order dead-lettered"
 INDEX_LIMIT: Final = 100_000
 #: With a shared (Redis) store, how often the index picks up what other replicas held or re-drove.
 SHARED_REFRESH_S: Final = 10.0
-ENV_PASSWORD: Final = "MES_PROXY_AMQP_PASSWORD"  # noqa: S105  (the variable's name, not a secret)
+ENV_PASSWORD: Final = "MES_PROXY_AMQP_PASSWORD"
+#: The metric families the message path exposes on /metrics, by Prometheus type (the alert
+#: rules and the dashboard may name only these; tests/test_monitoring.py checks).
+METRIC_FAMILIES: Final = {
+    "mes_messages_dead_lettered": "counter",
+    "mes_messages_problems": "counter",
+    "mes_messages_held": "gauge",
+    "mes_messages_redrives": "counter",
+    "mes_messages_broker_connected": "gauge",
+}  # noqa: S105  (the variable's name, not a secret)
 
 
 def amqp_url_with_secret(url: str, password_file: str | None, environ: Mapping[str, str]) -> str:
