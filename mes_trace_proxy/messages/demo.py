@@ -11,6 +11,8 @@ and shows one re-drive that MES then prices: the order is back on track.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -56,8 +58,9 @@ class MessageDemoResult:
 class MessageDemo:
     """Owns the demo's broker and its MES/CRM message sides."""
 
-    def __init__(self, server: RabbitServer) -> None:
+    def __init__(self, server: RabbitServer, directory: Path) -> None:
         self.server = server
+        self._directory = directory
         self._connection: AbstractConnection | None = None
 
     @staticmethod
@@ -66,15 +69,19 @@ class MessageDemo:
         return rabbitmq_script() is not None
 
     @classmethod
-    async def start(cls, directory: Path) -> MessageDemo:
-        """Start a private broker under ``directory`` and declare the reference topology."""
+    async def start(cls) -> MessageDemo:
+        """Start a private broker in a temporary directory and declare the reference topology."""
         script = rabbitmq_script()
         if script is None:
             raise RuntimeError("rabbitmq-server is not installed")
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        directory = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="mes-demo-rabbitmq-"))
         server = RabbitServer(script, directory)
-        await asyncio.to_thread(server.start)
-        demo = cls(server)
+        demo = cls(server, directory)
+        try:
+            await asyncio.to_thread(server.start)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise
         try:
             demo._connection = await aio_pika.connect(server.url)
             await mes_amqp.declare_reference(await demo._connection.channel())
@@ -88,11 +95,12 @@ class MessageDemo:
         return ["--amqp-url", self.server.url, "--dead-letter-queue", mes_amqp.DEAD_LETTERS]
 
     async def close(self) -> None:
-        """Close the connection and stop the broker (by PID)."""
+        """Close the connection, stop the broker (by PID) and remove its directory."""
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
         await asyncio.to_thread(self.server.close)
+        await asyncio.to_thread(shutil.rmtree, self._directory, True)
 
     async def run(self, session: aiohttp.ClientSession, admin: str) -> MessageDemoResult:
         """The outage, the dead letters, MES back, one reject, one re-drive; read back from the proxy."""
@@ -105,6 +113,8 @@ class MessageDemo:
         problems: list[str] = []
         # MES is down: nothing consumes, the requests expire and are dead-lettered.
         await mes_amqp.send_price_requests(channel, outage, ttl_s=OUTAGE_TTL_S)
+        await _wait_flagged(session, admin, len(outage))
+        # MES is back: it prices the later requests, and rejects the one without a model.
         await pricer.start()
         await mes_amqp.send_price_requests(channel, later, ttl_s=30.0, malformed=[broken])
         expected = len(outage) + 1

@@ -60,17 +60,16 @@ async def declare_reference(channel: AbstractChannel) -> None:
 async def send_price_requests(
     channel: AbstractChannel, order_ids: Sequence[str], *, ttl_s: float, malformed: Sequence[str] = ()
 ) -> None:
-    """The CRM side: one persistent price request per order, with ``traceparent``-free headers."""
+    """The CRM side: one persistent price request per order; ``malformed`` ones lack the model URL."""
     commands = await channel.get_exchange(COMMANDS)
     for order_id in order_ids:
-        body = (
-            b"{not json"
-            if order_id in malformed
-            else json.dumps(
-                {"orderId": order_id, "status": "SUBMITTED", "modelUrl": f"s3://models/{order_id}.stl",
-                 "customer": {"name": "Demo Customer", "email": "customer@example.com"}}
-            ).encode()
-        )  # fmt: skip
+        doc: dict[str, object] = {
+            "orderId": order_id, "status": "SUBMITTED", "modelUrl": f"s3://models/{order_id}.stl",
+            "customer": {"name": "Demo Customer", "email": "customer@example.com"},
+        }  # fmt: skip
+        if order_id in malformed:
+            del doc["modelUrl"]  # MES cannot price an order without its model: it rejects it
+        body = json.dumps(doc).encode()
         await commands.publish(
             aio_pika.Message(
                 body,
@@ -124,6 +123,8 @@ class MesPricer:
         try:
             doc = json.loads(message.body)
             order_id = str(doc["orderId"])
+            if not doc.get("modelUrl"):
+                raise KeyError("modelUrl")
         except (ValueError, KeyError, TypeError):
             self.rejected += 1
             await message.reject(requeue=False)  # the broker dead-letters it as "rejected"
