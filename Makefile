@@ -40,7 +40,7 @@ $(NATIVE_STAMP): $(STAMP) setup.py $(NATIVE_SRC)
 
 native: $(NATIVE_STAMP) ## compile the hot path with mypyc, in place (make venv runs pure Python until then)
 
-system-deps: ## install the Debian packages the tests use (redis-server, chromium, prometheus) when missing
+system-deps: ## install the Debian packages the tests use (redis-server, chromium, prometheus, rabbitmq-server) when missing
 	@scripts/system-deps
 
 lint: venv ## ruff lint and format check
