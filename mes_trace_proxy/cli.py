@@ -1,4 +1,4 @@
-"""Command line: ``serve``, ``check-config``, ``explain``, ``simulate-mes``, ``simulate-crm``.
+"""Command line: ``serve``, ``check-config``, ``explain``, ``explain-message``, ``simulate-mes``/``-crm``.
 
 Only this module prints and exits. It reads the config file, the default rules and secret
 files, hands them to the pure :func:`~mes_trace_proxy.config.load_config`, and turns a
@@ -148,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--listener", default=None, help="listener name [default: the first]")
     _add_proxy_flags(explain)
 
+    explain_message = sub.add_parser(
+        "explain-message", help="show what the proxy makes of one dead letter (order, cause, span)"
+    )
+    explain_message.add_argument("--body", metavar="FILE", required=True, help="the message body file")
+    explain_message.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE")
+    explain_message.add_argument("--x-death", metavar="FILE", help="the x-death header as a JSON list")
+    explain_message.add_argument("--routing-key", default="", help="the routing key it was delivered with")
+    explain_message.add_argument("--message-id", default=None, help="the message_id property")
+    explain_message.add_argument("--correlation-id", default=None, help="the correlation_id property")
+    explain_message.add_argument(
+        "--queue",
+        default="mes.dead-letters",
+        help="the queue it was consumed from [default mes.dead-letters]",
+    )
+    _add_proxy_flags(explain_message)
+
     sim_mes = sub.add_parser("simulate-mes", help="run the reference MES simulator")
     mes.add_arguments(sim_mes)
     sim_crm = sub.add_parser("simulate-crm", help="drive CRM and dashboard traffic through the proxy")
@@ -217,6 +233,33 @@ def _cmd_explain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+def _cmd_explain_message(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mes_trace_proxy.messages.deadletter import Message
+    from mes_trace_proxy.messages.explain import explain_message, format_report, parse_headers
+    from mes_trace_proxy.redact import Redactor
+
+    if args.upstream is None:
+        args.upstream = "http://upstream.invalid"  # nothing is forwarded: any upstream will do
+    config = load_from_args(args, environ)
+    try:
+        body = Path(args.body).read_bytes()
+        x_death = Path(args.x_death).read_text(encoding="utf-8") if args.x_death else None
+    except OSError as exc:
+        raise ConfigError("--body / --x-death", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        headers = parse_headers(args.header, x_death)
+    except ValueError as exc:
+        raise ConfigError("--header / --x-death", str(exc)) from None
+    message = Message(
+        body=body, headers=headers, routing_key=args.routing_key, message_id=args.message_id,
+        correlation_id=args.correlation_id,
+    )  # fmt: skip
+    redact = Redactor(config.privacy.policy()).value
+    report = explain_message(config.messages.rules, message, consumed_from=args.queue, redact=redact)
+    sys.stdout.write(format_report(report) + "\n")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     env = os.environ if environ is None else environ
@@ -226,6 +269,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         "serve": _cmd_serve,
         "check-config": _cmd_check_config,
         "explain": _cmd_explain,
+        "explain-message": _cmd_explain_message,
     }
     try:
         if args.command in commands:

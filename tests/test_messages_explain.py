@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from mes_trace_proxy import cli
 from mes_trace_proxy.messages.deadletter import DEFAULT_MESSAGE_RULES, Message, compile_message_rules
 from mes_trace_proxy.messages.explain import explain_message, format_report, parse_headers
 from mes_trace_proxy.redact import PrivacyPolicy, Redactor
@@ -62,3 +64,21 @@ def test_headers_are_read() -> None:
         "x-order-id": "A-1",
         "traceparent": "00-x",
     }
+
+
+def test_the_cli_explains_a_message_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    body = tmp_path / "body.json"
+    body.write_text('{"orderId":"ORD-CLI","status":"SUBMITTED","customer":{"email":"jo@example.com"}}')
+    x_death = tmp_path / "x-death.json"
+    x_death.write_text(X_DEATH)
+    argv = ["explain-message", "--body", str(body), "--x-death", str(x_death), "--message-id", "m-1"]
+    assert cli.main(argv, environ={}) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["order_id"], report["dead_letter"]["message_id"]) == ("ORD-CLI", "m-1")
+    assert report["dead_letter"]["time"] == "2025-12-07T12:00:00Z"
+    assert "jo@example.com" not in json.dumps(report)
+
+
+def test_the_cli_names_an_unreadable_body(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["explain-message", "--body", str(tmp_path / "missing.json")], environ={}) == 2
+    assert "--body" in capsys.readouterr().err

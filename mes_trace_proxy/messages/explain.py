@@ -52,7 +52,8 @@ def explain_message(
     redact: Callable[[str], str],
 ) -> dict[str, object]:
     """The report for one message (see the module docstring)."""
-    held = hold(message, {}, consumed_from=consumed_from, rules=rules, now=EXPLAIN_TIME)
+    properties = {"message_id": message.message_id} if message.message_id else {}
+    held = hold(message, properties, consumed_from=consumed_from, rules=rules, now=EXPLAIN_TIME)
     death = held.death
     attributes: dict[str, object] = {
         "messaging.system": "rabbitmq",
@@ -76,8 +77,9 @@ def explain_message(
         "status": held.status,
         "cause": held.cause,
         "problem": held.problem,
-        "dead_letter": {k: v for k, v in held.dead_letter_object().items() if k != "time"}
-        | {"time": death.time if death is not None else None},
+        # The time only when x-death has one (the explained message was never received).
+        "dead_letter": held.dead_letter_object()
+        | ({} if death is not None and death.time else {"time": None}),
         "span": {"name": f"receive {consumed_from}", "attributes": attributes},
     }
     return report

@@ -40,7 +40,7 @@ DEAD_LETTER_MESSAGE: Final = "order dead-lettered"
 INDEX_LIMIT: Final = 100_000
 #: With a shared (Redis) store, how often the index picks up what other replicas held or re-drove.
 SHARED_REFRESH_S: Final = 10.0
-ENV_PASSWORD: Final = "MES_PROXY_AMQP_PASSWORD"
+ENV_PASSWORD: Final = "MES_PROXY_AMQP_PASSWORD"  # noqa: S105  (the variable's name, not a secret)
 #: The metric families the message path exposes on /metrics, by Prometheus type (the alert
 #: rules and the dashboard may name only these; tests/test_monitoring.py checks).
 METRIC_FAMILIES: Final = {
@@ -49,7 +49,7 @@ METRIC_FAMILIES: Final = {
     "mes_messages_held": "gauge",
     "mes_messages_redrives": "counter",
     "mes_messages_broker_connected": "gauge",
-}  # noqa: S105  (the variable's name, not a secret)
+}
 
 
 def amqp_url_with_secret(url: str, password_file: str | None, environ: Mapping[str, str]) -> str:
