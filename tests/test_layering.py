@@ -134,11 +134,7 @@ def _under(name: str, prefixes: tuple[str, ...] | frozenset[str]) -> bool:
 
 def test_core_modules_exist() -> None:
     """The core list names real modules, so a rename cannot silently drop a module from the checks."""
-    missing = [
-        module
-        for module in CORE
-        if not _sources(module)[0].is_file()
-    ]
+    missing = [module for module in CORE if not _sources(module)[0].is_file()]
     assert missing == []
 
 
