@@ -24,9 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mes_trace_proxy.admin_auth import ANSWERS, Role, TokenError, TokenTable, Verdict, authorize, parse_tokens
 from mes_trace_proxy.admin_orders import add_order_routes
 from mes_trace_proxy.app import Shared
+from mes_trace_proxy.limits import GuardedAppRunner, admin_limits
+from mes_trace_proxy.metrics import ConnectionStats
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
-__all__ = ["ROUTE_ROLES", "SHARED", "TOKENS", "TokenStore", "build_admin_app"]
+__all__ = ["ROUTE_ROLES", "SHARED", "TOKENS", "TokenStore", "build_admin_app", "make_admin_runner"]
 
 log = logging.getLogger("mes_trace_proxy.admin")
 
@@ -195,3 +197,31 @@ def build_admin_app(shared: Shared) -> web.Application:
     add_order_routes(app, shared)
     app.router.add_get("/config", config_dump)
     return app
+
+
+def make_admin_runner(app: web.Application) -> GuardedAppRunner:
+    """The admin listener's runner: the proxy listeners' limits with a connection cap of its own.
+
+    A head timeout from the accept, the idle timeout and :data:`~mes_trace_proxy.limits.ADMIN_MAX_CONNECTIONS`
+    keep whatever reaches the admin port from holding the descriptors the proxy listeners need;
+    its refusals are counted in ``/metrics`` under ``listener="admin"``.
+    """
+    shared = app[SHARED]
+    runner = GuardedAppRunner(
+        app, limits=admin_limits(shared.config.listeners[0].limits), handle_signals=False, access_log=None
+    )
+
+    def stats() -> ConnectionStats:
+        guarded = runner.guarded
+        if guarded is None:
+            return ConnectionStats(open=0, refused_cap=0, header_timeouts=0, malformed=0)
+        return ConnectionStats(
+            open=guarded.open_connections,
+            refused_cap=guarded.refused_connections,
+            header_timeouts=guarded.head_timeouts,
+            malformed=guarded.parse_refusals,
+            refused=guarded.refusals.snapshot(),
+        )
+
+    shared.metrics.bind(admin_stats=stats)
+    return runner

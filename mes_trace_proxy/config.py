@@ -148,8 +148,12 @@ class Limits:
     header_read_timeout: float
     #: seconds a keep-alive connection may sit idle between requests
     idle_timeout: float
-    #: open connections; beyond it new ones get 503 and are closed
+    #: open connections; beyond it the longest-idle one is closed, or new ones get 503
     max_connections: int
+    #: open connections from one source address; beyond it new ones get 503 (``None``: no cap)
+    max_connections_per_client: int | None = None
+    #: seconds a request body may go without a byte before 408 (``None``: no limit)
+    body_read_timeout: float | None = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,7 +25,7 @@ from typing import Final
 from aiohttp import web
 
 from mes_trace_proxy import native
-from mes_trace_proxy.admin import TOKENS, build_admin_app
+from mes_trace_proxy.admin import TOKENS, build_admin_app, make_admin_runner
 from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.config import Config, ConfigError, HostPort, is_loopback
 from mes_trace_proxy.http1 import Http1Server
@@ -215,6 +215,7 @@ async def running(
                 refused_cap=server.refused_connections,
                 header_timeouts=server.head_timeouts,
                 malformed=server.parse_refusals,
+                refused=server.refusals.snapshot(),
             )
             for name, server in servers.items()
         }
@@ -247,7 +248,7 @@ async def running(
             if reloader is not None:
                 reloader.start()
         admin_app = build_admin_app(shared)
-        admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        admin_runner = make_admin_runner(admin_app)  # the listeners' limits, a cap of its own
         await admin_runner.setup()
         runners.append(admin_runner)
         admin = await _start_site(admin_runner, config.admin.listen, reuse_port, "admin listener")

@@ -258,15 +258,17 @@ async def test_idle_connection_is_closed_after_idle_timeout(
 async def test_connections_beyond_the_cap_get_503_until_one_closes(
     limited: StartLimited,
 ) -> None:
-    """With max_connections open, a new one is answered 503 with Retry-After; after one closes, it works."""
+    """With max_connections busy, a new one is answered 503 with Retry-After; after one closes, it works."""
     proxy = await limited(max_connections=3)
     address = _address(proxy)
     server: Http1Server = proxy.servers["ingress"]
     held = [await asyncio.open_connection(*address) for _ in range(3)]
+    for _, writer in held:
+        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHo")  # a head in progress: not idle
     try:
         async with asyncio.timeout(WAIT):
-            while True:  # accepted by the server, not just queued in the kernel's backlog
-                if server.open_connections == 3:
+            while True:  # accepted and reading a head, not just queued in the kernel's backlog
+                if server.open_connections == 3 and all(c.idle_since is None for c in server.connections):
                     break
                 await asyncio.sleep(0.01)
         answer = await _exchange(address, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
