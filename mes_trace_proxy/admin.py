@@ -21,7 +21,16 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mes_trace_proxy.admin_auth import ANSWERS, Role, TokenError, TokenTable, Verdict, authorize, parse_tokens
+from mes_trace_proxy.admin_auth import (
+    ANSWERS,
+    Role,
+    TokenError,
+    TokenTable,
+    Verdict,
+    WarningGate,
+    authorize,
+    parse_tokens,
+)
 from mes_trace_proxy.admin_orders import add_order_routes
 from mes_trace_proxy.app import Shared
 from mes_trace_proxy.limits import GuardedAppRunner, admin_limits
@@ -83,6 +92,9 @@ class TokenStore:
 
 
 TOKENS: Final = web.AppKey("tokens", TokenStore)
+# One "unknown token" warning a minute at most; the rest are counted into it and in /metrics.
+_UNKNOWN_TOKEN_WARNING_INTERVAL: Final = 60.0
+UNKNOWN_TOKEN_WARNINGS: Final = web.AppKey("unknown_token_warnings", WarningGate)
 
 
 def _required_role(request: web.Request) -> Role | None:
@@ -105,9 +117,15 @@ async def _require_token(
     if verdict is Verdict.ALLOWED:
         return await handler(request)
     answer = ANSWERS[verdict]
+    request.app[SHARED].metrics.refused("admin", answer.slug)
     if verdict is Verdict.INVALID:
-        # Worth an operator's eye (a guessing client); the token itself is never logged.
-        log.warning("admin request with an unknown token", extra={"client": request.remote})
+        # Worth an operator's eye (a guessing client), once a minute; the token is never logged.
+        held_back = request.app[UNKNOWN_TOKEN_WARNINGS].allow(time.monotonic())
+        if held_back is not None:
+            log.warning(
+                "admin request with an unknown token",
+                extra={"client": request.remote, "held_back": held_back},
+            )
     body = problem_body(
         status=answer.status, title=answer.title, detail=answer.detail, type_=problem_type_uri(answer.slug)
     )
@@ -191,6 +209,7 @@ def build_admin_app(shared: Shared) -> web.Application:
     app = web.Application(middlewares=[_require_token])
     app[SHARED] = shared
     app[TOKENS] = TokenStore(shared.config.admin.tokens, shared.config.admin.tokens_file)
+    app[UNKNOWN_TOKEN_WARNINGS] = WarningGate(_UNKNOWN_TOKEN_WARNING_INTERVAL)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

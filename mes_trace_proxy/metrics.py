@@ -376,6 +376,10 @@ class ProxyMetrics(Observer):
             family.add_metric(labels, counts[labels])
         return family
 
+    def refused(self, listener: str, reason: str) -> None:
+        """Count one refusal outside the proxy handler (the admin listener's 401 and 403)."""
+        self.handler_refusals.child((listener, reason)).value += 1
+
     def _label(self, status: str) -> str:
         return status if status in self._known else "_OTHER"
 
