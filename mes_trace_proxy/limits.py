@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from http import HTTPStatus
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
@@ -261,9 +261,9 @@ class _GuardedHandler(RequestHandler):
 
     __slots__ = (
         "_body",
-        "_got_bytes",
         "_guard",
         "_head_count",
+        "_head_started",
         "_head_timer",
         "_idle_since",
         "_refused_timer",
@@ -278,7 +278,8 @@ class _GuardedHandler(RequestHandler):
         self._head_count = 0
         self._refused_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
-        self._got_bytes = False
+        #: bytes of a head arrived and no request completed yet
+        self._head_started = False
 
     # ── connection cap ──────────────────────────────────────────────────────────────────────
 
@@ -290,7 +291,7 @@ class _GuardedHandler(RequestHandler):
     @property
     def idle_since(self) -> float | None:
         """When the connection went idle (between requests, or since accepted), else ``None``."""
-        if self._request_in_progress or self._messages or self._head_timer is not None:
+        if self._request_in_progress or self._messages or self._head_started:
             return None
         if self._force_close or self._close or self._upgraded or self.transport is None:
             return None
@@ -309,7 +310,8 @@ class _GuardedHandler(RequestHandler):
         # Never registered with the server: connection_lost has nothing of aiohttp's to undo.
         self._manager = None
         self._force_close = True
-        assert isinstance(transport, asyncio.Transport)
+        # (uvloop's transports are not asyncio.Transport subclasses: no isinstance check here.)
+        transport = cast(asyncio.Transport, transport)
         transport.write(answer)
         if transport.can_write_eof():
             transport.write_eof()
@@ -342,13 +344,14 @@ class _GuardedHandler(RequestHandler):
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:
+            self._head_started = False
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
             last = self._messages[-1][1] if self._messages else None
             self._body = last if isinstance(last, StreamReader) else None
         elif data and not body_open and not self._upgraded and not self._force_close:
-            self._got_bytes = True
+            self._head_started = True
             if self._head_timer is None:
                 # Bytes that were no body and made no complete head: a head has begun.
                 self._head_count = before
@@ -365,7 +368,7 @@ class _GuardedHandler(RequestHandler):
             # A response is on its way on this connection: finish it, then close.
             super().close()
             return
-        if self._got_bytes:
+        if self._head_started:
             # (A connection that sent nothing since its accept is closed without an answer.)
             self.transport.write(self._guard.timeout_answer)
         self.force_close()

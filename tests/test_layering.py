@@ -26,6 +26,7 @@ CORE: Final = (
     "lifecycle",
     "orders",
     "problems",
+    "h1",
     "explain",
     "admin_page",
     "admin_auth",
