@@ -26,6 +26,7 @@ __all__ = [
     "NO_BODY",
     "TO_CLOSE",
     "chunk",
+    "head_again",
     "head_pending",
     "request_head",
     "response_head",
@@ -165,6 +166,22 @@ def request_head(
 def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
     """One chunk of a chunked body (RFC 9112 §7.1), as pieces for ``writelines``; ``data`` is not empty."""
     return b"%x\r\n" % len(data), data, b"\r\n"
+
+
+def head_again(
+    method: str, target: str, version: tuple[int, int], raw_headers: Iterable[tuple[bytes, bytes]]
+) -> bytes:
+    """A request head written again as it arrived: the parser's exact name and value bytes.
+
+    For the WebSocket hand-off: the server the connection goes to parses the head itself.
+    """
+    head = b"%s %s HTTP/%d.%d\r\n" % (
+        method.encode("ascii"),
+        target.encode("utf-8", "surrogateescape"),
+        version[0],
+        version[1],
+    )
+    return head + b"".join(name + b": " + value + b"\r\n" for name, value in raw_headers) + b"\r\n"
 
 
 def head_pending(data: bytes, before: bytes, body_in_read: int | None, *, head_in_read: bool) -> bool:

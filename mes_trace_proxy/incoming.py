@@ -13,7 +13,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from aiohttp import HttpVersion
 from aiohttp.http import RawRequestMessage
@@ -22,10 +22,7 @@ from multidict import CIMultiDictProxy
 
 from mes_trace_proxy import h1
 
-if TYPE_CHECKING:
-    from mes_trace_proxy.http1 import _Connection
-
-__all__ = ["DateField", "IncomingRequest"]
+__all__ = ["DateField", "IncomingRequest", "Wire"]
 
 _HTTP_11: Final = HttpVersion(1, 1)
 
@@ -46,6 +43,41 @@ class DateField:
             self._second = second
             self._value = email.utils.formatdate(second, usegmt=True)
         return self._value
+
+
+class _Clock(Protocol):
+    @property
+    def date(self) -> DateField: ...
+
+
+class Wire(Protocol):
+    """What a request needs of its connection (``connection.Connection``; the benchmark's stand-in)."""
+
+    @property
+    def server(self) -> _Clock: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    @property
+    def writing_paused(self) -> bool: ...
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def writelines(self, data: Iterable[bytes]) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class IncomingRequest:
@@ -73,7 +105,7 @@ class IncomingRequest:
         "version",
     )
 
-    def __init__(self, conn: _Connection, message: RawRequestMessage, payload: StreamReader) -> None:
+    def __init__(self, conn: Wire, message: RawRequestMessage, payload: StreamReader) -> None:
         self._conn = conn
         self.message = message
         self.method: str = message.method

@@ -218,3 +218,9 @@ def test_head_pending(
 ) -> None:
     """Only bytes beyond the last complete message, other than empty lines, are a head begun."""
     assert h1.head_pending(data, before, body_in_read, head_in_read=head_in_read) is pending
+
+
+def test_a_head_goes_again_as_it_came() -> None:
+    """The hand-off rewrites the parser's exact bytes, spelling and all."""
+    raw = h1.head_again("GET", "/live?x=%41", (1, 1), ((b"HoSt", b"mes"), (b"Upgrade", b"websocket")))
+    assert raw == b"GET /live?x=%41 HTTP/1.1\r\nHoSt: mes\r\nUpgrade: websocket\r\n\r\n"

@@ -52,7 +52,7 @@ def _request(raw: bytes, wire: _Wire) -> IncomingRequest:
     loop = asyncio.get_running_loop()
     messages, _, _ = HttpRequestParser(BaseProtocol(loop), loop, 2**16).feed_data(raw)
     message, payload = messages[0]
-    return IncomingRequest(wire, message, payload)  # type: ignore[arg-type]
+    return IncomingRequest(wire, message, payload)
 
 
 async def test_what_the_handler_reads() -> None:
