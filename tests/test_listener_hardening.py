@@ -291,3 +291,60 @@ async def test_unknown_admin_tokens_warn_once_and_are_counted(tmp_path: Path, up
         assert f'{REFUSALS}{{listener="admin",reason="admin_invalid_token"}} 20.0' in text
         warnings = [line for line in proxy.lines if "unknown token" in line]
         assert len(warnings) == 1
+
+
+# ── the refusal counter ─────────────────────────────────────────────────────────────────────
+
+
+async def test_every_limit_refusal_is_counted_by_listener_and_reason(
+    tmp_path: Path, upstream_url: str
+) -> None:
+    """414, 431, 413 (declared and chunked), 400 and 408 each land in mes_proxy_refusals_total by slug."""
+    limits = {
+        "max_line_size": 1024,
+        "max_header_size": 1536,  # not equal to max_line_size: equal limits both answer 431
+        "max_body_size": 100,
+        "header_read_timeout": "500ms",
+    }
+    sends = {
+        "uri_too_long": b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: mes\r\n\r\n",
+        "headers_too_large": b"GET / HTTP/1.1\r\nHost: mes\r\nX-Big: " + b"b" * 2000 + b"\r\n\r\n",
+        "payload_too_large": b"POST /t/upload HTTP/1.1\r\nHost: mes\r\nContent-Length: 1000\r\n\r\n",
+        "bad_request": b"GET / HTTP/1.1\r\nHost: mes:123456\r\n\r\n",
+        "request_timeout": b"GET / HTTP/1.1\r\nHost: me",
+    }
+    statuses = {}
+    async with _proxy(tmp_path, upstream_url, limits) as proxy:
+        for reason, raw in sends.items():
+            reader, writer = await asyncio.open_connection(*_address(proxy.url()))
+            try:
+                writer.write(raw)
+                async with asyncio.timeout(WAIT):
+                    statuses[reason] = (await _read_answer(reader))[0]
+            finally:
+                writer.close()
+        async with aiohttp.ClientSession() as client:
+            chunks = (b"x" * 60 for _ in range(4))  # 240 bytes, chunked: crosses 100 while streaming
+
+            async def body() -> AsyncIterator[bytes]:
+                for piece in chunks:
+                    yield piece
+
+            async with client.post(f"{proxy.url()}/t/upload", data=body()) as resp:
+                assert resp.status == 413
+        metrics = await _metrics(proxy)
+    assert statuses == {
+        "uri_too_long": 414,
+        "headers_too_large": 431,
+        "payload_too_large": 413,
+        "bad_request": 400,
+        "request_timeout": 408,
+    }
+    counted = {reason: metrics.value(REFUSALS, listener="ingress", reason=reason) for reason in sends}
+    assert counted == {
+        "uri_too_long": 1,
+        "headers_too_large": 1,
+        "payload_too_large": 2,
+        "bad_request": 1,
+        "request_timeout": 1,
+    }
