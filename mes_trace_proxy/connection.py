@@ -459,6 +459,10 @@ class Connection(BaseProtocol):
             if waiter is not None and not waiter.done():
                 waiter.cancel()
 
+    def evict(self) -> None:
+        """Close this idle connection now, to make room for a new one (see ``limits.Admission``)."""
+        self.close()
+
     @property
     def idle_since(self) -> float | None:
         """When this connection last went idle, or ``None`` while it is doing anything at all."""

@@ -117,7 +117,7 @@ class _Evictable(Protocol):
     @property
     def idle_since(self) -> float | None: ...
 
-    def close(self) -> None: ...
+    def evict(self) -> None: ...
 
 
 class Admission:
@@ -156,7 +156,7 @@ class Admission:
                 self._refusals.add(ClientRejection.SERVICE_UNAVAILABLE)
                 return OVERLOADED_ANSWER, None
             self.evicted += 1
-            evicted.close()
+            evicted.evict()
         if per_client is not None and remote is not None:
             self._per_client[remote] = self._per_client.get(remote, 0) + 1
         return None, evicted
@@ -328,12 +328,9 @@ class _GuardedHandler(RequestHandler):
             self._head_timer = None
         super().connection_lost(exc)
 
-    def close(self) -> None:
-        """Close an idle connection now (it is evicted); a busy one after its answer."""
-        if self.idle_since is not None:
-            self.force_close()
-        else:
-            super().close()
+    def evict(self) -> None:
+        """Close this idle connection now, to make room for a new one."""
+        self.force_close()
 
     # ── header-read timeout ─────────────────────────────────────────────────────────────────
 
@@ -366,7 +363,7 @@ class _GuardedHandler(RequestHandler):
         self._guard.refusals.add(ClientRejection.REQUEST_TIMEOUT)
         if self._request_in_progress or self._messages:
             # A response is on its way on this connection: finish it, then close.
-            super().close()
+            self.close()
             return
         if self._head_started:
             # (A connection that sent nothing since its accept is closed without an answer.)
