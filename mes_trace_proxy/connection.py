@@ -253,10 +253,35 @@ class Connection(BaseProtocol):
             self._on_parse_error(exc)
             return
         if messages:
-            self._queue_messages(messages, upgraded, tail)
-            payload = messages[-1][1]
-            if payload is EMPTY_PAYLOAD or payload.is_eof():
-                self._after_message(data, messages[-1][0], payload, 0, head_in_read=True)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            self._requests += len(messages)
+            message, payload = messages[-1]
+            queue = self._queue
+            queue.extend(messages)
+            if self._task is None:
+                self._task = self._loop.create_task(self._serve())
+            else:
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            if len(queue) >= MAX_QUEUED:
+                self._hold()
+            if upgraded:
+                self._upgrade = True
+                self._tail = bytes(tail) if tail else b""
+            if payload is EMPTY_PAYLOAD:
+                self._last_payload = None
+                if not data.endswith(b"\r\n\r\n"):  # (the common case costs one test)
+                    self._after_message(data, message, payload, 0, head_in_read=True)
+            else:
+                self._last_payload = payload
+                self._last_chunked = bool(message.chunked)
+                if payload.is_eof():
+                    self._after_message(data, message, payload, 0, head_in_read=True)
+                else:
+                    self._start_body_timer(payload)
         elif body_open and last is not None and last.is_eof():
             self._after_message(data, None, last, received, head_in_read=False)
         elif data and not body_open:
@@ -264,33 +289,6 @@ class Connection(BaseProtocol):
             self._before = (self._before + data)[-4:]
             if self._head_timer is None:
                 self._start_head_timer()
-
-    def _queue_messages(
-        self, messages: list[tuple[RawRequestMessage, StreamReader]], upgraded: bool, tail: bytes
-    ) -> None:
-        """Queue parsed requests, wake the serving task, and hold reading past :data:`MAX_QUEUED`."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._requests += len(messages)
-        payload = messages[-1][1]
-        self._last_payload = None if payload is EMPTY_PAYLOAD else payload
-        self._last_chunked = bool(messages[-1][0].chunked)
-        if payload is not EMPTY_PAYLOAD and not payload.is_eof():
-            self._start_body_timer(payload)
-        queue = self._queue
-        queue.extend(messages)
-        if self._task is None:
-            self._task = self._loop.create_task(self._serve())
-        else:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        if len(queue) >= MAX_QUEUED:
-            self._hold()
-        if upgraded:
-            self._upgrade = True
-            self._tail = bytes(tail) if tail else b""
 
     def _after_message(
         self,
@@ -321,7 +319,10 @@ class Connection(BaseProtocol):
     # ── serving ─────────────────────────────────────────────────────────────────────────────
 
     async def _serve(self) -> None:
+        # One loop for the connection's life: the steps stay inline (no coroutine per request).
+        server = self.server
         queue = self._queue
+        loop = self._loop
         try:
             while True:
                 while queue:
@@ -330,60 +331,53 @@ class Connection(BaseProtocol):
                         self._release()
                     if message.upgrade and self._hand_off(message):
                         return
-                    if not await self._answer(message, payload, bool(queue)):
+                    request = IncomingRequest(self, message, payload)
+                    if self.closing:
+                        request.close_after = True
+                    self.busy = True
+                    self._current = request
+                    try:
+                        await server.handler(request)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("the request handler failed")
+                        request.close_after = True
+                        if not request.started and self.transport is not None:
+                            request.send(
+                                500, None, (("Content-Type", "text/plain"),), b"Internal Server Error"
+                            )
+                    finally:
+                        self.busy = False
+                        self._current = None
+                    if self._upgrade and not queue:
+                        request.close_after = True  # what follows an upgrade head is not HTTP/1.1
+                    if request.close_after or self.closing or self.transport is None:
+                        self._close_after_answer(payload)
+                        return
+                    if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                        # The handler did not read the whole body: the connection cannot carry
+                        # another request in step.
+                        self._close_after_answer(payload)
                         return
                 if self._parse_error is not None:
                     self._answer_parse_error()
                     return
-                await self._wait_for_request()
+                self._idle_since = loop.time()
+                if self._idle_timer is None:
+                    self._idle_timer = loop.call_at(
+                        self._idle_since + server.limits.idle_timeout, self._on_idle
+                    )
+                waiter = loop.create_future()
+                self._waiter = waiter
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
         except asyncio.CancelledError:
             pass
         finally:
             self._task = None
-
-    async def _answer(self, message: RawRequestMessage, payload: StreamReader, more: bool) -> bool:
-        """Run the handler for one request; ``False``: the connection closes after this answer."""
-        request = IncomingRequest(self, message, payload)
-        if self.closing:
-            request.close_after = True
-        self.busy = True
-        self._current = request
-        try:
-            await self.server.handler(request)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("the request handler failed")
-            request.close_after = True
-            if not request.started and self.transport is not None:
-                request.send(500, None, (("Content-Type", "text/plain"),), b"Internal Server Error")
-        finally:
-            self.busy = False
-            self._current = None
-        if self._upgrade and not more:
-            request.close_after = True  # what follows an upgrade head is not HTTP/1.1
-        if request.close_after or self.closing or self.transport is None:
-            self._close_after_answer(payload)
-            return False
-        if payload is not EMPTY_PAYLOAD and not payload.is_eof():
-            # The handler did not read the whole body: the connection cannot carry another
-            # request in step.
-            self._close_after_answer(payload)
-            return False
-        return True
-
-    async def _wait_for_request(self) -> None:
-        """Idle between requests: the idle timer runs until the next head is parsed."""
-        loop = self._loop
-        self._idle_since = loop.time()
-        if self._idle_timer is None:
-            self._idle_timer = loop.call_at(self._idle_since + self.server.limits.idle_timeout, self._on_idle)
-        waiter = loop.create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
 
     def _hand_off(self, message: RawRequestMessage) -> bool:
         """Give a WebSocket upgrade, with the connection, to aiohttp's server; ``False``: not one."""
