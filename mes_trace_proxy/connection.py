@@ -572,8 +572,9 @@ class Connection(BaseProtocol):
         payload = self._last_payload
         if payload is None or payload.is_eof() or self.transport is None or self._lingering:
             return
-        if payload.total_bytes != self._body_mark or self._reading_paused:
-            # Bytes came (or we paused the caller because the handler reads slower): not a stall.
+        if payload.total_bytes != self._body_mark or self._reading_paused or self._held:
+            # Bytes came, or we paused the caller (the handler reads slower, or the queue is
+            # full): not the caller's stall.
             self._start_body_timer(payload)
             return
         self.server.refusals.add(ClientRejection.REQUEST_TIMEOUT)
