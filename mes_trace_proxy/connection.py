@@ -553,6 +553,10 @@ class Connection(BaseProtocol):
         transport = self.transport
         if transport is None or self.closing or self._requests != self._head_count:
             return
+        if self._held:
+            # We stopped reading (our queue is full): the rest of the head waits for us.
+            self._start_head_timer()
+            return
         self.server.refusals.add(ClientRejection.REQUEST_TIMEOUT)
         self.closing = True
         if self.busy or self._queue:

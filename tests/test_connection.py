@@ -138,3 +138,29 @@ async def test_one_address_gets_its_share_and_no_more() -> None:
         writer.close()
         held[1][1].close()
     assert server.refused_connections == 1
+
+
+async def test_a_head_held_back_by_our_full_queue_is_not_timed_out() -> None:
+    """A partial head behind a full queue waits for the proxy, not the caller: no 408 while we are slow."""
+    gate = asyncio.Event()
+
+    async def held(request: IncomingRequest) -> None:
+        await gate.wait()
+        await echo_path(request)
+
+    count = MAX_QUEUED + 4
+    async with serving(held, replace(LIMITS, header_read_timeout=0.2)) as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(count))
+            writer.write(requests + b"GET /last HTTP/1.1\r\nHo")
+            async with asyncio.timeout(WAIT):
+                await _until(lambda: bool(server.connections) and next(iter(server.connections))._held)
+                await asyncio.sleep(0.5)  # past the head timeout, on purpose, while the queue is full
+                gate.set()
+                assert await _answers(reader, count) == [b"/%d" % n for n in range(count)]
+                writer.write(b"st: x\r\n\r\n")
+                assert await _answers(reader, 1) == [b"/last"]
+        finally:
+            writer.close()
+    assert server.head_timeouts == 0
