@@ -51,21 +51,13 @@ class Listener(Protocol):
     """What a connection needs of its listener (:class:`~mes_trace_proxy.http1.Http1Server`)."""
 
     handed_off: int
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
+    loop: asyncio.AbstractEventLoop
+    date: DateField
+    refusals: Refusals
+    handler: Callable[[IncomingRequest], Awaitable[None]]
 
     @property
     def limits(self) -> Limits: ...
-
-    @property
-    def date(self) -> DateField: ...
-
-    @property
-    def refusals(self) -> Refusals: ...
-
-    @property
-    def handler(self) -> Callable[[IncomingRequest], Awaitable[None]]: ...
 
     @property
     def timeout_answer(self) -> bytes: ...
