@@ -349,3 +349,54 @@ async def test_every_limit_refusal_is_counted_by_listener_and_reason(
         "bad_request": 1,
         "request_timeout": 1,
     }
+
+
+# ── one address's share, and a stalled body ─────────────────────────────────────────────────
+
+
+async def test_one_address_holds_at_most_its_share(tmp_path: Path, upstream_url: str) -> None:
+    """max_connections_per_client: 3 from 127.0.0.1 are served, the 4th is answered 503 and counted."""
+    async with _proxy(tmp_path, upstream_url, {"max_connections_per_client": 3}) as proxy:
+        address = _address(proxy.url())
+        held = [await asyncio.open_connection(*address) for _ in range(3)]
+        try:
+            await _open_connections(proxy, "ingress", 3)
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: mes\r\n\r\n")
+            async with asyncio.timeout(WAIT):
+                status, fields, body = await _read_answer(reader)
+            writer.close()
+            for held_reader, held_writer in held:  # the three are served as ever
+                held_writer.write(b"GET /api/v1/health HTTP/1.1\r\nHost: mes\r\n\r\n")
+                async with asyncio.timeout(WAIT):
+                    assert (await _read_answer(held_reader))[0] == 200
+        finally:
+            for _, held_writer in held:
+                held_writer.close()
+        assert (status, fields["retry-after"]) == (503, "1")
+        assert "your address" in json.loads(body)["detail"]
+        metrics = await _metrics(proxy)
+        assert metrics.value(REFUSALS, listener="ingress", reason="service_unavailable") == 1
+
+
+@pytest.mark.parametrize("path", ["/api/v1/orders/A-1/status", "/t/upload"], ids=["json-read", "streamed"])
+async def test_a_stalled_body_gets_408_whether_read_or_streamed(
+    tmp_path: Path, upstream_url: str, path: str
+) -> None:
+    """A body that stops arriving gets 408 after body_read_timeout: on a route reading JSON, and streamed."""
+    async with _proxy(tmp_path, upstream_url, {"body_read_timeout": "500ms"}) as proxy:
+        reader, writer = await asyncio.open_connection(*_address(proxy.url()))
+        try:
+            writer.write(
+                b"PUT %s HTTP/1.1\r\nHost: mes\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"status": "SHI' % path.encode()
+            )
+            async with asyncio.timeout(WAIT):
+                status, _, body = await _read_answer(reader)
+                assert await reader.read() == b""
+        finally:
+            writer.close()
+        assert status == 408
+        assert json.loads(body)["type"].endswith("request_timeout")
+        metrics = await _metrics(proxy)
+        assert metrics.value(REFUSALS, listener="ingress", reason="request_timeout") == 1
