@@ -27,7 +27,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from mes_trace_proxy import h1
 from mes_trace_proxy.config import Limits
 from mes_trace_proxy.incoming import DateField, IncomingRequest
-from mes_trace_proxy.limits import REFUSED_LINGER, Refusals, classify_parse_error, raw_problem
+from mes_trace_proxy.limits import Admission, Refusals, classify_parse_error, raw_problem, refuse
 from mes_trace_proxy.problems import ClientRejection
 
 __all__ = ["LINGER", "MAX_QUEUED", "READ_BUFFER", "Connection", "Listener"]
@@ -51,6 +51,7 @@ class Listener(Protocol):
     """What a connection needs of its listener (:class:`~mes_trace_proxy.http1.Http1Server`)."""
 
     handed_off: int
+    admission: Admission
     loop: asyncio.AbstractEventLoop
     date: DateField
     refusals: Refusals
@@ -173,11 +174,7 @@ class Connection(BaseProtocol):
         if refusal is not None:
             self._refused = True
             self.closing = True
-            tr.write(refusal)
-            if tr.can_write_eof():
-                tr.write_eof()
-            # Half-open long enough for the 503 to be read, not lost to a reset.
-            self._linger_timer = self._loop.call_later(REFUSED_LINGER, tr.close)
+            self._linger_timer = refuse(tr, refusal, server.admission)
             return
         if tr.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
@@ -190,6 +187,8 @@ class Connection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         """Cancel the request in progress (a caller that hung up cancels its upstream call)."""
         super().connection_lost(exc)
+        if self._refused and self._linger_timer is not None:
+            self.server.admission.refused_closed()
         for timer in (self._head_timer, self._idle_timer, self._linger_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()

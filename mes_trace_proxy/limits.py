@@ -61,6 +61,9 @@ _TOO_MANY_HEADERS: Final = "Too many headers received"
 # A refused connection stays half-open this long so the 503 is read, not lost to a TCP reset
 # of the request bytes we never read; then it is closed whatever the caller does.
 REFUSED_LINGER: Final = 2.0
+# At most this many refused connections linger at once per listener; past it a refused one is
+# closed as soon as its 503 is written (a flood must not hold descriptors for the linger).
+MAX_LINGERING_REFUSALS: Final = 64
 # RFC 9110 §10.2.3: how soon a refused caller may try again; connections free up within
 # the idle and header timeouts, and one second spreads the retries of a burst.
 _RETRY_AFTER_SECONDS: Final = 1
@@ -133,6 +136,8 @@ class Admission:
         self._per_client: dict[str, int] = {}
         #: idle connections closed to admit a new one at the cap
         self.evicted = 0
+        #: refused connections half-open now (see :func:`refuse`)
+        self.lingering = 0
 
     def admit(
         self, conn: _Evictable, open_now: int, connections: Iterable[_Evictable]
@@ -161,6 +166,10 @@ class Admission:
             self._per_client[remote] = self._per_client.get(remote, 0) + 1
         return None, evicted
 
+    def refused_closed(self) -> None:
+        """A refused connection that lingered is closed."""
+        self.lingering -= 1
+
     def release(self, conn: _Evictable) -> None:
         """An admitted connection is gone: its address's share goes down by one."""
         remote = conn.remote
@@ -171,6 +180,24 @@ class Admission:
             self._per_client[remote] = left
         else:
             self._per_client.pop(remote, None)
+
+
+def refuse(transport: asyncio.Transport, answer: bytes, admission: Admission) -> asyncio.TimerHandle | None:
+    """Answer a refused connection and close it.
+
+    It stays half-open for :data:`REFUSED_LINGER` so the answer is read, not lost to a reset
+    of the request bytes never read; past :data:`MAX_LINGERING_REFUSALS` lingering at once it
+    closes at once. Call :meth:`Admission.refused_closed` from ``connection_lost`` when this
+    returned a timer.
+    """
+    transport.write(answer)
+    if transport.can_write_eof():
+        transport.write_eof()
+    if admission.lingering >= MAX_LINGERING_REFUSALS:
+        transport.close()
+        return None
+    admission.lingering += 1
+    return asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
 
 
 def _longest_idle(connections: Iterable[_Evictable]) -> _Evictable | None:
@@ -266,6 +293,7 @@ class _GuardedHandler(RequestHandler):
         "_head_started",
         "_head_timer",
         "_idle_since",
+        "_refused",
         "_refused_timer",
     )
 
@@ -277,6 +305,7 @@ class _GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_count = 0
         self._refused_timer: asyncio.TimerHandle | None = None
+        self._refused = False
         self._idle_since = 0.0
         #: bytes of a head arrived and no request completed yet
         self._head_started = False
@@ -310,18 +339,17 @@ class _GuardedHandler(RequestHandler):
         # Never registered with the server: connection_lost has nothing of aiohttp's to undo.
         self._manager = None
         self._force_close = True
+        self._refused = True
         # (uvloop's transports are not asyncio.Transport subclasses: no isinstance check here.)
-        transport = cast(asyncio.Transport, transport)
-        transport.write(answer)
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._refused_timer = self._loop.call_later(REFUSED_LINGER, transport.close)
+        self._refused_timer = refuse(cast(asyncio.Transport, transport), answer, guard.admission)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop this connection's timers, then let aiohttp clean up."""
-        if self._refused_timer is not None:
-            self._refused_timer.cancel()
-            self._refused_timer = None
+        if self._refused:
+            if self._refused_timer is not None:
+                self._refused_timer.cancel()
+                self._refused_timer = None
+                self._guard.admission.refused_closed()
             return
         if self._head_timer is not None:
             self._head_timer.cancel()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
@@ -273,6 +274,41 @@ async def test_busy_admin_connections_beyond_its_cap_get_503(tmp_path: Path, ups
         finally:
             for _, writer in busy:
                 writer.close()
+
+
+async def test_300_admin_connections_under_256_descriptors_leave_the_proxy_listener_serving(
+    tmp_path: Path, upstream_url: str
+) -> None:
+    """The finding as it was made: the proxy limited to 256 open files, 300 connections to the
+    admin port, each mid-head (nothing to evict); the proxy listener and the probes still answer."""
+    async with _proxy(tmp_path, upstream_url, {"header_read_timeout": "30s"}) as proxy:
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (256, 256))
+        address = _address(proxy.admin_url)
+        held = []
+        try:
+            for _ in range(300):
+                reader, writer = await asyncio.open_connection(*address)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHo")
+                held.append((reader, writer))
+            # Every connection past the cap is accepted and answered 503 (not just queued in the
+            # kernel's backlog); the cap's 64 wait for the rest of their heads.
+            refused = 0
+            async with asyncio.timeout(WAIT):
+                for answer in asyncio.as_completed([reader.read() for reader, _ in held]):
+                    assert (await answer).startswith(b"HTTP/1.1 503")
+                    refused += 1
+                    if refused == 300 - 64:
+                        break
+            # At most the cap plus the refusals allowed to linger: 64 + 64 descriptors.
+            assert open_fds(proxy.pid) < 200
+            async with aiohttp.ClientSession() as client:
+                for n in range(5):
+                    async with client.get(f"{proxy.url()}/api/v1/orders/F-{n}") as resp:
+                        assert resp.status == 200
+        finally:
+            for _, writer in held:
+                writer.close()
+        assert not [line for line in proxy.lines if "Too many open files" in line or "resource" in line]
 
 
 async def test_unknown_admin_tokens_warn_once_and_are_counted(tmp_path: Path, upstream_url: str) -> None:
