@@ -255,10 +255,7 @@ class ProxyMetrics(Observer):
         self._store_stats: Callable[[], Mapping[str, int]] | None = None
         self._connection_stats: Callable[[], Mapping[str, ConnectionStats]] | None = None
         self._admin_stats: Callable[[], ConnectionStats] | None = None
-        # Refusals the handler answers (413, the framing and target checks), by listener and slug.
-        self.handler_refusals = _CounterFamily(
-            "mes_proxy_refusals", "Handler refusals.", ("listener", "reason")
-        )
+        self.handler_refusals = _CounterFamily("mes_proxy_refusals", "", ("listener", "reason"))  # _refusals
         self._upstream_answers: dict[str, float] | None = None
         r.register(_CallbackCollector(self._collect))
 
