@@ -27,7 +27,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from mes_trace_proxy import h1
 from mes_trace_proxy.config import Limits
 from mes_trace_proxy.incoming import DateField, IncomingRequest
-from mes_trace_proxy.limits import Admission, Refusals, classify_parse_error, raw_problem, refuse
+from mes_trace_proxy.limits import Admission, Refusals, raw_problem, refuse, refused_by_parser
 from mes_trace_proxy.problems import ClientRejection
 
 __all__ = ["LINGER", "MAX_QUEUED", "READ_BUFFER", "Connection", "Listener"]
@@ -444,9 +444,8 @@ class Connection(BaseProtocol):
             if waiter is not None and not waiter.done():
                 waiter.cancel()
 
-    def evict(self) -> None:
-        """Close this idle connection now, to make room for a new one (see ``limits.Admission``)."""
-        self.close()
+    #: an idle connection closes at once, making room for a new one (``limits.Admission``)
+    evict = close
 
     @property
     def idle_since(self) -> float | None:
@@ -599,13 +598,7 @@ class Connection(BaseProtocol):
                 waiter.set_result(None)
 
     def _answer_parse_error(self) -> None:
-        limits = self.server.limits
-        kind = classify_parse_error(
-            self._parse_error, max_line_size=limits.max_line_size, max_field_size=limits.max_header_size
-        )
-        # The parser's message quotes the offending bytes; only the verdict is logged.
-        log.debug("request refused by the parser", extra={"error_type": kind.value})
-        self.server.refusals.add(kind)
+        kind = refused_by_parser(self._parse_error, self.server.limits, self.server.refusals)
         self.closing = True
         transport = self.transport
         if transport is not None:

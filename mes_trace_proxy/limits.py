@@ -52,6 +52,8 @@ __all__ = [
     "admin_limits",
     "classify_parse_error",
     "raw_problem",
+    "refuse",
+    "refused_by_parser",
 ]
 
 log = logging.getLogger("mes_trace_proxy.limits")
@@ -237,6 +239,19 @@ def classify_parse_error(
     return ClientRejection.BAD_REQUEST
 
 
+def refused_by_parser(exc: BaseException | None, limits: Limits, refusals: Refusals) -> ClientRejection:
+    """Say which limit a parser error broke, count it, and log the verdict (never the message).
+
+    The parser's message quotes the offending bytes, so only the rejection's slug is logged.
+    """
+    kind = classify_parse_error(
+        exc, max_line_size=limits.max_line_size, max_field_size=limits.max_header_size
+    )
+    log.debug("request refused by the parser", extra={"error_type": kind.value})
+    refusals.add(kind)
+    return kind
+
+
 def raw_problem(kind: ClientRejection, *, detail: str | None = None, extra: str = "") -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 problem+json answer, for writing to a bare transport.
 
@@ -410,10 +425,7 @@ class _GuardedHandler(RequestHandler):
         """Answer a request the parser refused with problem+json; anything else as aiohttp does."""
         if status != HTTPStatus.BAD_REQUEST or not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
-        kind = classify_parse_error(exc, max_line_size=self.max_line_size, max_field_size=self.max_field_size)
-        # The parser's message quotes the offending bytes; only the verdict is logged.
-        log.debug("request refused by the parser", extra={"error_type": kind.value})
-        self._guard.refusals.add(kind)
+        kind = refused_by_parser(exc, self._guard.limits, self._guard.refusals)
         code, body = rejection_response(rejection(kind), trace_id=None)
         response = web.Response(status=code, body=body, content_type=PROBLEM_CONTENT_TYPE)
         response.force_close()
