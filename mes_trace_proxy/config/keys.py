@@ -69,7 +69,7 @@ from mes_trace_proxy.config.values import (
 )
 from mes_trace_proxy.rules import _RULE_KEYS, SourceKind
 
-__all__ = ["FILE", "Key", "Kind", "ListOf", "MapOf", "Section"]
+__all__ = ["FILE_SECTIONS", "RULES", "Key", "Kind", "ListOf", "MapOf", "Section"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +151,7 @@ def _bare(pattern: re.Pattern[str]) -> str:
     return pattern.pattern
 
 
-# A duration or size that is not zero: some digit other than 0 before the unit.
+# A duration or size that is not zero: a digit other than 0 somewhere in it.
 _NONZERO: Final = r"(?=[^1-9]*[1-9])"
 _PORT: Final = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 _PORT_NOT_ZERO: Final = (
@@ -236,7 +236,7 @@ _SOURCE: Final = {
     "type": "string",
     "pattern": "^(?:" + "|".join(kind.value for kind in SourceKind) + "):",
 }
-#: rules.py's keys, with the shape of each; tests/test_config_schema.py checks it covers _RULE_KEYS
+#: rules.py's keys and the shape of each (held to _RULE_KEYS below and by tests/test_config_keys.py)
 RULE: Final = Section(
     (
         Key("name", TEXT, "names the span's route and the rule in explain; default: the route"),
