@@ -136,8 +136,8 @@ class _Parts:
     tracing: Tracing
     shared: Shared
     watchdog: Watchdog
-    #: listener name → its server, filled as the listeners start (the metrics read it)
-    servers: dict[str, _Listening] = field(default_factory=dict)
+    #: listener name → its server and socket, filled as the listeners start (the metrics read it)
+    listening: dict[str, _Listening] = field(default_factory=dict)
 
 
 @contextlib.asynccontextmanager
@@ -175,18 +175,18 @@ async def running(
         await stack.enter_async_context(_order_state(parts))
         await stack.enter_async_context(_span_export(parts.tracing))
         await stack.enter_async_context(_access_log(shared.access_log))
-        certificates = await stack.enter_async_context(_proxy_listeners(shared, parts.servers, reuse_port))
+        certificates = await stack.enter_async_context(_proxy_listeners(shared, parts.listening, reuse_port))
         admin_app, admin = await stack.enter_async_context(_admin_listener(shared, reuse_port))
         await stack.enter_async_context(_watchdog(parts.watchdog))
-        stack.enter_context(_ready(shared, parts.servers, admin))
+        stack.enter_context(_ready(shared, parts.listening, admin))
         yield RunningProxy(
             shared=shared,
-            listeners={name: server.address for name, server in parts.servers.items()},
+            listeners={name: item.address for name, item in parts.listening.items()},
             admin=admin,
             watchdog=parts.watchdog,
             certificates=certificates,
             admin_app=admin_app,
-            servers={name: server.server for name, server in parts.servers.items()},
+            servers={name: item.server for name, item in parts.listening.items()},
         )
 
 
@@ -238,12 +238,12 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
         store_stats=watchdog.store_stats,
         connection_stats=lambda: {
             name: ConnectionStats(
-                open=listening.server.open_connections,
-                refused_cap=listening.server.refused_connections,
-                header_timeouts=listening.server.head_timeouts,
-                malformed=listening.server.parse_refusals,
+                open=item.server.open_connections,
+                refused_cap=item.server.refused_connections,
+                header_timeouts=item.server.head_timeouts,
+                malformed=item.server.parse_refusals,
             )
-            for name, listening in parts.servers.items()
+            for name, item in parts.listening.items()
         },
     )
     return parts
