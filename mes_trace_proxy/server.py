@@ -37,6 +37,7 @@ from aiohttp import web
 from mes_trace_proxy import native
 from mes_trace_proxy.admin import TOKENS, build_admin_app
 from mes_trace_proxy.app import Shared, build_proxy_server
+from mes_trace_proxy.book_sync import BookSync
 from mes_trace_proxy.config import Config, ConfigError, HostPort, ListenerConfig, is_loopback
 from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.logs import AccessLog
@@ -214,10 +215,10 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
     )
     if clock is not None:
         shared.clock = clock
+    sync = BookSync(book=book, store=store, writer=writer)
     watchdog = Watchdog(
         book=book,
-        store=store,
-        writer=writer,
+        sync=sync,
         tracing=tracing,
         config=config.watchdog,
         metrics=metrics,
@@ -228,14 +229,14 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
     # --state memory the order book is the state: copying each change into a MemoryStore would
     # keep every order twice and cost every status change a record for nobody to read.
     if not isinstance(store, MemoryStore):
-        shared.on_order_changed = watchdog.order_changed
+        shared.on_order_changed = sync.order_changed
     parts = _Parts(store=store, writer=writer, tracing=tracing, shared=shared, watchdog=watchdog)
     metrics.bind(
         upstream_answers=shared.readiness.last_upstream_answer,
         export_stats=tracing.export_stats,
         order_counts=book.counts,
         stuck_counts=watchdog.stuck_counts,
-        store_stats=watchdog.store_stats,
+        store_stats=sync.store_stats,
         connection_stats=lambda: {
             name: ConnectionStats(
                 open=item.server.open_connections,
@@ -253,7 +254,7 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
 async def _order_state(parts: _Parts) -> AsyncIterator[None]:
     """Load the stored orders and start the writer; on exit write what the drain left queued, then close."""
     try:
-        await parts.watchdog.restore()
+        await parts.watchdog.sync.restore()
         parts.writer.start()
         yield
     finally:
