@@ -23,6 +23,7 @@ CORE: Final = (
     "attributes",
     "tracecontext",
     "forwarding",
+    "framing",
     "lifecycle",
     "orders",
     "problems",
