@@ -23,6 +23,8 @@ CORE: Final = (
     "attributes",
     "tracecontext",
     "forwarding",
+    "cards",
+    "textfold",
     "framing",
     "lifecycle",
     "orders",
