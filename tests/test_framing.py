@@ -589,3 +589,66 @@ async def test_desync_gadget(gadget: Gadget, shape: str, stage: Stage) -> None:
 def test_gadget_ids_are_distinct() -> None:
     """A failure names exactly one gadget."""
     assert len({g.id for g in GADGETS}) == len(GADGETS)
+
+
+# ── the settings, through a real proxy ────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A listener's '_' settings and what each kind of name must come to."""
+
+    id: str
+    flags: tuple[str, ...]
+    lookalike: str  # dropped | refused
+    other: str  # passed | dropped | refused
+
+
+SETTINGS: Final = (
+    Setting("default", (), "dropped", "passed"),
+    Setting("refuse-lookalikes", ("--underscore-lookalikes", "refuse"), "refused", "passed"),
+    Setting("drop-all", ("--underscore-headers", "drop"), "dropped", "dropped"),
+    Setting(
+        "refuse-lookalikes-drop-others",
+        ("--underscore-lookalikes", "refuse", "--underscore-headers", "drop"),
+        "refused",
+        "dropped",
+    ),
+    Setting("refuse-all", ("--underscore-headers", "refuse"), "refused", "refused"),
+)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("setting", SETTINGS, ids=[s.id for s in SETTINGS])
+async def test_underscore_settings(setting: Setting) -> None:
+    """Each setting does what docs/security.md says to a lookalike, to another '_' name and to
+    a request without either; a refusal is a 400 problem that closes the connection."""
+    async with (
+        StrictUpstream() as upstream,
+        proxy_process(
+            [*LOOPBACK_ARGS, "--upstream", upstream.url, *setting.flags], {"OTEL_TRACES_EXPORTER": "none"}
+        ) as proxy,
+    ):
+        stage = Stage(upstream, proxy)
+        for kind, field_line, outcome in (
+            ("lookalike", "Transfer_Encoding: chunked", setting.lookalike),
+            ("other", "X_Custom: 1", setting.other),
+            ("plain", "X-Custom: 1", "passed"),
+        ):
+            request_id = f"{setting.id}-{kind}"
+            request = (
+                f"POST /echo/{kind} HTTP/1.1\r\nHost: mes\r\nX-Request-Id: {request_id}\r\n"
+                f"Content-Length: 5\r\n{field_line}\r\n\r\nhello"
+            ).encode()
+            answers = await _talk(stage, request)
+            if outcome == "refused":
+                assert _closing_problem(answers[0])
+                assert answers[1:] == [None]
+                assert _seen(stage, request_id) == []
+                continue
+            assert [a.echo_id() if a else None for a in answers] == [request_id, None]
+            [seen] = [s for s in upstream.seen if s.header("X-Request-Id") == request_id]
+            name = field_line.split(":", 1)[0]
+            assert (seen.header(name) is not None) is (outcome == "passed")
+            assert (seen.framing, seen.body) == ("length", b"hello")
+        assert upstream.violations == []
