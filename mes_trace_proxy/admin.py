@@ -45,8 +45,11 @@ ROUTE_ROLES: Final[Mapping[tuple[str, str], Role | None]] = MappingProxyType(
         # The watchdog's order pages and API: lookups are for viewers, the purge for admins.
         ("GET", "/"): Role.VIEWER,
         ("GET", "/orders"): Role.VIEWER,
-        ("GET", "/orders/stuck"): Role.VIEWER,
+        ("GET", "/orders/-/stuck"): Role.VIEWER,
         ("GET", "/orders/{order_id}"): Role.VIEWER,
+        ("POST", "/orders/-/purge"): Role.ADMIN,
+        # The old paths (admin_orders.py), deprecated for one release.
+        ("GET", "/orders/stuck"): Role.VIEWER,
         ("POST", "/orders/purge"): Role.ADMIN,
     }
 )

@@ -77,7 +77,7 @@ class Shared:
     clock: Callable[[], float] = time.time
     #: called when an order's state changed, so the store can write it behind the hot path
     on_order_changed: Callable[[str], None] | None = None
-    #: the stuck-order watchdog, which also owns the order store (None: no order state)
+    #: the stuck-order watchdog; its ``sync`` keeps the book and the store in step (None: no order state)
     watchdog: Watchdog | None = None
 
 

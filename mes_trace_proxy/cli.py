@@ -28,33 +28,6 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130  # the shell's convention for a run ended by Ctrl+C (128 + SIGINT)
 
-_HELP: Final = {
-    "listen": "ingress listener HOST:PORT (CRM and dashboard → MES) [default 127.0.0.1:8080]",
-    "upstream": "MES base URL, http:// or https:// (required)",
-    "egress_listen": "egress listener HOST:PORT (MES → CRM)",
-    "egress_upstream": "CRM base URL for the egress listener",
-    "admin_listen": "admin listener HOST:PORT: /healthz /readyz /metrics [default 127.0.0.1:9901]",
-    "workers": "processes sharing the listen sockets (SO_REUSEPORT) [default 1]",
-    "grace_period": "drain time on SIGTERM, e.g. 20s [default 20s]",
-    "log_level": "debug, info, warning or error [default info]",
-    "access_log": "do not write the JSON access log",
-    "user_id_key_file": "file holding the HMAC key for enduser.id (no key: no user id recorded)",
-    "state": "order state: memory, sqlite:///PATH or redis://HOST:PORT/DB",
-    "check_interval": "how often the watchdog looks for stuck orders, e.g. 10s",
-    "jaeger_url": "Jaeger UI base URL for links on the admin page",
-    "correlation": "link, trace-per-order or off",
-    "tls_cert": "PEM certificate chain: serve TLS on the ingress listener (reloaded on change and SIGHUP)",
-    "tls_key": "PEM private key for --tls-cert",
-    "upstream_ca": "PEM CA bundle that signs the https:// upstream's certificate",
-    "upstream_cert": "PEM client certificate for mTLS to the upstream",
-    "upstream_key": "PEM private key for --upstream-cert",
-    "max_body_size": "largest request body accepted, e.g. 1GiB (0: no limit) [default 1GiB]",
-    "max_connections": "open connections accepted by the ingress listener [default 4096]",
-    "admin_token_file": "ROLE:TOKEN lines; admin endpoints but /healthz, /readyz then need a bearer token",
-    "trusted_callers": "comma-separated CIDRs whose trace context is continued [default *]",
-    "client_span": "who makes the CLIENT span: sdk or instrumentation (the contrib package) [default sdk]",
-}
-
 
 def read_default_rules() -> dict[str, object]:
     """The packaged default rule sets (``defaults/rules.yaml``)."""
@@ -110,20 +83,13 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
 def _add_proxy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"YAML config file (env {ENV_CONFIG})")
     for option in OPTIONS:
-        env_help = f" (env {option.env})"
-        if option.dest == "access_log":
+        help_text = f"{option.help} (env {option.env})"
+        if option.switch_off:
             parser.add_argument(
-                option.flag,
-                dest="access_log",
-                action="store_const",
-                const=False,
-                default=None,
-                help=_HELP[option.dest] + env_help,
+                option.flag, dest=option.dest, action="store_const", const=False, default=None, help=help_text
             )
         else:
-            parser.add_argument(
-                option.flag, dest=option.dest, default=None, help=_HELP[option.dest] + env_help
-            )
+            parser.add_argument(option.flag, dest=option.dest, default=None, help=help_text)
     parser.add_argument(
         FLAG_DWELL_LIMIT,
         dest="dwell_limit",
@@ -150,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proxy_flags(serve)
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
+    check.add_argument(
+        "--schema", action="store_true", help="print the config file's JSON Schema and exit (loads nothing)"
+    )
     _add_proxy_flags(check)
 
     explain = sub.add_parser("explain", help="show the rule, span name and attributes for a request")
@@ -180,6 +149,11 @@ def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if args.schema:
+        from mes_trace_proxy.config.schema import schema_text
+
+        sys.stdout.write(schema_text())
+        return EXIT_OK
     config = load_from_args(args, environ)
     json.dump(config.describe(), sys.stdout, indent=2)
     sys.stdout.write("\nconfiguration OK\n")

@@ -62,13 +62,13 @@ from mes_trace_proxy.problems import (
 from mes_trace_proxy.problems import rejection as make_rejection
 from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
 from mes_trace_proxy.rules import RouteMatch
+from mes_trace_proxy.span_context import caller_span_context, clean_trace_state, span_context
 from mes_trace_proxy.spans import ProxySpan
 from mes_trace_proxy.tracecontext import (
     TrustPolicy,
     format_span_id,
     format_trace_id,
     format_traceparent,
-    parse_traceparent,
     traceresponse,
 )
 from mes_trace_proxy.tracing import Tracing
@@ -91,12 +91,9 @@ log = logging.getLogger("mes_trace_proxy.proxy")
 # slow client never makes us hold more than a few of them per connection.
 CHUNK_SIZE: Final = 64 * 1024
 _TRACE_HEADERS: Final = ("traceparent", "tracestate")
-_new_tuple: Final = tuple.__new__
 _DEFAULT_FLAGS: Final = TraceFlags(TraceFlags.DEFAULT)
 _DEFAULT_STATE: Final = TraceState()
 _FIRST_SPAN_LINK: Final = {A.MES_LINK_KIND: "order.first_span"}
-# The W3C propagator ignores a tracestate longer than this (opentelemetry.trace.span).
-_MAX_TRACESTATE: Final = 8192
 #: ``error.type`` of an exchange the caller abandoned (hung up before the answer was complete).
 CLIENT_ABORTED: Final = "client_aborted"
 #: a request still running when the drain's grace period ended, cancelled by the shutdown
@@ -342,27 +339,20 @@ def _parent(
         they inject from again).
     """
     headers = request.headers
-    value = headers.get("traceparent")
-    if value is None:
+    # Every field: two traceparent fields are no trace context, several tracestate fields one list.
+    values = headers.getall("traceparent", ())
+    if not values:
         return None, (), None
     tracing = state.tracing
     context: Context | None = None
     if tracing.w3c:
-        ids = parse_traceparent(value)
-        if ids is None:
+        found = caller_span_context(values, headers.getall("tracestate", ()), state.redactor)
+        if found is None:
             return None, (), None
-        state_value = headers.get("tracestate")
-        trace_state = (
-            TraceState.from_header([state_value])
-            if state_value is not None and len(state_value) <= _MAX_TRACESTATE
-            else None
-        )
-        caller = SpanContext(
-            ids[0], ids[1], is_remote=True, trace_flags=TraceFlags(ids[2]), trace_state=trace_state
-        )
+        caller = found
     else:
         context = tracing.propagator.extract(headers)
-        caller = trace_api.get_current_span(context).get_span_context()
+        caller = clean_trace_state(trace_api.get_current_span(context).get_span_context(), state.redactor)
         if not caller.is_valid:
             return None, (), context
     if state.trust.trusts(request.remote):
@@ -898,10 +888,6 @@ def _record_order(
         # SpanContext is a tuple; its checked constructor costs more than the link itself
         # (the ids come from a span this process made, so they are valid).
         span.add_link(
-            _new_tuple(
-                trace_api.SpanContext,
-                (first.trace_id, first.span_id, False, _DEFAULT_FLAGS, _DEFAULT_STATE, True),
-            ),
-            _FIRST_SPAN_LINK,
+            span_context(first.trace_id, first.span_id, _DEFAULT_FLAGS, _DEFAULT_STATE), _FIRST_SPAN_LINK
         )
     return findings

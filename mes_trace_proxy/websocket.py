@@ -22,6 +22,7 @@ from mes_trace_proxy import attributes as A
 from mes_trace_proxy.forwarding import upstream_request_headers, websocket_subprotocols
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, UpstreamFailure, failure_response
 from mes_trace_proxy.rules import RouteMatch
+from mes_trace_proxy.span_context import incoming_context
 from mes_trace_proxy.tracecontext import format_trace_id
 
 if TYPE_CHECKING:
@@ -75,8 +76,11 @@ async def proxy_websocket(
     }
     if route:
         attrs[A.HTTP_ROUTE] = route
+    tracing = state.tracing
     context = (
-        state.tracing.propagator.extract(request.headers) if state.trust.trusts(request.remote) else None
+        incoming_context(request.headers, tracing.propagator, w3c=tracing.w3c, redactor=state.redactor)
+        if state.trust.trusts(request.remote)
+        else None
     )
     span = tracer.start_span(
         A.span_name(method, route),

@@ -18,8 +18,6 @@ from mes_trace_proxy.config import (
     Config,
     ConfigError,
     load_config,
-    parse_duration,
-    parse_size,
 )
 
 DEFAULTS = read_default_rules()
@@ -807,93 +805,6 @@ def test_describe_is_plain_json() -> None:
     listeners = described["listeners"]
     assert isinstance(listeners, list)
     assert [item["name"] for item in listeners] == ["ingress", "egress"]
-
-
-# ── scalar parsers ────────────────────────────────────────────────────────────────────────
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        pytest.param("500ms", 0.5, id="ms"),
-        pytest.param("10s", 10.0, id="s"),
-        pytest.param("15m", 900.0, id="m"),
-        pytest.param("2h", 7200.0, id="h"),
-        pytest.param("7d", 604800.0, id="d"),
-        pytest.param("1.5h", 5400.0, id="fraction"),
-        pytest.param(" 10 s ", 10.0, id="spaces"),
-        pytest.param("10", 10.0, id="bare-string"),
-        pytest.param("0s", 0.0, id="zero"),
-        pytest.param(10, 10.0, id="int"),
-        pytest.param(0.25, 0.25, id="float"),
-    ],
-)
-def test_parse_duration(value: object, seconds: float) -> None:
-    """Durations take ms, s, m, h and d; bare numbers are seconds."""
-    assert parse_duration(value) == seconds
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        pytest.param("", id="empty"),
-        pytest.param("-1s", id="negative-string"),
-        pytest.param(-5, id="negative-number"),
-        pytest.param("1w", id="weeks"),
-        pytest.param("10S", id="upper-case-unit"),
-        pytest.param("ten", id="words"),
-        pytest.param("1h30m", id="compound"),
-        pytest.param("1e3s", id="exponent"),
-        pytest.param(True, id="bool"),
-        pytest.param(None, id="none"),
-        pytest.param(float("nan"), id="nan"),
-        pytest.param(float("inf"), id="inf"),
-        pytest.param("9" * 400, id="overflows-to-inf"),
-    ],
-)
-def test_parse_duration_rejects(value: object) -> None:
-    """Anything else, including negative and non-finite values, is a ValueError."""
-    with pytest.raises(ValueError, match=r"duration|negative"):
-        parse_duration(value)
-
-
-@pytest.mark.parametrize(
-    ("value", "size"),
-    [
-        pytest.param("64KiB", 65536, id="KiB"),
-        pytest.param("1MiB", 1024**2, id="MiB"),
-        pytest.param("2GiB", 2 * 1024**3, id="GiB"),
-        pytest.param("10B", 10, id="B"),
-        pytest.param("1 KiB", 1024, id="space"),
-        pytest.param("100", 100, id="bare-string"),
-        pytest.param(100, 100, id="int"),
-        pytest.param(0, 0, id="zero"),
-        pytest.param("1KB", 1000, id="decimal-KB"),
-    ],
-)
-def test_parse_size(value: object, size: int) -> None:
-    """Sizes take B, KiB, MiB and GiB; bare numbers are bytes."""
-    assert parse_size(value) == size
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        pytest.param("", id="empty"),
-        pytest.param(-1, id="negative"),
-        pytest.param("-1KiB", id="negative-string"),
-        pytest.param("1.5KiB", id="fraction"),
-        pytest.param(1.5, id="float"),
-        pytest.param("1kib", id="wrong-case"),
-        pytest.param("1TiB", id="unknown-unit"),
-        pytest.param(True, id="bool"),
-        pytest.param("lots", id="words"),
-    ],
-)
-def test_parse_size_rejects(value: object) -> None:
-    """Anything else is a ValueError."""
-    with pytest.raises(ValueError, match="size"):
-        parse_size(value)
 
 
 def test_custom_lifecycle_without_entry_uses_its_own_first_statuses(default_rules: dict[str, object]) -> None:

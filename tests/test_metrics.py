@@ -69,7 +69,7 @@ def test_findings_from_a_real_order_book_are_counted() -> None:
 
 def test_scrape_time_gauges_read_their_sources() -> None:
     """Order, stuck, span-export and store figures are computed when scraped, from the bound callables."""
-    metrics = ProxyMetrics()
+    metrics = ProxyMetrics(known_statuses=REFERENCE_LIFECYCLE.statuses)
     metrics.bind(
         export_stats=lambda: ExportStats(queued=5, exported=3, dropped_queue_full=2, failed=0),
         order_counts=lambda: {"SUBMITTED": 4},
@@ -82,6 +82,24 @@ def test_scrape_time_gauges_read_their_sources() -> None:
     assert 'mes_orders_stuck{status="SUBMITTED"} 1.0' in text
     assert "mes_state_store_errors_total 7.0" in text
     assert "mes_state_store_pending 2.0" in text
+
+
+def test_order_gauges_fold_statuses_outside_the_lifecycle() -> None:
+    """mes_orders and mes_orders_stuck sum every status the lifecycle does not name under _OTHER."""
+    metrics = ProxyMetrics(known_statuses=REFERENCE_LIFECYCLE.statuses)
+    book = OrderBook(REFERENCE_LIFECYCLE)
+    span = SpanRef(trace_id=1, span_id=2)
+    for order_id, status in (("A", "SUBMITTED"), ("B", "Petrov Sergei Ivanovich"), ("C", "ON_HOLD")):
+        book.apply(order_id=order_id, status=status, observed=None, now=0.0, span=span)
+    book.overdue(86400.0)
+    metrics.bind(order_counts=book.counts, stuck_counts=lambda: book.snapshot().stuck_by_status)
+    text = _text(metrics)
+    assert "Petrov" not in text
+    assert "ON_HOLD" not in text
+    assert 'mes_orders{status="_OTHER"} 2.0' in text
+    assert 'mes_orders{status="SUBMITTED"} 1.0' in text
+    assert 'mes_orders{status="CLOSED"} 0.0' in text  # known statuses keep their zero
+    assert 'mes_orders_stuck{status="SUBMITTED"} 1.0' in text
 
 
 def test_process_figures_are_exposed() -> None:

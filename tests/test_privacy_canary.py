@@ -192,6 +192,14 @@ NESTED_BODY = {
 }
 
 
+#: A trusted caller's trace context: its tracestate holds an e-mail and a phone between vendor entries.
+CALLER_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+CALLER_TRACEPARENT = f"00-{CALLER_TRACE_ID}-b7ad6b7169203331-01"
+CALLER_TRACESTATE = f"rojo=00f067aa0ba902b7,crm={EMAIL},tel={PHONE_RU},congo=t61rcWkgMzE"
+#: What is left of it: the vendor entries, in order.
+CLEAN_TRACESTATE = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+
+
 def _query(**params: str) -> str:
     return "&".join(f"{name}={quote(value, safe='')}" for name, value in params.items())
 
@@ -216,8 +224,18 @@ REQUESTS: tuple[tuple[str, str, object, Mapping[str, str]], ...] = (
     # Personal status values set by the body (top level), read back from the response.
     ("PATCH", f"/api/v1/orders/{CARD_DASHED}", {"status": EMAIL, "customerEmail": EMAIL}, {}),
     ("POST", "/api/v1/orders", {"orderId": CARD_PLAIN, "status": PHONE_RU_8, "customer": NAME}, {}),
-    # A clean order: the positive control (its id and observed status must show up).
-    ("GET", "/api/v1/orders/ORD-CLEAN-1", None, {"Authorization": f"Bearer {JWT}"}),
+    # A clean order: the positive control (its id and observed status must show up), from a
+    # caller whose tracestate carries personal data among its vendor entries.
+    (
+        "GET",
+        "/api/v1/orders/ORD-CLEAN-1",
+        None,
+        {
+            "Authorization": f"Bearer {JWT}",
+            "traceparent": CALLER_TRACEPARENT,
+            "tracestate": CALLER_TRACESTATE,
+        },
+    ),
     # No rule matches: the fallback span still scrubs the path and drops unlisted parameters.
     (
         "GET",
@@ -327,6 +345,8 @@ async def test_no_canary_leaves_the_proxy(canary_upstream: str, otlp_sink: OtlpS
     assert len(servers) == REQUEST_COUNT
     clean = next(span for span in servers if span.attributes.get("mes.order.id") == "ORD-CLEAN-1")
     assert clean.attributes["mes.order.status.observed"] == "MANUFACTURING_STARTED"
+    assert clean.trace_id == CALLER_TRACE_ID
+    assert clean.trace_state == CLEAN_TRACESTATE
     assert "/api/v1/orders/{orderId}" in span_text
     assert 'route="/api/v1/orders/{orderId}/status"' in metrics_text
     assert len(access_lines) == REQUEST_COUNT
@@ -446,3 +466,44 @@ async def test_generated_requests_leak_nothing(
         assert leaks(text) == [], exchange
 
     await asyncio.to_thread(check)
+
+
+# ── the caller's tracestate ────────────────────────────────────────────────────────────────
+
+
+async def test_tracestate_personal_members_are_neither_exported_nor_forwarded(otlp_sink: OtlpSink) -> None:
+    """A trusted caller's tracestate members holding an e-mail or a phone are dropped from both
+    spans and from the tracestate sent upstream; the vendor entries around them stay, in order."""
+    forwarded: list[list[str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        forwarded.append(request.headers.getall("tracestate", []))
+        return web.json_response({"orderId": "ORD-TS-1", "status": "PACKAGING"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    upstream = TestServer(app, host="127.0.0.1", port=0)
+    await upstream.start_server()
+    args = ["--upstream", f"http://127.0.0.1:{upstream.port}", "--listen", "127.0.0.1:0"]
+    args += ["--admin-listen", "127.0.0.1:0", "--state", "memory"]
+    # Two fields, as a caller behind another proxy may send them: one list, combined in order.
+    first, _, second = CALLER_TRACESTATE.partition(",tel=")
+    headers = [("traceparent", CALLER_TRACEPARENT), ("tracestate", first), ("tracestate", "tel=" + second)]
+    try:
+        async with (
+            proxy_process(args, otlp_env(otlp_sink)) as proxy,
+            aiohttp.ClientSession(headers=headers) as client,
+            client.get(proxy.url() + "/api/v1/orders/ORD-TS-1") as resp,
+        ):
+            assert resp.status == 200
+            await resp.read()
+        spans = await otlp_sink.wait_for_spans(2, timeout=WAIT)
+    finally:
+        await upstream.close()
+    assert sorted(span.kind for span in spans) == ["CLIENT", "SERVER"]
+    for span in spans:
+        assert span.trace_id == CALLER_TRACE_ID
+        assert span.trace_state == CLEAN_TRACESTATE, span.kind
+    assert forwarded == [[CLEAN_TRACESTATE]]
+    text = json.dumps([span.to_json_dict() for span in spans], default=str) + repr(forwarded)
+    assert leaks(text) == []
