@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -45,6 +45,7 @@ __all__ = [
     "closes_connection",
     "is_token",
     "lookalike_names",
+    "name_action_parser",
 ]
 
 # RFC 9110 §5.6.2: token = 1*tchar, the grammar of field names (§5.1), methods (§9.1) and
@@ -138,6 +139,22 @@ class NameAction(enum.Enum):
     DROP = "drop"
     #: the request is answered 400 and nothing is forwarded
     REFUSE = "refuse"
+
+
+def name_action_parser(*allowed: NameAction) -> Callable[[object], NameAction]:
+    """A config value parser for one of ``allowed`` (``drop``, ...).
+
+    Raises (from the parser):
+        ValueError: another value, with the allowed ones in the message.
+    """
+
+    def parse(value: object) -> NameAction:
+        for action in allowed:
+            if str(value).strip().lower() == action.value:
+                return action
+        raise ValueError(f"{value!r}: use {' or '.join(a.value for a in allowed)}")
+
+    return parse
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

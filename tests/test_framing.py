@@ -24,6 +24,7 @@ from mes_trace_proxy.framing import (
     check_framing,
     is_token,
     lookalike_names,
+    name_action_parser,
 )
 from tests.proxy_process import ProxyProcess, proxy_process
 from tests.strict_upstream import Answer, StrictUpstream, read_response
@@ -88,6 +89,14 @@ def test_other_names_are_not_lookalikes(name: str) -> None:
 
 
 # ── the policy ──────────────────────────────────────────────────────────────────────────
+
+
+def test_name_action_parser() -> None:
+    """Config values: case and spaces ignored; another value names the allowed ones."""
+    parse = name_action_parser(NameAction.DROP, NameAction.REFUSE)
+    assert parse(" Refuse ") is NameAction.REFUSE
+    with pytest.raises(ValueError, match="'pass': use drop or refuse"):
+        parse("pass")
 
 
 def test_lookalikes_can_never_pass() -> None:
