@@ -306,9 +306,14 @@ class Redactor:
                 # NFKC can lengthen text (one character up to 18): the cap holds here too.
                 if len(folded) > self._max:
                     return self._marker
-                found = self._scan(folded)
-                if found != folded and found != fold(out):
-                    return self._marker
+                if out == s:
+                    # Nothing plain: one find in the folded reading settles it.
+                    if self._holds_personal(folded):
+                        return self._marker
+                else:
+                    found = self._scan(folded)
+                    if found != folded and found != fold(out):
+                        return self._marker
         return out
 
     def _scan(self, s: str) -> str:
@@ -337,8 +342,17 @@ class Redactor:
         pieces.append(s[last:])
         return "".join(pieces)
 
-    def _personal_runs(self, s: str) -> list[tuple[int, int]]:
-        """The spans of the digit runs that are phones or cards, outside UUIDs, in order."""
+    def _holds_personal(self, s: str) -> bool:
+        """Whether ``s`` holds anything :meth:`_scan` would replace; stops at the first find."""
+        if self._plain.fullmatch(s) is not None or self._uuid.fullmatch(s) is not None:
+            return False
+        if ("@" in s or "%40" in s) and self._email.search(s) is not None:
+            return True
+        return bool(self._personal_runs(s, first=True))
+
+    def _personal_runs(self, s: str, *, first: bool = False) -> list[tuple[int, int]]:
+        """The spans of the digit runs that are phones or cards, outside UUIDs, in order
+        (only the first one with ``first``)."""
         spans: list[tuple[int, int]] = []
         uuids: list[tuple[int, int]] | None = None
         for match in self._run.finditer(s):
@@ -348,8 +362,10 @@ class Redactor:
             if uuids is None:
                 # Rare path (a personal-looking run); found once per value, not once per run.
                 uuids = [u.span() for u in self._uuid.finditer(s)]
-            if not any(first <= start and end <= stop for first, stop in uuids):
+            if not any(low <= start and end <= high for low, high in uuids):
                 spans.append((start, end))
+                if first:
+                    break
         return spans
 
     def _run_is_personal(self, run: str) -> bool:
