@@ -332,6 +332,18 @@ LISTENER: Final = Section(
         Key("host_header", Kind({"enum": ["upstream", "preserve"]}), "Host sent upstream", "upstream"),
         Key("forwarded_headers", BOOL, "append X-Forwarded-For/-Proto/-Host and Forwarded", True),
         Key(
+            "underscore_lookalikes",
+            Kind({"enum": ["drop", "refuse"]}),
+            "a field name with '_' that reads as a framing, hop-by-hop or forwarding field: drop or refuse",
+            "drop",
+        ),
+        Key(
+            "underscore_headers",
+            Kind({"enum": ["pass", "drop", "refuse"]}),
+            "every other field name with '_': pass, drop or refuse",
+            "pass",
+        ),
+        Key(
             "trace_id_header",
             Kind({"type": ["string", "null"], "pattern": "^(?:|" + HEADER_TOKEN.pattern + ")$"}),
             'response header carrying the trace id; "" turns it off',
