@@ -34,7 +34,7 @@ from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.store import MemoryStore, StoreWriter, open_store
-from mes_trace_proxy.tls import CertReloader
+from mes_trace_proxy.tls import CertReloader, ClientCertReloader
 from mes_trace_proxy.tracing import build_tracing
 from mes_trace_proxy.upstream import UpstreamPool
 from mes_trace_proxy.watchdog import Watchdog
@@ -68,6 +68,8 @@ class RunningProxy:
     admin_app: web.Application | None = None
     #: listener name → its server, whose counters show connections open and refused
     servers: dict[str, Http1Server] = field(default_factory=dict)
+    #: listener name → its upstream client certificate (upstream_tls), reloaded like the listeners'
+    upstream_certificates: dict[str, ClientCertReloader] = field(default_factory=dict)
 
     def url(self, listener: str) -> str:
         """``http://host:port`` (``https://`` when it serves TLS) of a listener."""
@@ -80,6 +82,8 @@ class RunningProxy:
         log.info("SIGHUP: reloading certificates and admin tokens")
         for reloader in self.certificates.values():
             reloader.reload()
+        for client in self.upstream_certificates.values():
+            client.reload()
         if self.admin_app is not None:
             self.admin_app[TOKENS].reload()
 
@@ -206,6 +210,7 @@ async def running(
     pools: list[UpstreamPool] = []
     listeners: dict[str, tuple[str, int]] = {}
     certificates: dict[str, CertReloader] = {}
+    upstream_certificates: dict[str, ClientCertReloader] = {}
     servers: dict[str, Http1Server] = {}
     listening: list[tuple[asyncio.Server, Http1Server]] = []
     metrics.bind(
@@ -233,6 +238,8 @@ async def running(
             sessions.append(session)
             if pool is not None:
                 pools.append(pool)
+                if pool.tls is not None:
+                    upstream_certificates[listener.name] = pool.tls
             reloader = certificates.get(listener.name)
             socket_server = await _listen(
                 proxy_server,
@@ -273,6 +280,7 @@ async def running(
             certificates=certificates,
             admin_app=admin_app,
             servers=servers,
+            upstream_certificates=upstream_certificates,
         )
     finally:
         await watchdog.stop()
