@@ -22,7 +22,7 @@ from multidict import CIMultiDictProxy
 from mes_trace_proxy import h1
 from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.problems import UpstreamFailure
-from mes_trace_proxy.tls import client_context
+from mes_trace_proxy.tls import ClientCertReloader
 
 __all__ = ["Answer", "RequestBody", "UpstreamError", "UpstreamPool"]
 
@@ -518,13 +518,15 @@ class UpstreamPool:
         self._host = upstream.host
         self._port = upstream.port
         self._ssl: ssl.SSLContext | None = None
+        #: upstream_tls's files, reloaded on change and SIGHUP: each new connection takes its context
+        self.tls: ClientCertReloader | None = None
         if upstream.scheme == "https":
-            # https:// without upstream_tls verifies against the system's CA bundle.
-            self._ssl = (
-                client_context(listener.upstream_tls)
-                if listener.upstream_tls is not None
-                else ssl.create_default_context()
-            )
+            if listener.upstream_tls is not None:
+                self.tls = ClientCertReloader(listener.name, listener.upstream_tls)
+                self.tls.start()
+            else:
+                # https:// without upstream_tls verifies against the system's CA bundle.
+                self._ssl = ssl.create_default_context()
         self._size = size
         self._keepalive = keepalive
         #: idle connections, most recently used last (reused first: its socket is warm)
@@ -605,14 +607,15 @@ class UpstreamPool:
         if deadline is not None:
             left = deadline - loop.time()
             limit = left if limit is None else min(limit, left)
+        context = self.tls.context if self.tls is not None else self._ssl
         try:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
                     self._host,
                     self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
+                    ssl=context,
+                    server_hostname=self._host if context is not None else None,
                 )
         except TimeoutError:
             if connect is not None and (deadline is None or loop.time() < deadline - 1e-3):
@@ -665,6 +668,8 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close every idle connection; busy ones close when their call ends."""
         self._closed = True
+        if self.tls is not None:
+            await self.tls.aclose()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

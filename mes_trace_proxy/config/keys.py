@@ -70,7 +70,7 @@ from mes_trace_proxy.config.values import (
 )
 from mes_trace_proxy.rules import _RULE_KEYS, SourceKind
 
-__all__ = ["FILE", "Key", "Kind", "ListOf", "MapOf", "Section"]
+__all__ = ["FILE_SECTIONS", "RULES", "Key", "Kind", "ListOf", "MapOf", "Section"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +158,7 @@ def _bare(pattern: re.Pattern[str]) -> str:
     return pattern.pattern
 
 
-# A duration or size that is not zero: some digit other than 0 before the unit.
+# A duration or size that is not zero: a digit other than 0 somewhere in it.
 _NONZERO: Final = r"(?=[^1-9]*[1-9])"
 _PORT: Final = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 _PORT_NOT_ZERO: Final = (
@@ -246,7 +246,7 @@ _SOURCE: Final = {
     "type": "string",
     "pattern": "^(?:" + "|".join(kind.value for kind in SourceKind) + "):",
 }
-#: rules.py's keys, with the shape of each; tests/test_config_schema.py checks it covers _RULE_KEYS
+#: rules.py's keys and the shape of each (held to _RULE_KEYS below and by tests/test_config_keys.py)
 RULE: Final = Section(
     (
         Key("name", TEXT, "names the span's route and the rule in explain; default: the route"),
@@ -358,6 +358,18 @@ LISTENER: Final = Section(
         ),
         Key("host_header", Kind({"enum": ["upstream", "preserve"]}), "Host sent upstream", "upstream"),
         Key("forwarded_headers", BOOL, "append X-Forwarded-For/-Proto/-Host and Forwarded", True),
+        Key(
+            "underscore_lookalikes",
+            Kind({"enum": ["drop", "refuse"]}),
+            "a field name with '_' that reads as a framing, hop-by-hop or forwarding field: drop or refuse",
+            "drop",
+        ),
+        Key(
+            "underscore_headers",
+            Kind({"enum": ["pass", "drop", "refuse"]}),
+            "every other field name with '_': pass, drop or refuse",
+            "pass",
+        ),
         Key(
             "trace_id_header",
             Kind({"type": ["string", "null"], "pattern": "^(?:|" + HEADER_TOKEN.pattern + ")$"}),

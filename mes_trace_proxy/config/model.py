@@ -13,6 +13,7 @@ from typing import Final
 
 from mes_trace_proxy.admin_auth import TokenTable
 from mes_trace_proxy.forwarding import upstream_host_value
+from mes_trace_proxy.framing import NameAction
 from mes_trace_proxy.lifecycle import Lifecycle
 from mes_trace_proxy.redact import (
     DEFAULT_HEADER_ALLOW,
@@ -140,6 +141,10 @@ class ListenerConfig:
     limits: Limits
     tls: ServerTls | None = None
     upstream_tls: UpstreamTls | None = None
+    #: a field name with "_" that folds onto a framing, hop-by-hop or forwarding field (framing.py)
+    underscore_lookalikes: NameAction = NameAction.DROP
+    #: every other field name with "_"
+    underscore_headers: NameAction = NameAction.PASS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -290,6 +295,8 @@ def _describe_listener(lst: ListenerConfig) -> dict[str, object]:
         "rule_count": len(lst.rules.rules),
         "host_header": "preserve" if lst.preserve_host else "upstream",
         "forwarded_headers": lst.forwarded_headers,
+        "underscore_lookalikes": lst.underscore_lookalikes.value,
+        "underscore_headers": lst.underscore_headers.value,
         "trace_id_header": lst.trace_id_header or "",
         "traceresponse": lst.traceresponse,
         "timeouts": {

@@ -180,6 +180,20 @@ OPTIONS: Final = (
         "open connections accepted by the ingress listener [default 4096]",
     ),
     _Option(
+        "underscore_lookalikes",
+        "--underscore-lookalikes",
+        "MES_PROXY_UNDERSCORE_LOOKALIKES",
+        (*_L0, "underscore_lookalikes"),
+        "header names with _ that read as framing or forwarding fields: drop or refuse [default drop]",
+    ),
+    _Option(
+        "underscore_headers",
+        "--underscore-headers",
+        "MES_PROXY_UNDERSCORE_HEADERS",
+        (*_L0, "underscore_headers"),
+        "every other header name with _: pass, drop or refuse [default pass]",
+    ),
+    _Option(
         "admin_token_file",
         "--admin-token-file",
         "MES_PROXY_ADMIN_TOKEN_FILE",

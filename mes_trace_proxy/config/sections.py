@@ -50,6 +50,7 @@ from mes_trace_proxy.config.values import (
     parse_duration,
     parse_size,
 )
+from mes_trace_proxy.framing import NameAction, name_action_parser
 from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, Lifecycle
 from mes_trace_proxy.redact import (
     DEFAULT_HEADER_ALLOW,
@@ -122,7 +123,16 @@ def _listener(
         limits=_limits(doc, raw, base),
         tls=_server_tls(doc, raw, base, read_file),
         upstream_tls=_upstream_tls(doc, raw, base, upstream, read_file),
+        underscore_lookalikes=_get(
+            doc, raw, (*base, "underscore_lookalikes"), _LOOKALIKE_ACTION, NameAction.DROP
+        ),
+        underscore_headers=_get(doc, raw, (*base, "underscore_headers"), _UNDERSCORE_ACTION, NameAction.PASS),
     )
+
+
+# Lookalikes of framing and forwarding fields are never forwarded: drop or refuse only.
+_LOOKALIKE_ACTION: Final = name_action_parser(NameAction.DROP, NameAction.REFUSE)
+_UNDERSCORE_ACTION: Final = name_action_parser(NameAction.PASS, NameAction.DROP, NameAction.REFUSE)
 
 
 def _listener_rules(
