@@ -16,6 +16,7 @@ import aiohttp
 
 from mes_trace_proxy.config import Config, ListenerConfig
 from mes_trace_proxy.forwarding import ForwardPolicy
+from mes_trace_proxy.framing import UnderscorePolicy
 from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.limits import GuardedServer
 from mes_trace_proxy.logs import AccessLog
@@ -182,6 +183,9 @@ def build_proxy_server(
             upstream_host=listener.upstream.host_header,
             preserve_host=listener.preserve_host,
             forwarded_headers=listener.forwarded_headers,
+            underscore=UnderscorePolicy(
+                lookalikes=listener.underscore_lookalikes, others=listener.underscore_headers
+            ),
         ),
         user_id_header=config.privacy.user_id_header,
         user_id_key=config.privacy.user_id_key,

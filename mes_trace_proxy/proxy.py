@@ -47,6 +47,7 @@ from mes_trace_proxy.forwarding import (
     downstream_response_headers,
     upstream_request_headers,
 )
+from mes_trace_proxy.framing import check_framing, closes_connection
 from mes_trace_proxy.http1 import IncomingRequest
 from mes_trace_proxy.logs import AccessLog
 from mes_trace_proxy.observer import Observer
@@ -399,6 +400,11 @@ def make_upgrade_handler(state: ListenerState) -> Callable[[web.BaseRequest], Aw
             check_target(method, raw)
             or check_host_headers(tuple(request.headers.items()))
             or check_header_values(request.headers.values())
+            or check_framing(
+                tuple(request.headers.items()),
+                chunked="Transfer-Encoding" in request.headers,
+                policy=state.forward_policy.underscore,
+            )
         )
         if rejection is not None:
             refused = _rejection_response(rejection, None)
@@ -447,9 +453,14 @@ async def handle(state: ListenerState, request: IncomingRequest) -> None:
         check_target(method, raw)
         or check_host_headers(header_items)
         or check_header_values(request.headers.values())
+        or check_framing(
+            header_items, chunked=request.message.chunked, policy=state.forward_policy.underscore
+        )
         or _body_too_large(content_length, state.config.limits.max_body_size)
     )
     if rejection is not None:
+        if closes_connection(rejection):
+            request.force_close()
         status, fields, problem = _rejection_answer(rejection, None)
         request.send(status, None, fields, problem)
         _refused(state, method, rejection, started)

@@ -37,7 +37,7 @@ from typing import Final
 from aiohttp import web
 
 from mes_trace_proxy import native
-from mes_trace_proxy.admin import TOKENS, build_admin_app
+from mes_trace_proxy.admin import TOKENS, build_admin_app, make_admin_runner
 from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.book_sync import BookSync
 from mes_trace_proxy.config import Config, ConfigError, HostPort, ListenerConfig, is_loopback
@@ -48,7 +48,7 @@ from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.store import MemoryStore, StateStore, StoreWriter, open_store
-from mes_trace_proxy.tls import CertReloader
+from mes_trace_proxy.tls import CertReloader, ClientCertReloader
 from mes_trace_proxy.tracing import Tracing, build_tracing
 from mes_trace_proxy.watchdog import Watchdog
 
@@ -81,6 +81,8 @@ class RunningProxy:
     admin_app: web.Application | None = None
     #: listener name → its server, whose counters show connections open and refused
     servers: dict[str, Http1Server] = field(default_factory=dict)
+    #: listener name → its upstream client certificate (upstream_tls), reloaded like the listeners'
+    upstream_certificates: dict[str, ClientCertReloader] = field(default_factory=dict)
 
     def url(self, listener: str) -> str:
         """``http://host:port`` (``https://`` when it serves TLS) of a listener."""
@@ -93,6 +95,8 @@ class RunningProxy:
         log.info("SIGHUP: reloading certificates and admin tokens")
         for reloader in self.certificates.values():
             reloader.reload()
+        for client in self.upstream_certificates.values():
+            client.reload()
         if self.admin_app is not None:
             self.admin_app[TOKENS].reload()
 
@@ -140,8 +144,10 @@ class _Parts:
     tracing: Tracing
     shared: Shared
     watchdog: Watchdog
-    #: listener name → its server, filled as the listeners start (the metrics read it)
-    servers: dict[str, _Listening] = field(default_factory=dict)
+    #: listener name → its server and socket, filled as the listeners start (the metrics read it)
+    listening: dict[str, _Listening] = field(default_factory=dict)
+    #: listener name → its upstream client certificate (upstream_tls), reloaded on SIGHUP
+    upstream_certificates: dict[str, ClientCertReloader] = field(default_factory=dict)
 
 
 @contextlib.asynccontextmanager
@@ -179,19 +185,20 @@ async def running(
         await stack.enter_async_context(_order_state(parts))
         await stack.enter_async_context(_span_export(parts.tracing))
         await stack.enter_async_context(_access_log(shared.access_log))
-        certificates = await stack.enter_async_context(_proxy_listeners(shared, parts.servers, reuse_port))
+        certificates = await stack.enter_async_context(_proxy_listeners(shared, parts, reuse_port))
         admin_app, admin = await stack.enter_async_context(_admin_listener(shared, reuse_port))
         await stack.enter_async_context(_watchdog(parts.watchdog))
         await stack.enter_async_context(_message_path(shared.messages))
-        stack.enter_context(_ready(shared, parts.servers, admin))
+        stack.enter_context(_ready(shared, parts.listening, admin))
         yield RunningProxy(
             shared=shared,
-            listeners={name: server.address for name, server in parts.servers.items()},
+            listeners={name: item.address for name, item in parts.listening.items()},
             admin=admin,
             watchdog=parts.watchdog,
             certificates=certificates,
             admin_app=admin_app,
-            servers={name: server.server for name, server in parts.servers.items()},
+            servers={name: item.server for name, item in parts.listening.items()},
+            upstream_certificates=parts.upstream_certificates,
         )
 
 
@@ -246,12 +253,13 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
         store_stats=sync.store_stats,
         connection_stats=lambda: {
             name: ConnectionStats(
-                open=listening.server.open_connections,
-                refused_cap=listening.server.refused_connections,
-                header_timeouts=listening.server.head_timeouts,
-                malformed=listening.server.parse_refusals,
+                open=item.server.open_connections,
+                refused_cap=item.server.refused_connections,
+                header_timeouts=item.server.head_timeouts,
+                malformed=item.server.parse_refusals,
+                refused=item.server.refusals.snapshot(),
             )
-            for name, listening in parts.servers.items()
+            for name, item in parts.listening.items()
         },
     )
     return parts
@@ -310,7 +318,7 @@ class _Listening:
 
 @contextlib.asynccontextmanager
 async def _proxy_listeners(
-    shared: Shared, listening: dict[str, _Listening], reuse_port: bool
+    shared: Shared, parts: _Parts, reuse_port: bool
 ) -> AsyncIterator[dict[str, CertReloader]]:
     """Every proxy listener: its upstream clients, then its server, accepting; yields the TLS reloaders.
 
@@ -318,7 +326,7 @@ async def _proxy_listeners(
     drains at once (in-flight requests finish within the grace period, the rest is cancelled);
     then the upstream clients close, when nothing uses them any more.
     """
-    config = shared.config
+    config, listening = shared.config, parts.listening
     async with contextlib.AsyncExitStack() as stack:
         certificates = {lst.name: CertReloader(lst.name, lst.tls) for lst in config.listeners if lst.tls}
         built: list[tuple[ListenerConfig, Http1Server]] = []
@@ -327,6 +335,8 @@ async def _proxy_listeners(
             stack.push_async_callback(session.close)
             if pool is not None:
                 stack.push_async_callback(pool.close)
+                if pool.tls is not None:
+                    parts.upstream_certificates[listener.name] = pool.tls
             built.append((listener, server))
         await stack.enter_async_context(_draining(listening, config.server.grace_period))
         for listener, server in built:
@@ -360,7 +370,7 @@ async def _admin_listener(
 ) -> AsyncIterator[tuple[web.Application, tuple[str, int]]]:
     """The admin application, listening; on exit it stops accepting and finishes its requests."""
     app = build_admin_app(shared)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_admin_runner(app)  # the listeners' limits, with a connection cap of its own
     await runner.setup()
     try:
         assert runner.server is not None  # set by setup()

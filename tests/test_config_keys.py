@@ -24,6 +24,7 @@ from mes_trace_proxy.config.keys import (
     MapOf,
     Section,
 )
+from mes_trace_proxy.config.schema import _property
 from mes_trace_proxy.rules import _RULE_KEYS
 
 #: Values of every shape the keys take, good and bad, to hold each kind's schema against its parser.
@@ -195,3 +196,28 @@ def test_plain_sections_match_their_dataclass(section: Section, model: Any) -> N
 def test_every_top_level_section_is_a_field_of_config() -> None:
     """The file's top-level keys are Config's fields, plus rule_sets (compiled into the listeners)."""
     assert FILE_SECTIONS.names() == {field.name for field in dataclasses.fields(Config)} | {"rule_sets"}
+
+
+def _keys_with_defaults(value: Key | Section | ListOf | MapOf | Kind) -> Iterator[Key]:
+    if isinstance(value, Key):
+        if value.default is not None:
+            yield value
+        yield from _keys_with_defaults(value.value)
+    elif isinstance(value, Section):
+        for key in value.keys:
+            yield from _keys_with_defaults(key)
+    elif isinstance(value, ListOf):
+        yield from _keys_with_defaults(value.item)
+
+
+DEFAULTED: Final = list(_keys_with_defaults(FILE_SECTIONS))
+
+
+@pytest.mark.parametrize("key", DEFAULTED, ids=[key.name for key in DEFAULTED])
+def test_the_schema_shows_each_default_as_a_valid_value(key: Key) -> None:
+    """The schema's ``default`` (``7d``, ``1GiB``) passes the key's schema and means the loader's default."""
+    shown = _property(key)["default"]
+    assert isinstance(key.value, Kind)
+    assert jsonschema.Draft7Validator(dict(key.value.schema)).is_valid(shown)
+    if key.value.parse is not None:
+        assert key.value.parse(shown) == key.value.parse(key.default)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -43,14 +42,21 @@ def _is_rule_list(doc: object) -> bool:
     )
 
 
-def _tracked(pattern: str) -> list[Path]:
-    out = subprocess.run(["git", "ls-files", pattern], cwd=REPO, capture_output=True, text=True, check=True)
-    return [REPO / line for line in out.stdout.splitlines()]
+#: Where the repository keeps files (not .venv, build output or demo output beside them).
+FOLDERS: Final = ("docs", "k8s", "mes_trace_proxy", "bench", "scripts", "tests")
+
+
+def _files(*suffixes: str) -> list[Path]:
+    """The repository's files with one of ``suffixes``: at the top and in its source folders."""
+    found = [path for path in REPO.iterdir() if path.suffix in suffixes]
+    for folder in FOLDERS:
+        found += [path for path in (REPO / folder).rglob("*") if path.suffix in suffixes]
+    return sorted(found)
 
 
 def _doc_blocks() -> Iterator[tuple[str, object]]:
     """Every ```yaml block of the Markdown documentation, by file and line."""
-    for path in [*_tracked("*.md")]:
+    for path in _files(".md"):
         text = path.read_text(encoding="utf-8")
         for match in YAML_BLOCK.finditer(text):
             line = text.count("\n", 0, match.start()) + 1
@@ -59,7 +65,7 @@ def _doc_blocks() -> Iterator[tuple[str, object]]:
 
 def _yaml_documents() -> Iterator[tuple[str, object]]:
     """Every document of every tracked YAML file, and every *.yaml entry of a ConfigMap in them."""
-    for path in _tracked("*.yaml") + _tracked("*.yml"):
+    for path in _files(".yaml", ".yml"):
         for index, doc in enumerate(yaml.safe_load_all(path.read_text(encoding="utf-8"))):
             where = f"{path.relative_to(REPO)}#{index}"
             yield where, doc

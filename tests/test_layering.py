@@ -29,6 +29,9 @@ CORE: Final = (
     "attributes",
     "tracecontext",
     "forwarding",
+    "cards",
+    "textfold",
+    "framing",
     "lifecycle",
     "orders",
     "order_records",
@@ -36,6 +39,7 @@ CORE: Final = (
     "order_values",
     "store_codec",
     "problems",
+    "h1",
     "explain",
     "admin_page",
     "admin_auth",
@@ -205,12 +209,32 @@ def test_the_checker_sees_every_import_form(tmp_path: Path) -> None:
 # ── one test file per module (mitmproxy's filename_matching) ─────────────────────────────
 
 
-def _test_file_name(path: Path) -> str:
-    """``config/overlay.py`` → ``test_config_overlay.py``; a package's ``__init__`` → ``test_config.py``."""
+def _test_files(path: Path) -> list[Path]:
+    """Where the tests of a module may be: flat, or in a folder mirroring its package.
+
+    ``rules.py`` → ``test_rules.py``; ``config/overlay.py`` → ``test_config_overlay.py`` or
+    ``config/test_overlay.py``; a package's ``__init__`` → ``test_config.py`` or the
+    package's own test folder.
+    """
     parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return "test_" + "_".join(parts) + ".py"
+        return [TESTS / f"test_{'_'.join(parts)}.py", TESTS.joinpath(*parts, "__init__.py")]
+    flat = TESTS / f"test_{'_'.join(parts)}.py"
+    return [flat] if len(parts) == 1 else [flat, TESTS.joinpath(*parts[:-1], f"test_{parts[-1]}.py")]
+
+
+def test_test_file_names() -> None:
+    """The names the rule below accepts, for a module, a package module and a package."""
+    assert _test_files(PACKAGE / "rules.py") == [TESTS / "test_rules.py"]
+    assert _test_files(PACKAGE / "config" / "overlay.py") == [
+        TESTS / "test_config_overlay.py",
+        TESTS / "config" / "test_overlay.py",
+    ]
+    assert _test_files(PACKAGE / "config" / "__init__.py") == [
+        TESTS / "test_config.py",
+        TESTS / "config" / "__init__.py",
+    ]
 
 
 MODULES: Final = sorted(
@@ -223,6 +247,7 @@ MODULES: Final = sorted(
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_has_a_test_file(module: str) -> None:
-    """mes_trace_proxy/<name>.py has tests/test_<name>.py, <package>/<name>.py test_<package>_<name>.py."""
-    expected = TESTS / _test_file_name(PACKAGE / module)
-    assert expected.is_file(), f"mes_trace_proxy/{module} has no tests/{expected.name}"
+    """Every module of the package, subpackages included, has its own test file (_test_files)."""
+    candidates = _test_files(PACKAGE / module)
+    names = " or ".join(str(path.relative_to(TESTS.parent)) for path in candidates)
+    assert any(path.is_file() for path in candidates), f"mes_trace_proxy/{module} has no {names}"

@@ -284,9 +284,7 @@ async def test_a_clean_exit_marks_draining_first_and_leaves_nothing_running(
         async with aiohttp.ClientSession() as client, client.get(f"{proxy.url('ingress')}/t/ok") as resp:
             assert resp.status == 200
         port = proxy.listeners["ingress"][1]
-        watchdog_task = proxy.watchdog._task
-        assert watchdog_task is not None
+        assert len(_other_tasks() - before) >= 3  # at least the writer, the watchdog, the log flush
     assert (readiness.listeners_bound, readiness.draining) == (False, True)
-    assert watchdog_task.done()
     assert _can_bind(port)
     assert _other_tasks() == before

@@ -33,6 +33,7 @@ from typing import Final
 from mes_trace_proxy.config.model import CLIENT_SPAN_MODES
 from mes_trace_proxy.config.options import (
     DEFAULT_ADMIN_LISTEN,
+    DEFAULT_BODY_READ_TIMEOUT,
     DEFAULT_CHECK_INTERVAL,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_GRACE_PERIOD,
@@ -69,7 +70,7 @@ from mes_trace_proxy.config.values import (
 )
 from mes_trace_proxy.rules import _RULE_KEYS, SourceKind
 
-__all__ = ["FILE", "Key", "Kind", "ListOf", "MapOf", "Section"]
+__all__ = ["FILE_SECTIONS", "RULES", "Key", "Kind", "ListOf", "MapOf", "Section"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +147,18 @@ def _at_least_one_byte(value: object) -> int:
     return size
 
 
+def _count_or_zero(value: object) -> int:
+    """A whole number of at least 1, or 0 (a cap turned off)."""
+    text = str(value).strip()
+    return 0 if not isinstance(value, bool) and text and set(text) == {"0"} else _count(value)
+
+
 def _bare(pattern: re.Pattern[str]) -> str:
     """A Python regex as JSON Schema writes it: the same text (ECMA 262 reads these alike)."""
     return pattern.pattern
 
 
-# A duration or size that is not zero: some digit other than 0 before the unit.
+# A duration or size that is not zero: a digit other than 0 somewhere in it.
 _NONZERO: Final = r"(?=[^1-9]*[1-9])"
 _PORT: Final = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 _PORT_NOT_ZERO: Final = (
@@ -172,6 +179,9 @@ POSITIVE_SIZE: Final = Kind(
 )
 COUNT: Final = Kind(
     {"type": ["integer", "string"], "minimum": 1, "pattern": r"^\s*0*[1-9][0-9]*\s*$"}, _count
+)
+COUNT_OR_ZERO: Final = Kind(
+    {"type": ["integer", "string"], "minimum": 0, "pattern": r"^\s*[0-9]+\s*$"}, _count_or_zero
 )
 WORKERS: Final = Kind(
     {
@@ -236,7 +246,7 @@ _SOURCE: Final = {
     "type": "string",
     "pattern": "^(?:" + "|".join(kind.value for kind in SourceKind) + "):",
 }
-#: rules.py's keys, with the shape of each; tests/test_config_schema.py checks it covers _RULE_KEYS
+#: rules.py's keys and the shape of each (held to _RULE_KEYS below and by tests/test_config_keys.py)
 RULE: Final = Section(
     (
         Key("name", TEXT, "names the span's route and the rule in explain; default: the route"),
@@ -305,7 +315,24 @@ LIMITS: Final = Section(
             "keep-alive connection idle this long is closed",
             DEFAULT_IDLE_TIMEOUT,
         ),
-        Key("max_connections", COUNT, "open connections; more get 503", DEFAULT_MAX_CONNECTIONS),
+        Key(
+            "max_connections",
+            COUNT,
+            "open connections; at the cap the longest-idle one closes, with none idle new ones get 503",
+            DEFAULT_MAX_CONNECTIONS,
+        ),
+        Key(
+            "max_connections_per_client",
+            COUNT_OR_ZERO,
+            "open connections from one source address; more get 503; 0: no cap",
+            0,
+        ),
+        Key(
+            "body_read_timeout",
+            DURATION,
+            "a request body sending no byte this long gets 408; 0s: no limit",
+            DEFAULT_BODY_READ_TIMEOUT,
+        ),
     )
 )
 TIMEOUTS: Final = Section(
@@ -331,6 +358,18 @@ LISTENER: Final = Section(
         ),
         Key("host_header", Kind({"enum": ["upstream", "preserve"]}), "Host sent upstream", "upstream"),
         Key("forwarded_headers", BOOL, "append X-Forwarded-For/-Proto/-Host and Forwarded", True),
+        Key(
+            "underscore_lookalikes",
+            Kind({"enum": ["drop", "refuse"]}),
+            "a field name with '_' that reads as a framing, hop-by-hop or forwarding field: drop or refuse",
+            "drop",
+        ),
+        Key(
+            "underscore_headers",
+            Kind({"enum": ["pass", "drop", "refuse"]}),
+            "every other field name with '_': pass, drop or refuse",
+            "pass",
+        ),
         Key(
             "trace_id_header",
             Kind({"type": ["string", "null"], "pattern": "^(?:|" + HEADER_TOKEN.pattern + ")$"}),

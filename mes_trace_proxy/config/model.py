@@ -13,6 +13,7 @@ from typing import Final
 
 from mes_trace_proxy.admin_auth import TokenTable
 from mes_trace_proxy.forwarding import upstream_host_value
+from mes_trace_proxy.framing import NameAction
 from mes_trace_proxy.lifecycle import Lifecycle
 from mes_trace_proxy.messages.settings import MessagesConfig
 from mes_trace_proxy.redact import (
@@ -115,8 +116,12 @@ class Limits:
     header_read_timeout: float
     #: seconds a keep-alive connection may sit idle between requests
     idle_timeout: float
-    #: open connections; beyond it new ones get 503 and are closed
+    #: open connections; beyond it the longest-idle one is closed, or new ones get 503
     max_connections: int
+    #: open connections from one source address; beyond it new ones get 503 (``None``: no cap)
+    max_connections_per_client: int | None = None
+    #: seconds a request body may go without a byte before 408 (``None``: no limit)
+    body_read_timeout: float | None = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,6 +142,10 @@ class ListenerConfig:
     limits: Limits
     tls: ServerTls | None = None
     upstream_tls: UpstreamTls | None = None
+    #: a field name with "_" that folds onto a framing, hop-by-hop or forwarding field (framing.py)
+    underscore_lookalikes: NameAction = NameAction.DROP
+    #: every other field name with "_"
+    underscore_headers: NameAction = NameAction.PASS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -290,6 +299,8 @@ def _describe_listener(lst: ListenerConfig) -> dict[str, object]:
         "rule_count": len(lst.rules.rules),
         "host_header": "preserve" if lst.preserve_host else "upstream",
         "forwarded_headers": lst.forwarded_headers,
+        "underscore_lookalikes": lst.underscore_lookalikes.value,
+        "underscore_headers": lst.underscore_headers.value,
         "trace_id_header": lst.trace_id_header or "",
         "traceresponse": lst.traceresponse,
         "timeouts": {
@@ -317,6 +328,8 @@ def _describe_listener(lst: ListenerConfig) -> dict[str, object]:
             "header_read_timeout": lst.limits.header_read_timeout,
             "idle_timeout": lst.limits.idle_timeout,
             "max_connections": lst.limits.max_connections,
+            "max_connections_per_client": lst.limits.max_connections_per_client or 0,
+            "body_read_timeout": lst.limits.body_read_timeout or 0.0,
         },
     }
 

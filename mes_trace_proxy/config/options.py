@@ -180,6 +180,20 @@ OPTIONS: Final = (
         "open connections accepted by the ingress listener [default 4096]",
     ),
     _Option(
+        "underscore_lookalikes",
+        "--underscore-lookalikes",
+        "MES_PROXY_UNDERSCORE_LOOKALIKES",
+        (*_L0, "underscore_lookalikes"),
+        "header names with _ that read as framing or forwarding fields: drop or refuse [default drop]",
+    ),
+    _Option(
+        "underscore_headers",
+        "--underscore-headers",
+        "MES_PROXY_UNDERSCORE_HEADERS",
+        (*_L0, "underscore_headers"),
+        "every other header name with _: pass, drop or refuse [default pass]",
+    ),
+    _Option(
         "admin_token_file",
         "--admin-token-file",
         "MES_PROXY_ADMIN_TOKEN_FILE",
@@ -257,6 +271,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 75.0
 # thousand; an idle aiohttp connection costs a few KiB, so 4096 of them stay well inside a
 # sidecar's memory and under container open-file limits (4096 + the 256 upstream sockets).
 DEFAULT_MAX_CONNECTIONS: Final = 4096
+# nginx's client_body_timeout: a minute without a byte of the body is a stalled caller.
+DEFAULT_BODY_READ_TIMEOUT: Final = 60.0
 DEFAULT_LIMITS: Final = Limits(
     max_line_size=DEFAULT_MAX_LINE_SIZE,
     max_header_size=DEFAULT_MAX_HEADER_SIZE,
@@ -265,4 +281,5 @@ DEFAULT_LIMITS: Final = Limits(
     header_read_timeout=DEFAULT_HEADER_READ_TIMEOUT,
     idle_timeout=DEFAULT_IDLE_TIMEOUT,
     max_connections=DEFAULT_MAX_CONNECTIONS,
+    body_read_timeout=DEFAULT_BODY_READ_TIMEOUT,
 )

@@ -14,7 +14,19 @@ from __future__ import annotations
 import json
 from typing import Final
 
-from mes_trace_proxy.config.keys import FILE_SECTIONS, RULES, Key, Kind, ListOf, MapOf, Section
+from mes_trace_proxy.config.keys import (
+    DURATION,
+    FILE_SECTIONS,
+    POSITIVE_DURATION,
+    POSITIVE_SIZE,
+    RULES,
+    SIZE,
+    Key,
+    Kind,
+    ListOf,
+    MapOf,
+    Section,
+)
 
 __all__ = ["SCHEMA_ID", "config_schema", "schema_text"]
 
@@ -43,10 +55,31 @@ def _node(value: Kind | Section | ListOf | MapOf) -> dict[str, object]:
     return {"type": ["object", "null"], "additionalProperties": _node(value.value)}
 
 
+_DURATION_UNITS: Final = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+_SIZE_UNITS: Final = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+
+
+def _shown_default(key: Key) -> object:
+    """The default as a user would write it: ``7d`` rather than 604800.0, ``1GiB`` rather than bytes."""
+    value = key.default
+    if key.value in (DURATION, POSITIVE_DURATION) and isinstance(value, float) and value.is_integer():
+        seconds = int(value)
+        # Minutes only from ten up, so the docs' "60s" reads as "60s" here too.
+        fits = (
+            u for u, n in _DURATION_UNITS if seconds and seconds % n == 0 and (u != "m" or seconds >= 600)
+        )
+        unit = next(fits, "s")
+        return f"{seconds // dict(_DURATION_UNITS)[unit]}{unit}"
+    if key.value in (SIZE, POSITIVE_SIZE) and isinstance(value, int):
+        unit, size = next(((u, n) for u, n in _SIZE_UNITS if value and value % n == 0), ("B", 1))
+        return f"{value // size}{unit}"
+    return value
+
+
 def _property(key: Key) -> dict[str, object]:
     out: dict[str, object] = {"description": key.doc}
     if key.default is not None:
-        out["default"] = key.default
+        out["default"] = _shown_default(key)
     out.update(_node(key.value))
     return out
 

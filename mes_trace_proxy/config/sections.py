@@ -50,6 +50,7 @@ from mes_trace_proxy.config.values import (
     parse_duration,
     parse_size,
 )
+from mes_trace_proxy.framing import NameAction, name_action_parser
 from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, Lifecycle
 from mes_trace_proxy.redact import (
     DEFAULT_HEADER_ALLOW,
@@ -122,7 +123,16 @@ def _listener(
         limits=_limits(doc, raw, base),
         tls=_server_tls(doc, raw, base, read_file),
         upstream_tls=_upstream_tls(doc, raw, base, upstream, read_file),
+        underscore_lookalikes=_get(
+            doc, raw, (*base, "underscore_lookalikes"), _LOOKALIKE_ACTION, NameAction.DROP
+        ),
+        underscore_headers=_get(doc, raw, (*base, "underscore_headers"), _UNDERSCORE_ACTION, NameAction.PASS),
     )
+
+
+# Lookalikes of framing and forwarding fields are never forwarded: drop or refuse only.
+_LOOKALIKE_ACTION: Final = name_action_parser(NameAction.DROP, NameAction.REFUSE)
+_UNDERSCORE_ACTION: Final = name_action_parser(NameAction.PASS, NameAction.DROP, NameAction.REFUSE)
 
 
 def _listener_rules(
@@ -341,8 +351,10 @@ def _plain_values(
 def _limits(doc: _Doc, raw: Mapping[str, object], base: tuple[str | int, ...]) -> Limits:
     path = (*base, "limits")
     values = _plain_values(doc, _mapping(doc, raw, path, _LIMIT_KEYS) or {}, path, LIMITS)
-    # 0 turns the body limit off, as 0s turns an upstream timeout off.
+    # 0 turns the body limit off, as 0s turns an upstream timeout off; the same for these two.
     values["max_body_size"] = values["max_body_size"] or None
+    values["max_connections_per_client"] = values["max_connections_per_client"] or None
+    values["body_read_timeout"] = values["body_read_timeout"] or None
     return Limits(**values)  # type: ignore[arg-type]
 
 

@@ -12,11 +12,11 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from mes_trace_proxy.config.model import CLIENT_SPAN_MODES, HostPort, Upstream
+from mes_trace_proxy.framing import TOKEN
 
-#: An HTTP header name: an RFC 9110 §5.6.2 token. Match it with fullmatch(): "^...$" with
-#: re.match would also take a name followed by "\n". (Helper "framing" adds the package's one
-#: definition, framing.TOKEN, the same pattern: import that here once it is on main.)
-HEADER_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: An HTTP header name: an RFC 9110 §5.6.2 token, the package's one definition (framing.py).
+#: Match it with fullmatch(): "^...$" with re.match would also take a name followed by "\n".
+HEADER_TOKEN: Final = TOKEN
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
