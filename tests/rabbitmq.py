@@ -43,13 +43,15 @@ __all__ = [
     "own_rabbitmq",
     "rabbitmq",
     "running_path",
+    "script_or_skip",
     "start_path",
     "until",
     "watching",
 ]
 
 
-def _script_or_skip() -> str:
+def script_or_skip() -> str:
+    """The broker's start script; a skip on a laptop without it, a failure in CI."""
     script = rabbitmq_script()
     if script is None:
         if os.environ.get("CI"):
@@ -63,7 +65,7 @@ def _script_or_skip() -> str:
 @pytest.fixture(scope="session")
 def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
     """One broker for the session; tests isolate themselves by unique queue and exchange names."""
-    server = RabbitServer(_script_or_skip(), tmp_path_factory.mktemp("rabbitmq"))
+    server = RabbitServer(script_or_skip(), tmp_path_factory.mktemp("rabbitmq"))
     server.start()
     try:
         yield server
@@ -74,7 +76,7 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]
 @pytest.fixture
 def own_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
     """A broker of the test's own, for tests that kill and restart it."""
-    server = RabbitServer(_script_or_skip(), tmp_path_factory.mktemp("rabbitmq-own"))
+    server = RabbitServer(script_or_skip(), tmp_path_factory.mktemp("rabbitmq-own"))
     server.start()
     try:
         yield server

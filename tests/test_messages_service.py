@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import aio_pika
+import pytest
 from aio_pika.abc import AbstractChannel
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -15,8 +17,9 @@ from mes_trace_proxy.messages.record import HeldMessage
 from mes_trace_proxy.messages.service import METRIC_FAMILIES, MessagePath, amqp_url_with_secret
 from mes_trace_proxy.messages.settings import parse_messages
 from mes_trace_proxy.orders import SpanRef
+from tests.certs import TestCA
 from tests.conftest import RedisServer
-from tests.rabbitmq import WAIT_S, RabbitServer, Running, declare_topology, expire, start_path
+from tests.rabbitmq import WAIT_S, RabbitServer, Running, declare_topology, expire, script_or_skip, start_path
 
 
 async def test_a_dead_letter_flags_its_order_until_it_moves_on(
@@ -175,3 +178,39 @@ async def test_replicas_sharing_redis_redrive_each_others_dead_letters_once(
     finally:
         for replica in replicas:
             await replica.stop()
+
+
+async def test_amqps_with_a_client_certificate(
+    tmp_path_factory: pytest.TempPathFactory, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """messages.tls: the watcher connects over amqps:// with the CA and a client certificate."""
+    script = script_or_skip()
+    directory = tmp_path_factory.mktemp("rabbitmq-tls")
+    ca = TestCA()
+    ca_file = ca.write(directory)
+    server_cert, server_key = ca.issue("rabbitmq").write(directory, "server")
+    client_cert, client_key = ca.issue("mes-trace-proxy", client=True).write(directory, "client")
+    broker = RabbitServer(script, directory, tls=(ca_file, server_cert, server_key))
+    await asyncio.to_thread(broker.start)
+    try:
+        connection = await aio_pika.connect(broker.url)
+        channel = await connection.channel()
+        topo = await declare_topology(channel)
+        config = parse_messages({
+            "amqp_url": f"amqps://guest:guest@127.0.0.1:{broker.tls_port}/",
+            "tls": {"ca": str(ca_file), "cert": str(client_cert), "key": str(client_key)},
+            "dead_letter_queues": [topo.dead_letters],
+        })  # fmt: skip
+        path = MessagePath(config, state_url="memory", tracer=spans[0].get_tracer("t"), redact=str, book=None)
+        stored: asyncio.Queue[HeldMessage] = asyncio.Queue()
+        path.listeners.append(stored.put_nowait)
+        await path.start()
+        try:
+            await expire(channel, topo, "ORD-TLS")
+            held = await asyncio.wait_for(stored.get(), WAIT_S)
+            assert held.order_id == "ORD-TLS"
+        finally:
+            await path.stop()
+            await connection.close()
+    finally:
+        await asyncio.to_thread(broker.close)

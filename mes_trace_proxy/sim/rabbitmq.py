@@ -41,10 +41,13 @@ def rabbitmq_script() -> str | None:
 class RabbitServer:
     """One RabbitMQ node in a private directory; ``kill`` and ``start`` again keep its data and port."""
 
-    def __init__(self, script: str, directory: Path) -> None:
+    def __init__(self, script: str, directory: Path, *, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """Pick free ports and write the node's config; ``tls`` (CA, certificate, key) adds an
+        ``amqps`` listener on ``tls_port`` that requires a client certificate from that CA."""
         self.script = script
         self.directory = directory
         self.port = _free_port()
+        self.tls_port = _free_port() if tls is not None else 0
         self.dist_port = _free_port()
         self.epmd_port = _free_port()
         self.node = f"mtp{uuid.uuid4().hex[:10]}@localhost"
@@ -54,9 +57,15 @@ class RabbitServer:
         self.log: list[str] = []
         (directory / "enabled_plugins").write_text("")
         # Loopback only; the guest user may connect (it can only from loopback anyway).
-        (directory / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        )
+        conf = f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        if tls is not None:
+            ca, cert, key = tls
+            conf += (
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\nssl_options.keyfile = {key}\n"
+                "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n"
+            )
+        (directory / "rabbitmq.conf").write_text(conf)
 
     @property
     def url(self) -> str:
