@@ -197,6 +197,11 @@ async def test_only_admins_redrive_and_see_the_button(
         async with client.get(proxy.admin_url + "/", headers=admin) as answer:
             assert 'action="/orders/ORD-ROLE/redrive"' in await answer.text()
             assert "form-action 'self'" in answer.headers["Content-Security-Policy"]
+        # An order the proxy saw no HTTP call for: what the dead letter says, not a 404.
+        async with client.get(proxy.admin_url + "/orders/ORD-ROLE", headers=viewer) as answer:
+            assert answer.status == 200
+            doc = await answer.json()
+        assert (doc["status"], doc["dead_letter"]["reason"], doc["timeline"]) == ("SUBMITTED", "expired", [])
         async with client.post(proxy.admin_url + "/orders/ORD-ROLE/redrive", headers=viewer) as answer:
             assert answer.status == 403
         async with client.post(proxy.admin_url + "/orders/ORD-ROLE/redrive") as answer:
