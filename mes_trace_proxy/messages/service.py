@@ -108,7 +108,11 @@ class _Collector(Collector):
             problems.add_metric([kind], count)
         problems.add_metric(["store_failure"], path.watcher.stats.store_failures)
         yield problems
-        yield GaugeMetricFamily("mes_messages_held", "Dead letters held for re-drive", value=path.held_count)
+        yield GaugeMetricFamily(
+            "mes_messages_held",
+            "Dead letters held for re-drive (those with an order id; the store keeps the rest too)",
+            value=path.held_count,
+        )
         redrives = CounterMetricFamily("mes_messages_redrives", "Re-drives by outcome", labels=["outcome"])
         for outcome in OUTCOMES:
             redrives.add_metric([outcome], path.redriver.outcomes[outcome])
