@@ -62,10 +62,12 @@ _XF_OVERWRITTEN: Final = frozenset({"x-forwarded-proto", "x-forwarded-host"})
 _QUOTABLE: Final = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*\Z")
 # RFC 9110 §7.2 Host = uri-host [ ":" port ] with RFC 3986 §3.2.2 IP-literal (incl. RFC
 # 6874 zone ids), IPv4 or reg-name. Empty is allowed: §7.2 sends it for URIs without
-# an authority.
+# an authority. The port is a TCP port, 0-65535 (RFC 793 §3.1): a longer run of digits is
+# no address at all, and int() of 4,300 of them raises.
 _HOST_VALUE: Final = re.compile(
     r"(?:\[(?:[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~%]+)?|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
-    r"|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z"
+    r"|[A-Za-z0-9\-._~!$&'()*+,;=%]*)"
+    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})?)?\Z"
 )
 
 # RFC 3986 §3.1 scheme ":"; a target starting this way is absolute-form (RFC 9112 §3.2.2).

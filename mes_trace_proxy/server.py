@@ -35,7 +35,7 @@ from typing import Final
 from aiohttp import web
 
 from mes_trace_proxy import native
-from mes_trace_proxy.admin import TOKENS, build_admin_app
+from mes_trace_proxy.admin import TOKENS, build_admin_app, make_admin_runner
 from mes_trace_proxy.app import Shared, build_proxy_server
 from mes_trace_proxy.book_sync import BookSync
 from mes_trace_proxy.config import Config, ConfigError, HostPort, ListenerConfig, is_loopback
@@ -250,6 +250,7 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
                 refused_cap=item.server.refused_connections,
                 header_timeouts=item.server.head_timeouts,
                 malformed=item.server.parse_refusals,
+                refused=item.server.refusals.snapshot(),
             )
             for name, item in parts.listening.items()
         },
@@ -362,7 +363,7 @@ async def _admin_listener(
 ) -> AsyncIterator[tuple[web.Application, tuple[str, int]]]:
     """The admin application, listening; on exit it stops accepting and finishes its requests."""
     app = build_admin_app(shared)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_admin_runner(app)  # the listeners' limits, with a connection cap of its own
     await runner.setup()
     try:
         assert runner.server is not None  # set by setup()

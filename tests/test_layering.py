@@ -34,6 +34,7 @@ CORE: Final = (
     "order_values",
     "store_codec",
     "problems",
+    "h1",
     "explain",
     "admin_page",
     "admin_auth",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, TransitionKind
-from mes_trace_proxy.metrics import ProxyMetrics
+from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import Findings, OrderBook, SpanRef, Transition
 from mes_trace_proxy.tracing import ExportStats
 
@@ -242,3 +242,45 @@ def test_created_series_follow_prometheus_clients_switch() -> None:
         enable_created_metrics()  # type: ignore[no-untyped-call]
     assert "mes_proxy_requests_total{" in text
     assert "_created" not in text
+
+
+def test_refusals_count_by_listener_and_slug_from_every_source() -> None:
+    """The handler's refusals (slug or type URI alike), each listener's limits, the admin's: one family."""
+    metrics = ProxyMetrics()
+    for error_type in (
+        "payload_too_large",
+        "urn:mes-trace-proxy:problem:payload_too_large",
+        "upstream_dns_failure",
+    ):
+        metrics.request_done(
+            listener="ingress",
+            route="",
+            method="POST",
+            status=413,
+            duration=0.001,
+            upstream_duration=None,
+            error_type=error_type,
+        )
+    metrics.refused("admin", "admin_invalid_token")
+    metrics.bind(
+        connection_stats=lambda: {
+            "ingress": ConnectionStats(
+                open=1,
+                refused_cap=2,
+                header_timeouts=1,
+                malformed=0,
+                refused={"service_unavailable": 2, "request_timeout": 1},
+            )
+        },
+        admin_stats=lambda: ConnectionStats(
+            open=0, refused_cap=0, header_timeouts=3, malformed=0, refused={"request_timeout": 3}
+        ),
+    )
+    text = _text(metrics)
+    assert 'mes_proxy_refusals_total{listener="ingress",reason="payload_too_large"} 2.0' in text
+    assert 'mes_proxy_refusals_total{listener="ingress",reason="service_unavailable"} 2.0' in text
+    assert 'mes_proxy_refusals_total{listener="ingress",reason="request_timeout"} 1.0' in text
+    assert 'mes_proxy_refusals_total{listener="admin",reason="request_timeout"} 3.0' in text
+    assert 'mes_proxy_refusals_total{listener="admin",reason="admin_invalid_token"} 1.0' in text
+    assert 'mes_proxy_open_connections{listener="admin"} 0.0' in text
+    assert "upstream_dns_failure" not in "".join(line for line in text.splitlines() if "refusals" in line)

@@ -33,6 +33,7 @@ from typing import Final
 from mes_trace_proxy.config.model import CLIENT_SPAN_MODES
 from mes_trace_proxy.config.options import (
     DEFAULT_ADMIN_LISTEN,
+    DEFAULT_BODY_READ_TIMEOUT,
     DEFAULT_CHECK_INTERVAL,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_GRACE_PERIOD,
@@ -146,6 +147,12 @@ def _at_least_one_byte(value: object) -> int:
     return size
 
 
+def _count_or_zero(value: object) -> int:
+    """A whole number of at least 1, or 0 (a cap turned off)."""
+    text = str(value).strip()
+    return 0 if not isinstance(value, bool) and text and set(text) == {"0"} else _count(value)
+
+
 def _bare(pattern: re.Pattern[str]) -> str:
     """A Python regex as JSON Schema writes it: the same text (ECMA 262 reads these alike)."""
     return pattern.pattern
@@ -172,6 +179,9 @@ POSITIVE_SIZE: Final = Kind(
 )
 COUNT: Final = Kind(
     {"type": ["integer", "string"], "minimum": 1, "pattern": r"^\s*0*[1-9][0-9]*\s*$"}, _count
+)
+COUNT_OR_ZERO: Final = Kind(
+    {"type": ["integer", "string"], "minimum": 0, "pattern": r"^\s*[0-9]+\s*$"}, _count_or_zero
 )
 WORKERS: Final = Kind(
     {
@@ -305,7 +315,24 @@ LIMITS: Final = Section(
             "keep-alive connection idle this long is closed",
             DEFAULT_IDLE_TIMEOUT,
         ),
-        Key("max_connections", COUNT, "open connections; more get 503", DEFAULT_MAX_CONNECTIONS),
+        Key(
+            "max_connections",
+            COUNT,
+            "open connections; at the cap the longest-idle one closes, with none idle new ones get 503",
+            DEFAULT_MAX_CONNECTIONS,
+        ),
+        Key(
+            "max_connections_per_client",
+            COUNT_OR_ZERO,
+            "open connections from one source address; more get 503; 0: no cap",
+            0,
+        ),
+        Key(
+            "body_read_timeout",
+            DURATION,
+            "a request body sending no byte this long gets 408; 0s: no limit",
+            DEFAULT_BODY_READ_TIMEOUT,
+        ),
     )
 )
 TIMEOUTS: Final = Section(

@@ -115,8 +115,12 @@ class Limits:
     header_read_timeout: float
     #: seconds a keep-alive connection may sit idle between requests
     idle_timeout: float
-    #: open connections; beyond it new ones get 503 and are closed
+    #: open connections; beyond it the longest-idle one is closed, or new ones get 503
     max_connections: int
+    #: open connections from one source address; beyond it new ones get 503 (``None``: no cap)
+    max_connections_per_client: int | None = None
+    #: seconds a request body may go without a byte before 408 (``None``: no limit)
+    body_read_timeout: float | None = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -320,6 +324,8 @@ def _describe_listener(lst: ListenerConfig) -> dict[str, object]:
             "header_read_timeout": lst.limits.header_read_timeout,
             "idle_timeout": lst.limits.idle_timeout,
             "max_connections": lst.limits.max_connections,
+            "max_connections_per_client": lst.limits.max_connections_per_client or 0,
+            "body_read_timeout": lst.limits.body_read_timeout or 0.0,
         },
     }
 

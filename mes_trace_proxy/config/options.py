@@ -255,6 +255,8 @@ DEFAULT_IDLE_TIMEOUT: Final = 75.0
 # thousand; an idle aiohttp connection costs a few KiB, so 4096 of them stay well inside a
 # sidecar's memory and under container open-file limits (4096 + the 256 upstream sockets).
 DEFAULT_MAX_CONNECTIONS: Final = 4096
+# nginx's client_body_timeout: a minute without a byte of the body is a stalled caller.
+DEFAULT_BODY_READ_TIMEOUT: Final = 60.0
 DEFAULT_LIMITS: Final = Limits(
     max_line_size=DEFAULT_MAX_LINE_SIZE,
     max_header_size=DEFAULT_MAX_HEADER_SIZE,
@@ -263,4 +265,5 @@ DEFAULT_LIMITS: Final = Limits(
     header_read_timeout=DEFAULT_HEADER_READ_TIMEOUT,
     idle_timeout=DEFAULT_IDLE_TIMEOUT,
     max_connections=DEFAULT_MAX_CONNECTIONS,
+    body_read_timeout=DEFAULT_BODY_READ_TIMEOUT,
 )

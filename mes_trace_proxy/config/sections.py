@@ -351,8 +351,10 @@ def _plain_values(
 def _limits(doc: _Doc, raw: Mapping[str, object], base: tuple[str | int, ...]) -> Limits:
     path = (*base, "limits")
     values = _plain_values(doc, _mapping(doc, raw, path, _LIMIT_KEYS) or {}, path, LIMITS)
-    # 0 turns the body limit off, as 0s turns an upstream timeout off.
+    # 0 turns the body limit off, as 0s turns an upstream timeout off; the same for these two.
     values["max_body_size"] = values["max_body_size"] or None
+    values["max_connections_per_client"] = values["max_connections_per_client"] or None
+    values["body_read_timeout"] = values["body_read_timeout"] or None
     return Limits(**values)  # type: ignore[arg-type]
 
 
