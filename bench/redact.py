@@ -5,7 +5,9 @@ long values chooses how much redaction work a request costs. This times one requ
 redaction for the benchmark's ordinary request and for crafted ones: 120 ``X-Request-Id`` values
 of 1,020 characters (the security test's shape, just under the 1,024-character cap) in several
 families. Every value is distinct, as an attacker's would be, so the redactor's memo of answers
-never helps; each round starts with an empty memo.
+never helps; each round starts with an empty memo. Only the first
+``redact.MAX_HEADER_CHARS_PER_REQUEST`` characters of them are read (about eight values); the
+rest become the marker unread, which is what bounds a request's cost.
 
 The figure is wall time per request on one core (median of ``--rounds``); run it on an idle
 machine. No test asserts a time: this is where the worst case is watched.

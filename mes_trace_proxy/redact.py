@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_MARKER",
     "DEFAULT_QUERY_ALLOW",
     "DEFAULT_REDACT_KEYS",
+    "MAX_HEADER_CHARS_PER_REQUEST",
     "NEVER_HEADERS",
     "NEVER_HEADER_FRAGMENTS",
     "PrivacyPolicy",
@@ -134,6 +135,13 @@ _NATIONAL_PHONE_SHAPES: Final[Mapping[tuple[int, ...], str]] = MappingProxyType(
 # under 40 characters, and a long run of digit groups almost always holds a Luhn-valid 13-19
 # digit window anyway (each passes with odds 1 in 10), so it was redacted before as well.
 _MAX_RUN_CHARS: Final = 128
+
+# The characters of recorded header values one request may have scanned. The allow-listed headers
+# of an ordinary request hold a few hundred; a caller who repeats one of them (128 fields of 1,020
+# characters fit the parser's limits) would otherwise choose how much work a request costs. Past
+# the budget a value becomes the marker unread, so one request's header redaction costs at most
+# about eight worst-case values.
+MAX_HEADER_CHARS_PER_REQUEST: Final = 8192
 
 # Key normalisation for redact_keys: "full_name", "Full-Name" and "fullName" are one key.
 _KEY_NOISE: Final = r"[\s_.\-]+"
@@ -495,13 +503,16 @@ class Redactor:
             pairs: Header (name, value) pairs in arrival order, repeats allowed.
 
         Returns:
-            Lowercased name to its scrubbed values in arrival order.
+            Lowercased name to its scrubbed values in arrival order; once the values read reach
+            MAX_HEADER_CHARS_PER_REQUEST characters, each further value is the marker, unread.
         """
         kept: dict[str, list[str]] = {}
+        budget = MAX_HEADER_CHARS_PER_REQUEST
         for name, value in pairs:
             lowered = name.lower()
             if lowered in self._header_allow:
-                kept.setdefault(lowered, []).append(self.value(value))
+                budget -= len(value)
+                kept.setdefault(lowered, []).append(self.value(value) if budget >= 0 else self._marker)
         return {name: tuple(values) for name, values in kept.items()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,3 +412,32 @@ async def test_orders_routes_take_their_roles_from_the_admin_table(
             assert created.status == 200
         async with http.request(method, f"{proxy.admin_url}{path}", headers=headers) as resp:
             assert resp.status == status
+
+
+@pytest.mark.parametrize(
+    ("jaeger_url", "warned"),
+    [
+        ("https://viewer:secret@jaeger.example/ui?token=secret", True),
+        ("http://jaeger.example:16686/", False),
+        ("http://jaeger.example:16686", False),
+    ],
+    ids=["credentials", "trailing-slash", "plain"],
+)
+async def test_start_up_warns_only_when_links_lose_credentials(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+    caplog: pytest.LogCaptureFixture,
+    jaeger_url: str,
+    warned: bool,
+) -> None:
+    """--jaeger-url with a user, password or query warns once that links leave them out, never
+    naming them; an ordinary URL, with or without a trailing '/' (the config drops it), starts quietly."""
+    base, _ = recording_upstream
+    with caplog.at_level(logging.WARNING):
+        proxy = await start_proxy(make_config(base, jaeger_url=jaeger_url))
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.admin_url}/orders") as resp:
+            assert resp.status == 200
+    notices = [r for r in caplog.records if r.getMessage().startswith("--jaeger-url:")]
+    assert len(notices) == (1 if warned else 0)
+    assert all("secret" not in r.getMessage() for r in caplog.records)

@@ -422,6 +422,54 @@ async def test_http10_chunked_is_framed_by_te_and_closed(stage: Stage) -> None:
     assert _seen(stage, "h10") == ["chunked"]
 
 
+# ── the strict upstream can tell: what it must refuse, sent to it directly ─────────────
+
+HEAD: Final = b"POST /x HTTP/1.1\r\nHost: mes\r\n"
+#: (id, raw message): each one a lenient server could read in two ways; the strict upstream
+#: must record it as a violation, or the invariants above could not fail.
+AMBIGUOUS: Final = (
+    ("cl-and-te", HEAD + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(b"hello")),
+    ("te-not-chunked-alone", HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + _chunked(b"hello")),
+    ("te-doubled", HEAD + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("cl-doubled", HEAD + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello"),
+    ("cl-list", HEAD + b"Content-Length: 5, 5\r\n\r\nhello"),
+    ("cl-plus", HEAD + b"Content-Length: +5\r\n\r\nhello"),
+    ("lookalike", HEAD + b"Content-Length: 5\r\nTransfer_Encoding: chunked\r\n\r\nhello"),
+    ("lookalike-forwarded", HEAD + b"X_Forwarded_For: 10.0.0.1\r\n\r\n"),
+    ("hop-by-hop", HEAD + b"Keep-Alive: timeout=5\r\n\r\n"),
+    ("folded-line", HEAD + b"X-Pad: 1\r\n folded\r\n\r\n"),
+    ("bare-lf", HEAD + b"X-Pad: 1\nX-Other: 2\r\n\r\n"),
+    ("bare-cr", HEAD + b"X-Pad: 1\rX-Other: 2\r\n\r\n"),
+    ("nul-in-value", HEAD + b"X-Pad: a\x00b\r\n\r\n"),
+    ("space-before-colon", HEAD + b"X-Pad : 1\r\n\r\n"),
+    ("bad-chunk-size", HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+    ("trailer", HEAD + b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: 1\r\n\r\n"),
+)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_strict_upstream_refuses_every_ambiguous_message() -> None:
+    """Each message above, sent straight to a StrictUpstream, is a recorded violation answered 400,
+    never a request it saw; an ordinary request on its own connection is seen (the control)."""
+    async with StrictUpstream() as upstream:
+        host, port = upstream.url.removeprefix("http://").rsplit(":", 1)
+        cases = (*AMBIGUOUS, ("ordinary", HEAD + b"Content-Length: 5\r\n\r\nhello"))
+        for index, (case_id, message) in enumerate(cases):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                async with asyncio.timeout(STEP):
+                    writer.write(message)
+                    await writer.drain()
+                    answer = await read_response(reader)
+            finally:
+                writer.close()
+            assert answer is not None, case_id
+            assert answer.status == (200 if case_id == "ordinary" else 400), case_id
+            # One violation per ambiguous message, recorded before its answer was written.
+            assert len(upstream.violations) == min(index + 1, len(AMBIGUOUS)), case_id
+    assert [s.body for s in upstream.seen] == [b"hello"]
+
+
 # ── the desync gadgets public smuggling scanners send ────────────────────────────────────
 
 #: the bytes a CL.TE or TE.CL probe tries to leave behind on MES's connection

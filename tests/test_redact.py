@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mes_trace_proxy.redact import (
     DEFAULT_MARKER,
+    MAX_HEADER_CHARS_PER_REQUEST,
     NEVER_HEADERS,
     PrivacyPolicy,
     Redactor,
@@ -654,6 +655,29 @@ def test_headers_keep_allow_list_only_lowercased_and_scrubbed() -> None:
         "accept": ("application/json", "text/plain"),
         "x-request-id": ("req-1",),
     }
+
+
+def test_header_values_past_the_request_budget_are_the_marker_unread() -> None:
+    """Values are read until MAX_HEADER_CHARS_PER_REQUEST characters of them; each one after is the
+    marker, whatever it holds, so repeating an allow-listed header cannot buy more scanning."""
+    # Eight values of 1,024 characters: the budget, exactly.
+    clean = [("X-Request-Id", f"req-{i:04d}-" + "x" * 1015) for i in range(8)]
+    assert sum(len(v) for _, v in clean) == MAX_HEADER_CHARS_PER_REQUEST
+    late = [("X-Request-Id", "req-late"), ("User-Agent", "bot/1.0"), ("Accept", "ivan@example.com")]
+    redactor = Redactor()
+    kept = redactor.headers([*clean, *late])
+    assert kept["x-request-id"] == (*(v for _, v in clean), M)
+    assert kept["user-agent"] == (M,)
+    assert kept["accept"] == (M,)
+    # Unread: the values past the budget never reached value(); its memo holds those read and the
+    # marker (the constructor checks that the marker is left alone).
+    assert set(redactor._memo) == {v for _, v in clean} | {M}
+
+
+def test_an_ordinary_request_is_far_inside_the_header_budget() -> None:
+    """A request's usual allow-listed headers are read whole."""
+    pairs = [("User-Agent", "crm-client/4.2 (+python-aiohttp/3.9)"), ("X-Request-Id", "6f1c2a9e-4b7d")]
+    assert R.headers(pairs) == {"user-agent": (pairs[0][1],), "x-request-id": (pairs[1][1],)}
 
 
 def test_headers_follow_a_custom_allow_list() -> None:
