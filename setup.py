@@ -43,7 +43,7 @@ def _ext_modules() -> list[object]:
     # The record the import check compares against: written before the compile, from the
     # very sources mypyc reads, and shipped beside the extensions.
     (PACKAGE_DIR / native["MANIFEST"]).write_text(native["manifest_text"](PACKAGE_DIR), encoding="ascii")
-    paths = [f"mes_trace_proxy/{name}.py" for name in native["COMPILED"]]
+    paths = [f"mes_trace_proxy/{native['source_path'](name)}" for name in native["COMPILED"]]
     # One group, named inside the package: its shared library lands in mes_trace_proxy/, not
     # at the top of site-packages, and the modules call each other without Python in between.
     return list(mypycify(paths, group_name="mes_trace_proxy._native", opt_level="3"))

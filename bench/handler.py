@@ -2,7 +2,7 @@
 
 ``bench.run`` measures the whole proxy beside nginx, and its figures move with the machine's
 load by ±10 %. This measures only what the proxy adds to each call, in-process and without
-sockets: :func:`mes_trace_proxy.proxy.handle` for the benchmark's status change (a PUT with a
+sockets: :func:`mes_trace_proxy.proxy.handler.handle` for the benchmark's status change (a PUT with a
 ``traceparent``, the order book, metrics, the access log and both spans), against an upstream
 that answers from memory and a caller connection that throws the answer away. It is the tool
 for one optimisation step at a time: a change of a few microseconds shows here in seconds.
@@ -34,10 +34,10 @@ from multidict import CIMultiDictProxy
 
 from bench.wrk import STATUS_BODY
 from mes_trace_proxy.cli import read_default_rules
-from mes_trace_proxy.config import load_config
-from mes_trace_proxy.http1 import IncomingRequest
-from mes_trace_proxy.proxy import ListenerState, handle
+from mes_trace_proxy.core.config import load_config
+from mes_trace_proxy.proxy.handler import ListenerState, handle
 from mes_trace_proxy.server import running
+from mes_trace_proxy.wire.server import IncomingRequest
 
 __all__ = ["main"]
 
@@ -80,7 +80,7 @@ class _Sink:
 
 class _Server:
     def __init__(self) -> None:
-        from mes_trace_proxy.http1 import _DateField
+        from mes_trace_proxy.wire.server import _DateField
 
         self.date = _DateField()
 

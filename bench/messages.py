@@ -24,11 +24,11 @@ import aio_pika
 from opentelemetry import trace
 
 from bench.procfs import parse_status
-from mes_trace_proxy.messages.deadletter import DEFAULT_MESSAGE_RULES, Message, compile_message_rules
+from mes_trace_proxy.core.messages.deadletter import DEFAULT_MESSAGE_RULES, Message, compile_message_rules
+from mes_trace_proxy.core.messages.record import HeldMessage, hold
+from mes_trace_proxy.core.messages.settings import parse_messages
 from mes_trace_proxy.messages.held import MemoryHeldStore, SqliteHeldStore
-from mes_trace_proxy.messages.record import HeldMessage, hold
 from mes_trace_proxy.messages.service import MessagePath
-from mes_trace_proxy.messages.settings import parse_messages
 from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings
 from mes_trace_proxy.sim.rabbitmq import RabbitServer, rabbitmq_script
 

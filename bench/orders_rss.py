@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from bench.procfs import parse_status
-from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE
-from mes_trace_proxy.orders import OrderBook, SpanRef
+from mes_trace_proxy.core.lifecycle import REFERENCE_LIFECYCLE
+from mes_trace_proxy.core.orders import OrderBook, SpanRef
 
 
 def _rss() -> int:

@@ -45,10 +45,10 @@ NATIVE: Final = "(no Python frame)"
 EXPORT_COMPONENT: Final = "span export (encoding, transport)"
 #: Where own time goes, by the file of the innermost Python frame; the first match wins.
 COMPONENTS: Final = (
-    ("mes_trace_proxy/export.py", EXPORT_COMPONENT),
-    ("mes_trace_proxy/otlp_transport.py", EXPORT_COMPONENT),
-    ("mes_trace_proxy/otlp_encode.py", EXPORT_COMPONENT),
-    ("mes_trace_proxy/otlp_wire.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/telemetry/export.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/telemetry/otlp_transport.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/telemetry/otlp_encode.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/telemetry/otlp_wire.py", EXPORT_COMPONENT),
     ("mes_trace_proxy/", "our code (mes_trace_proxy)"),
     ("bench/peers/", "the peer's own handler"),
     ("aiohttp/web_", "aiohttp server"),

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from mes_trace_proxy.redact import Redactor
+from mes_trace_proxy.core.redact import Redactor
 
 __all__ = ["WORST_CASES", "crafted_values", "main", "ordinary_headers", "time_request"]
 

@@ -13,8 +13,8 @@ import argparse
 import json
 import time
 
-from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE
-from mes_trace_proxy.orders import OrderBook, SpanRef
+from mes_trace_proxy.core.lifecycle import REFERENCE_LIFECYCLE
+from mes_trace_proxy.core.orders import OrderBook, SpanRef
 
 T0 = 1_700_000_000.0
 # Statuses with dwell limits, as a mass event leaves them: orders waiting for a price, for

@@ -7,38 +7,31 @@ start and stop. Every resource built here comes with the coroutine that closes i
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
 
-from mes_trace_proxy.config import Config, ListenerConfig
-from mes_trace_proxy.forwarding import ForwardPolicy
-from mes_trace_proxy.framing import UnderscorePolicy
-from mes_trace_proxy.http1 import Http1Server
-from mes_trace_proxy.limits import GuardedServer
-from mes_trace_proxy.logs import AccessLog
-from mes_trace_proxy.metrics import ProxyMetrics
-from mes_trace_proxy.observer import Observer
-from mes_trace_proxy.orders import OrderBook
-from mes_trace_proxy.proxy import (
+from mes_trace_proxy.admin.shared import Readiness, Shared
+from mes_trace_proxy.core.config import ListenerConfig
+from mes_trace_proxy.core.forwarding import ForwardPolicy
+from mes_trace_proxy.core.framing import UnderscorePolicy
+from mes_trace_proxy.core.tracecontext import TrustPolicy
+from mes_trace_proxy.proxy.handler import (
     ListenerState,
     make_handler,
     make_upgrade_handler,
     own_response_fields,
     upstream_error_type,
 )
-from mes_trace_proxy.redact import Redactor
-from mes_trace_proxy.tls import client_context
-from mes_trace_proxy.tracecontext import TrustPolicy
-from mes_trace_proxy.tracing import Tracing
-from mes_trace_proxy.upstream import UpstreamPool
+from mes_trace_proxy.telemetry.observer import Observer
+from mes_trace_proxy.wire.client import UpstreamPool
+from mes_trace_proxy.wire.limits import GuardedServer
+from mes_trace_proxy.wire.server import Http1Server
+from mes_trace_proxy.wire.tls import client_context
 
 if TYPE_CHECKING:
-    from mes_trace_proxy.messages.service import MessagePath
-    from mes_trace_proxy.watchdog import Watchdog
+    pass
 
 __all__ = ["Readiness", "Shared", "build_proxy_server", "make_pool", "make_session", "trust_policy"]
 
@@ -53,36 +46,6 @@ UPSTREAM_POOL_SIZE: Final = 256
 UPSTREAM_KEEPALIVE: Final = 30.0
 # A socket read buffer that lets 256 MiB uploads and downloads move in large pieces.
 READ_BUFFER: Final = 256 * 1024
-
-
-@dataclass(slots=True)
-class Readiness:
-    """What ``/readyz`` reports: listeners bound, upstreams answering lately."""
-
-    listeners_bound: bool = False
-    draining: bool = False
-    #: listener name → time.monotonic() of the last upstream answer of any status
-    last_upstream_answer: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(slots=True, kw_only=True)
-class Shared:
-    """Process-wide objects every listener and the admin app share."""
-
-    config: Config
-    tracing: Tracing
-    metrics: ProxyMetrics
-    redactor: Redactor
-    orders: OrderBook | None
-    access_log: AccessLog | None = None
-    readiness: Readiness = field(default_factory=Readiness)
-    clock: Callable[[], float] = time.time
-    #: called when an order's state changed, so the store can write it behind the hot path
-    on_order_changed: Callable[[str], None] | None = None
-    #: the stuck-order watchdog; its ``sync`` keeps the book and the store in step (None: no order state)
-    watchdog: Watchdog | None = None
-    #: the message path: dead letters held, shown and re-driven (None: no --amqp-url)
-    messages: MessagePath | None = None
 
 
 def make_session(
@@ -161,7 +124,7 @@ def build_proxy_server(
     instrumented = config.tracing.client_span == "instrumentation" and shared.tracing.exporting
     trace_configs: tuple[aiohttp.TraceConfig, ...] = ()
     if instrumented:
-        from mes_trace_proxy.client_span import instrumentation_trace_configs
+        from mes_trace_proxy.telemetry.client_span import instrumentation_trace_configs
 
         readiness = shared.readiness
         trace_configs = instrumentation_trace_configs(

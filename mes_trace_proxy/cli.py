@@ -1,8 +1,8 @@
 """Command line: ``serve``, ``check-config``, ``explain``, ``explain-message``, ``simulate-mes``/``-crm``.
 
 Only this module prints and exits. It reads the config file, the default rules and secret
-files, hands them to the pure :func:`~mes_trace_proxy.config.load_config`, and turns a
-:class:`~mes_trace_proxy.config.ConfigError` into exit status 2 with the key named.
+files, hands them to the pure :func:`~mes_trace_proxy.core.config.load_config`, and turns a
+:class:`~mes_trace_proxy.core.config.ConfigError` into exit status 2 with the key named.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Final
 import yaml
 
 from mes_trace_proxy import __version__, native
-from mes_trace_proxy.config import (
+from mes_trace_proxy.core.config import (
     ENV_CONFIG,
     FLAG_DEAD_LETTER_QUEUE,
     FLAG_DWELL_LIMIT,
@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from mes_trace_proxy.logs import configure_logging
     from mes_trace_proxy.server import run
+    from mes_trace_proxy.telemetry.logs import configure_logging
 
     config = load_from_args(args, environ)
     configure_logging(config.server.log_level)
@@ -182,7 +182,7 @@ def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def _cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.schema:
-        from mes_trace_proxy.config.schema import schema_text
+        from mes_trace_proxy.core.config.schema import schema_text
 
         sys.stdout.write(schema_text())
         return EXIT_OK
@@ -234,9 +234,9 @@ def _cmd_explain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_explain_message(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from mes_trace_proxy.messages.deadletter import Message
-    from mes_trace_proxy.messages.explain import explain_message, format_report, parse_headers
-    from mes_trace_proxy.redact import Redactor
+    from mes_trace_proxy.core.messages.deadletter import Message
+    from mes_trace_proxy.core.messages.explain import explain_message, format_report, parse_headers
+    from mes_trace_proxy.core.redact import Redactor
 
     if args.upstream is None:
         args.upstream = "http://upstream.invalid"  # nothing is forwarded: any upstream will do

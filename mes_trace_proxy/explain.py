@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 from multidict import CIMultiDict
 
-from mes_trace_proxy import attributes as A
-from mes_trace_proxy.config import Config, ConfigError
-from mes_trace_proxy.extract import NO_FACTS, is_json_content_type, request_facts, response_facts
-from mes_trace_proxy.forwarding import check_host_headers, check_target
-from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
+from mes_trace_proxy.core import attributes as A
+from mes_trace_proxy.core.config import Config, ConfigError
+from mes_trace_proxy.core.extract import NO_FACTS, is_json_content_type, request_facts, response_facts
+from mes_trace_proxy.core.forwarding import check_host_headers, check_target
+from mes_trace_proxy.core.redact import Redactor, pseudonymize, user_id_from_headers
 
 __all__ = ["explain"]
 

@@ -46,26 +46,30 @@ __all__ = [
 #: classes, ``__slots__`` on or under an interpreted base); docs/performance.md says why the
 #: others stay pure.
 COMPILED: Final = (
-    "attributes",
-    "export",
-    "extract",
-    "forwarding",
-    "logs",
-    "metrics",
-    "order_index",
-    "order_records",
-    "order_values",
-    "orders",
-    "otlp_encode",
-    "otlp_wire",
-    "proxy",
-    "proxy_span",
-    "redact",
-    "rules",
-    "span_context",
-    "span_limits",
-    "spans",
-    "tracecontext",
+    "core.attributes",
+    "core.cards",
+    "core.extract",
+    "core.forwarding",
+    "core.framing",
+    "core.h1",
+    "core.order_index",
+    "core.order_records",
+    "core.order_values",
+    "core.orders",
+    "core.redact",
+    "core.rules",
+    "core.textfold",
+    "core.tracecontext",
+    "proxy.handler",
+    "telemetry.export",
+    "telemetry.logs",
+    "telemetry.metrics",
+    "telemetry.otlp_encode",
+    "telemetry.otlp_wire",
+    "telemetry.proxy_span",
+    "telemetry.span_context",
+    "telemetry.span_limits",
+    "telemetry.spans",
 )
 #: The build's record of the sources it compiled: ``NAME SHA256`` lines.
 MANIFEST: Final = "_native_sources.txt"
@@ -97,18 +101,23 @@ class NativeBuild:
         return self.state == "native"
 
 
+def source_path(name: str) -> str:
+    """A compiled module's source file, relative to the package: ``core.rules`` → ``core/rules.py``."""
+    return name.replace(".", "/") + ".py"
+
+
 def _digest(source: bytes) -> str:
     return hashlib.sha256(source).hexdigest()
 
 
 def manifest_text(package_dir: Path, modules: Sequence[str] = COMPILED) -> str:
     """The manifest a build of ``modules`` from the sources in ``package_dir`` records."""
-    return "".join(f"{name} {_digest((package_dir / f'{name}.py').read_bytes())}\n" for name in modules)
+    return "".join(f"{name} {_digest((package_dir / source_path(name)).read_bytes())}\n" for name in modules)
 
 
 def _extension(package_dir: Path, name: str, suffixes: Sequence[str]) -> Path | None:
     for suffix in suffixes:
-        candidate = package_dir / f"{name}{suffix}"
+        candidate = package_dir / f"{name.replace('.', '/')}{suffix}"
         if candidate.exists():
             return candidate
     return None
@@ -160,14 +169,14 @@ def _changed(recorded: str, current_sources: str) -> str:
 
     old, new = table(recorded), table(current_sources)
     names = sorted(name for name in new if old.get(name) != new[name])
-    return ", ".join(f"{name}.py" for name in names) if names else "a different module list"
+    return ", ".join(source_path(name) for name in names) if names else "a different module list"
 
 
 class _SourcesFirst(importlib.abc.MetaPathFinder):
     """Imports the named package modules from their ``.py`` files, past any extension."""
 
     def __init__(self, package_dir: Path, modules: Sequence[str]) -> None:
-        self._paths = {f"{PACKAGE}.{name}": package_dir / f"{name}.py" for name in modules}
+        self._paths = {f"{PACKAGE}.{name}": package_dir / source_path(name) for name in modules}
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -204,7 +213,7 @@ if __name__ == "__main__":  # pragma: no cover - used by setup.py and the Makefi
     # `python mes_trace_proxy/native.py sources`: the compiled modules' paths, one per line.
     here = Path(__file__).resolve().parent
     if sys.argv[1:] == ["sources"]:
-        print("\n".join(f"{PACKAGE}/{name}.py" for name in COMPILED))
+        print("\n".join(f"{PACKAGE}/{source_path(name)}" for name in COMPILED))
     elif sys.argv[1:] == ["manifest"]:
         sys.stdout.write(manifest_text(here))
     else:

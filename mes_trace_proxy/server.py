@@ -37,20 +37,20 @@ from typing import Final
 from aiohttp import web
 
 from mes_trace_proxy import native
-from mes_trace_proxy.admin import TOKENS, build_admin_app, make_admin_runner
+from mes_trace_proxy.admin.app import TOKENS, build_admin_app, make_admin_runner
 from mes_trace_proxy.app import Shared, build_proxy_server
-from mes_trace_proxy.book_sync import BookSync
-from mes_trace_proxy.config import Config, ConfigError, HostPort, ListenerConfig, is_loopback
-from mes_trace_proxy.http1 import Http1Server
-from mes_trace_proxy.logs import AccessLog
+from mes_trace_proxy.core.config import Config, ConfigError, HostPort, ListenerConfig, is_loopback
+from mes_trace_proxy.core.orders import OrderBook
+from mes_trace_proxy.core.redact import Redactor
 from mes_trace_proxy.messages.service import MessagePath
-from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
-from mes_trace_proxy.orders import OrderBook
-from mes_trace_proxy.redact import Redactor
-from mes_trace_proxy.store import MemoryStore, StateStore, StoreWriter, open_store
-from mes_trace_proxy.tls import CertReloader, ClientCertReloader
-from mes_trace_proxy.tracing import Tracing, build_tracing
-from mes_trace_proxy.watchdog import Watchdog
+from mes_trace_proxy.state.book_sync import BookSync
+from mes_trace_proxy.state.store import MemoryStore, StateStore, StoreWriter, open_store
+from mes_trace_proxy.state.watchdog import Watchdog
+from mes_trace_proxy.telemetry.logs import AccessLog
+from mes_trace_proxy.telemetry.metrics import ConnectionStats, ProxyMetrics
+from mes_trace_proxy.telemetry.tracing import Tracing, build_tracing
+from mes_trace_proxy.wire.server import Http1Server
+from mes_trace_proxy.wire.tls import CertReloader, ClientCertReloader
 
 __all__ = ["BindError", "RunningProxy", "StartupError", "run", "running"]
 

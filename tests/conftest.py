@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from mes_trace_proxy.cli import read_default_rules
-from mes_trace_proxy.config import Config, load_config
+from mes_trace_proxy.core.config import Config, load_config
 from mes_trace_proxy.server import RunningProxy, running
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 

@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mes_trace_proxy.messages.deadletter import DEFAULT_MESSAGE_RULES, Message, compile_message_rules
-from mes_trace_proxy.messages.record import HeldMessage, hold
+from mes_trace_proxy.core.messages.deadletter import DEFAULT_MESSAGE_RULES, Message, compile_message_rules
+from mes_trace_proxy.core.messages.record import HeldMessage, hold
 
 __all__ = ["RULES", "T0", "TP", "X_DEATH", "death", "redrive_sample", "sample_held", "span_recorder"]
 

@@ -20,14 +20,14 @@ from aio_pika.abc import AbstractChannel
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE
-from mes_trace_proxy.messages.deadletter import DEFAULT_MESSAGE_RULES, compile_message_rules
+from mes_trace_proxy.core.lifecycle import REFERENCE_LIFECYCLE
+from mes_trace_proxy.core.messages.deadletter import DEFAULT_MESSAGE_RULES, compile_message_rules
+from mes_trace_proxy.core.messages.record import HeldMessage
+from mes_trace_proxy.core.messages.settings import parse_messages
+from mes_trace_proxy.core.orders import OrderBook
 from mes_trace_proxy.messages.held import HeldStore
-from mes_trace_proxy.messages.record import HeldMessage
 from mes_trace_proxy.messages.service import MessagePath
-from mes_trace_proxy.messages.settings import parse_messages
 from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings
-from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.sim.rabbitmq import RabbitServer, rabbitmq_script
 
 __all__ = [

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
-from mes_trace_proxy.framing import HOP_BY_HOP, LOOKALIKES
+from mes_trace_proxy.core.framing import HOP_BY_HOP, LOOKALIKES
 
 __all__ = ["Answer", "Seen", "StrictUpstream", "read_response"]
 

@@ -280,15 +280,16 @@ def test_nginx_configs() -> None:
 
 
 RAW_PROFILE = (
-    "_run (/usr/lib/python3.11/asyncio/runners.py:118);handle (/work/x/mes_trace_proxy/proxy.py:300);"
-    "write (/work/x/mes_trace_proxy/logs.py:80) 30\n"
-    "_run (/usr/lib/python3.11/asyncio/runners.py:118);handle (/work/x/mes_trace_proxy/proxy.py:310);"
+    "_run (/usr/lib/python3.11/asyncio/runners.py:118);handle (/work/x/mes_trace_proxy/proxy/handler.py:300);"
+    "write (/work/x/mes_trace_proxy/telemetry/logs.py:80) 30\n"
+    "_run (/usr/lib/python3.11/asyncio/runners.py:118);handle (/work/x/mes_trace_proxy/proxy/handler.py:310);"
     "_request (/v/lib/python3.11/site-packages/aiohttp/client.py:700) 50\n"
-    "BatchExportProcessor._run (/work/x/mes_trace_proxy/tracing.py:206);"
+    "BatchExportProcessor._run (/work/x/mes_trace_proxy/telemetry/tracing.py:206);"
     "export (/v/lib/python3.11/site-packages/opentelemetry/exporter/otlp/proto/http/trace_exporter/"
     "__init__.py:179);_encode_span (/v/lib/python3.11/site-packages/opentelemetry/exporter/otlp/proto/"
     "common/_internal/trace_encoder/__init__.py:90) 20\n"
-    "BatchExportProcessor._run (/work/x/mes_trace_proxy/tracing.py:206);exists (<frozen genericpath>:19) 10\n"
+    "BatchExportProcessor._run (/work/x/mes_trace_proxy/telemetry/tracing.py:206);"
+    "exists (<frozen genericpath>:19) 10\n"
     " 4\n"
 )
 
@@ -299,7 +300,10 @@ def test_short_frame_drops_lines_and_prefixes() -> None:
         short_frame("_request (/v/lib/python3.11/site-packages/aiohttp/client.py:700)")
         == "_request (aiohttp/client.py)"
     )
-    assert short_frame("handle (/work/x/mes_trace_proxy/proxy.py:300)") == "handle (mes_trace_proxy/proxy.py)"
+    assert (
+        short_frame("handle (/work/x/mes_trace_proxy/proxy/handler.py:300)")
+        == "handle (mes_trace_proxy/proxy/handler.py)"
+    )
     assert short_frame("run (/usr/lib/python3.11/asyncio/runners.py:118)") == "run (asyncio/runners.py)"
     assert short_frame("<module> (<frozen runpy>)") == "<module> (<frozen runpy>)"
 
@@ -310,13 +314,13 @@ def test_profile_top_frames_and_components() -> None:
     own, total = top_frames(stacks, 3)
     assert [frame for frame, _ in own] == [
         "_request (aiohttp/client.py)",
-        "write (mes_trace_proxy/logs.py)",
+        "write (mes_trace_proxy/telemetry/logs.py)",
         "_encode_span (opentelemetry/exporter/otlp/proto/common/_internal/trace_encoder/__init__.py)",
     ]
     assert [share for _, share in own] == pytest.approx([50 / 114, 30 / 114, 20 / 114])
     # The loop's entry frame (asyncio/runners.py) is on every stack of its thread: left out.
     assert [frame for frame, _ in total[:2]] == [
-        "handle (mes_trace_proxy/proxy.py)",
+        "handle (mes_trace_proxy/proxy/handler.py)",
         "_request (aiohttp/client.py)",
     ]
     assert [share for _, share in total[:2]] == pytest.approx([80 / 114, 50 / 114])
@@ -352,8 +356,8 @@ async def test_handler_benchmark_runs_the_real_handler_against_its_stand_ins(
         assert len(state.orders) == 50
         conn = handler._Sink()
         (message, payload), *_ = handler._requests(1, asyncio.get_running_loop())
-        from mes_trace_proxy.http1 import IncomingRequest
-        from mes_trace_proxy.proxy import handle
+        from mes_trace_proxy.proxy.handler import handle
+        from mes_trace_proxy.wire.server import IncomingRequest
 
         await handle(state, IncomingRequest(conn, message, payload))
         assert conn.written > len(handler.ANSWER.split(b"\r\n\r\n")[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import redact as bench
-from mes_trace_proxy.redact import DEFAULT_MARKER, Redactor
+from mes_trace_proxy.core.redact import DEFAULT_MARKER, Redactor
 
 
 @pytest.mark.parametrize("case", sorted(bench.WORST_CASES))

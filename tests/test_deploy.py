@@ -538,7 +538,7 @@ def _read_bytes(name: str) -> bytes:
 def test_proxy_config_loads_with_the_real_loader(tmp_path: Path) -> None:
     """The ConfigMap's config, with the pod's files in place, passes the real config loader."""
     # Imported here so a broken config module fails this test, not the whole file's collection.
-    from mes_trace_proxy.config import load_config
+    from mes_trace_proxy.core.config import load_config
 
     pod = _materialize_proxy(_objects(BASE), tmp_path)
     file_doc = yaml.safe_load(pod.config_file.read_text(encoding="utf-8"))
@@ -757,7 +757,7 @@ async def test_manifests_start_the_proxy_without_a_warning(tmp_path: Path) -> No
 def test_token_secret_gives_the_proxy_both_roles_and_prometheus_the_viewer() -> None:
     """The Secret's ``tokens`` file parses with the real parser and holds a viewer and an admin token;
     its ``viewer`` key is that viewer token, and the proxy mounts the file alone."""
-    from mes_trace_proxy.admin_auth import Role, Verdict, authorize, parse_tokens
+    from mes_trace_proxy.core.admin_auth import Role, Verdict, authorize, parse_tokens
 
     data = _secret_data(_base("Secret", ADMIN_TOKENS_SECRET))
     table = parse_tokens(data["tokens"])

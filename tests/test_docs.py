@@ -18,8 +18,10 @@ from typing import Final
 import pytest
 
 from bench import soak
-from mes_trace_proxy import config, demo, native, rules
+from mes_trace_proxy import native
 from mes_trace_proxy.cli import build_parser
+from mes_trace_proxy.core import config, rules
+from mes_trace_proxy.demo import runner as demo
 from mes_trace_proxy.sim import otlp_sink
 
 REPO: Final = Path(__file__).resolve().parents[1]

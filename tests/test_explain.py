@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mes_trace_proxy.cli import read_default_rules
-from mes_trace_proxy.config import Config, ConfigError, load_config
+from mes_trace_proxy.core.config import Config, ConfigError, load_config
+from mes_trace_proxy.core.redact import pseudonymize
 from mes_trace_proxy.explain import explain
-from mes_trace_proxy.redact import pseudonymize
 
 USER_KEY = b"explain-test-key-0123456789abcdef"
 CONFIG = load_config(

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from mes_trace_proxy.messages.service import METRIC_FAMILIES
-from mes_trace_proxy.metrics import ProxyMetrics
-from mes_trace_proxy.tracing import ExportStats
+from mes_trace_proxy.telemetry.metrics import ProxyMetrics
+from mes_trace_proxy.telemetry.tracing import ExportStats
 
 REPO: Final = Path(__file__).resolve().parents[1]
 MONITORING: Final = REPO / "k8s" / "monitoring"

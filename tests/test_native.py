@@ -96,14 +96,14 @@ def _copy_package(tmp_path: Path) -> Path:
     target = tmp_path / "mes_trace_proxy"
     shutil.copytree(PACKAGE_DIR, target, ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
     for name in native.COMPILED:
-        (target / f"{name}{SUFFIX}").write_bytes(b"not an ELF file")
+        (target / f"{name.replace('.', '/')}{SUFFIX}").write_bytes(b"not an ELF file")
     (target / native.MANIFEST).write_text(native.manifest_text(target))
     return target
 
 
 def _import_in_subprocess(root: Path, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = (
-        "import mes_trace_proxy.proxy, mes_trace_proxy.otlp_encode as e\n"
+        "import mes_trace_proxy.proxy.handler, mes_trace_proxy.telemetry.otlp_encode as e\n"
         "from mes_trace_proxy import native\n"
         "print(native.current().state, e.__file__)\n"
     )
@@ -122,20 +122,20 @@ def _import_in_subprocess(root: Path, environ: dict[str, str]) -> subprocess.Com
 
 def test_the_finder_loads_sources_past_a_stale_build(tmp_path: Path) -> None:
     package = _copy_package(tmp_path)
-    with (package / "otlp_encode.py").open("a") as source:
+    with (package / "telemetry" / "otlp_encode.py").open("a") as source:
         source.write("\n# edited after the build\n")
     done = _import_in_subprocess(tmp_path, {})
     assert done.returncode == 0, done.stderr
     state, loaded = done.stdout.split()
     assert state == "stale"
-    assert loaded == str(package / "otlp_encode.py")
+    assert loaded == str(package / "telemetry" / "otlp_encode.py")
 
 
 def test_the_pure_switch_loads_sources_past_a_current_build(tmp_path: Path) -> None:
     package = _copy_package(tmp_path)
     done = _import_in_subprocess(tmp_path, {native.PURE_ENV: "1"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["disabled", str(package / "otlp_encode.py")]
+    assert done.stdout.split() == ["disabled", str(package / "telemetry" / "otlp_encode.py")]
 
 
 def test_a_current_build_is_imported_as_an_extension(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_setup_py_compiles_the_modules_native_lists() -> None:
     assert listed == native.COMPILED
     assert 'native["COMPILED"]' in (REPO / "setup.py").read_text()
     for name in native.COMPILED:
-        assert (PACKAGE_DIR / f"{name}.py").is_file(), name
+        assert (PACKAGE_DIR / native.source_path(name)).is_file(), name
     done = subprocess.run(
         [sys.executable, str(PACKAGE_DIR / "native.py"), "sources"],
         capture_output=True,
@@ -160,7 +160,7 @@ def test_setup_py_compiles_the_modules_native_lists() -> None:
         timeout=30,
         check=True,
     )
-    assert done.stdout.split() == [f"mes_trace_proxy/{name}.py" for name in native.COMPILED]
+    assert done.stdout.split() == [f"mes_trace_proxy/{native.source_path(name)}" for name in native.COMPILED]
 
 
 def test_this_run_uses_the_build_make_asked_for() -> None:

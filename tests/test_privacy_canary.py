@@ -32,10 +32,10 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mes_trace_proxy.admin import ROUTE_ROLES
-from mes_trace_proxy.redact import pseudonymize
+from mes_trace_proxy.admin.app import ROUTE_ROLES
+from mes_trace_proxy.core.redact import pseudonymize
+from mes_trace_proxy.core.textfold import fold
 from mes_trace_proxy.sim.otlp_sink import OtlpSink, ReceivedSpan
-from mes_trace_proxy.textfold import fold
 from tests.conftest import MakeConfig, StartProxy, otlp_env
 from tests.proxy_process import ProxyProcess, proxy_process
 

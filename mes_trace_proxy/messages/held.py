@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
-from mes_trace_proxy.messages.record import HeldMessage, HeldSummary, decode_held, encode_held
+from mes_trace_proxy.core.messages.record import HeldMessage, HeldSummary, decode_held, encode_held
 
 __all__ = [
     "CLAIM_TTL_S",
@@ -158,7 +158,7 @@ _SQLITE_UPSERT: Final = """
 class SqliteHeldStore:
     """Held messages in a ``held_messages`` table of the ``--state`` SQLite file (one replica).
 
-    Like :class:`mes_trace_proxy.store_sqlite.SqliteStore`: WAL, one worker thread owning the
+    Like :class:`mes_trace_proxy.state.sqlite_store.SqliteStore`: WAL, one worker thread owning the
     connection, reopened after an error; each ``put`` is its own committed transaction, since
     the watcher acks the message only after it.
     """

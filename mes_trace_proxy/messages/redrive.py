@@ -37,8 +37,8 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import Status, StatusCode
 from pamqp.commands import Basic
 
+from mes_trace_proxy.core.messages.record import HeldMessage
 from mes_trace_proxy.messages.held import HeldStore
-from mes_trace_proxy.messages.record import HeldMessage
 from mes_trace_proxy.messages.spans import MES_MESSAGE_REDRIVE_OUTCOME, redrive_span, traceparent_of
 
 __all__ = [

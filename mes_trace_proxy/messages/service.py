@@ -22,13 +22,13 @@ from opentelemetry import trace as trace_api
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mes_trace_proxy.core.messages.record import FlaggedOrder, HeldMessage, HeldSummary, with_span
+from mes_trace_proxy.core.messages.settings import MessagesConfig, auto_redrive_delay
+from mes_trace_proxy.core.orders import OrderBook
 from mes_trace_proxy.messages.held import HeldStore, open_held_store
-from mes_trace_proxy.messages.record import FlaggedOrder, HeldMessage, HeldSummary, with_span
 from mes_trace_proxy.messages.redrive import OUTCOMES, REDRIVE_COUNT_HEADER, Redriver, RedriveResult
-from mes_trace_proxy.messages.settings import MessagesConfig, auto_redrive_delay
 from mes_trace_proxy.messages.spans import dead_letter_span
 from mes_trace_proxy.messages.watcher import Watcher, WatcherSettings
-from mes_trace_proxy.orders import OrderBook
 
 __all__ = ["DEAD_LETTER_MESSAGE", "METRIC_FAMILIES", "MessagePath", "amqp_url_with_secret", "tls_context"]
 

@@ -26,10 +26,10 @@ from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import AttributeValue
 
-from mes_trace_proxy.attributes import MES_LINK_KIND, MES_ORDER_ID, MES_ORDER_STATUS
-from mes_trace_proxy.messages.record import HeldMessage
-from mes_trace_proxy.orders import SpanRef
-from mes_trace_proxy.tracecontext import format_traceparent, parse_traceparent
+from mes_trace_proxy.core.attributes import MES_LINK_KIND, MES_ORDER_ID, MES_ORDER_STATUS
+from mes_trace_proxy.core.messages.record import HeldMessage
+from mes_trace_proxy.core.orders import SpanRef
+from mes_trace_proxy.core.tracecontext import format_traceparent, parse_traceparent
 
 __all__ = [
     "MES_MESSAGE_DEATH_COUNT",

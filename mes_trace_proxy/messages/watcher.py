@@ -26,9 +26,9 @@ import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
-from mes_trace_proxy.messages.deadletter import Message, MessageRules
+from mes_trace_proxy.core.messages.deadletter import Message, MessageRules
+from mes_trace_proxy.core.messages.record import HeldMessage, hold
 from mes_trace_proxy.messages.held import HeldStore
-from mes_trace_proxy.messages.record import HeldMessage, hold
 
 __all__ = ["Watcher", "WatcherSettings", "WatcherStats", "incoming_properties", "incoming_to_message"]
 

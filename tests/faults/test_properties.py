@@ -24,10 +24,10 @@ from opentelemetry import trace
 from opentelemetry.propagate import get_global_textmap
 
 from mes_trace_proxy.cli import read_default_rules
-from mes_trace_proxy.extract import MAX_VALUE_LENGTH, read_pointer, request_facts
-from mes_trace_proxy.forwarding import HOP_BY_HOP
-from mes_trace_proxy.rules import compile_rules, format_pointer, parse_pointer
-from mes_trace_proxy.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
+from mes_trace_proxy.core.extract import MAX_VALUE_LENGTH, read_pointer, request_facts
+from mes_trace_proxy.core.forwarding import HOP_BY_HOP
+from mes_trace_proxy.core.rules import compile_rules, format_pointer, parse_pointer
+from mes_trace_proxy.core.tracecontext import TrustPolicy, format_span_id, format_trace_id, traceresponse
 from tests.conftest import MakeConfig, StartProxy
 from tests.faults.faulty_upstream import FaultyUpstream, parse_response
 

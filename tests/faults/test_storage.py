@@ -15,8 +15,8 @@ from typing import Final
 import aiohttp
 import pytest
 
-from mes_trace_proxy.store import open_store
-from mes_trace_proxy.store_sqlite import SqliteStore
+from mes_trace_proxy.state.sqlite_store import SqliteStore
+from mes_trace_proxy.state.store import open_store
 from tests.conftest import RedisServer
 from tests.faults.faulty_upstream import FaultyUpstream
 from tests.faults.harness import Outcome, drive, poll, scrape
