@@ -35,8 +35,9 @@ from multidict import CIMultiDictProxy
 from bench.wrk import STATUS_BODY
 from mes_trace_proxy.cli import read_default_rules
 from mes_trace_proxy.config import load_config
+from mes_trace_proxy.handler_state import ListenerState, PoolForwarder
 from mes_trace_proxy.http1 import IncomingRequest
-from mes_trace_proxy.proxy import ListenerState, handle
+from mes_trace_proxy.proxy import handle
 from mes_trace_proxy.server import running
 
 __all__ = ["main"]
@@ -109,7 +110,7 @@ class _Answer:
 
 
 class _Upstream:
-    """Stands in for ``UpstreamPool``: every request gets :data:`ANSWER`."""
+    """Stands in for ``UpstreamPool`` (behind ``PoolForwarder``): every request gets :data:`ANSWER`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -178,7 +179,9 @@ async def _proxy(exporter: str, sink: str | None, access_log: bool = True) -> As
         environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = sink
     async with running(config, environ=environ) as proxy:
         state = _state(proxy)
-        yield replace(state, upstream=_Upstream(asyncio.get_running_loop()))  # type: ignore[arg-type]
+        upstream = _Upstream(asyncio.get_running_loop())
+        base_path = state.config.upstream.base_path
+        yield replace(state, forwarder=PoolForwarder(upstream, base_path))  # type: ignore[arg-type]
 
 
 async def _run(args: argparse.Namespace) -> dict[str, float]:

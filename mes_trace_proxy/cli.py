@@ -221,6 +221,7 @@ def _cmd_explain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         body=read(args.body, "--body"),
         response_body=read(args.response_body, "--response-body"),
         listener=args.listener,
+        body_file=args.body,
     )
     json.dump(report, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

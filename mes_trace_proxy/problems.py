@@ -25,6 +25,7 @@ __all__ = [
     "UpstreamFailure",
     "failure_response",
     "problem_body",
+    "problem_fields",
     "problem_type_uri",
     "rejection",
     "rejection_response",
@@ -90,6 +91,11 @@ class Rejection:
     title: str
     detail: str
     headers: HeaderTuple = ()
+
+    @property
+    def slug(self) -> str:
+        """The problem's slug: the span's ``error.type`` and the metric label (``payload_too_large``)."""
+        return self.problem_type.removeprefix(PROBLEM_TYPE_PREFIX)
 
 
 def problem_body(
@@ -353,6 +359,11 @@ def rejection(kind: ClientRejection, *, detail: str | None = None, headers: Head
         detail=spec.detail if detail is None else detail,
         headers=headers,
     )
+
+
+def problem_fields(rej: Rejection) -> list[tuple[str, str]]:
+    """The header fields of a rejection's answer: the problem media type, then ``rej.headers``."""
+    return [("Content-Type", PROBLEM_CONTENT_TYPE), *rej.headers]
 
 
 def rejection_response(

@@ -26,6 +26,7 @@ CORE: Final = (
     "lifecycle",
     "orders",
     "problems",
+    "exchange",
     "explain",
     "admin_page",
     "admin_auth",
@@ -54,6 +55,8 @@ BANNED_STDLIB_IO: Final = (
 ALLOWED_THIRD_PARTY: Final = {
     # Semantic-convention keys and the attribute value type: constants, no SDK.
     "attributes": ("opentelemetry.semconv", "opentelemetry.util.types"),
+    # The attribute value type, as attributes.py.
+    "exchange": ("opentelemetry.util.types",),
     # The case-insensitive header multidict aiohttp also uses; a pure data structure.
     "explain": ("multidict",),
     # A JSON parser: bytes in, plain values out (json.loads stays the reference reading).

@@ -19,7 +19,7 @@ import pytest
 from mes_trace_proxy.bodies import BodyTooLarge, capped
 from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.problems import UpstreamFailure
-from mes_trace_proxy.proxy import CHUNK_SIZE, classify_failure
+from mes_trace_proxy.relay import CHUNK_SIZE, classify_failure
 from mes_trace_proxy.upstream import UpstreamError, UpstreamPool
 from tests.conftest import MakeConfig
 
