@@ -249,7 +249,7 @@ def propagation_for(tracing: Tracing, *, instrumented: bool) -> Propagation:
 class Call:
     """What one call through the proxy learned, step by step (``proxy.handle`` fills it in)."""
 
-    # mypyc: a native class's attributes are slots already; the pure build gets the same.
+    # A native class's attributes are slots already; the pure build gets the same.
     __slots__ = (
         "attached",
         "attrs",
@@ -311,7 +311,7 @@ class Call:
         #: the trust policy trusts the caller's address (its parent, its baggage)
         self.trusted = False
         self.trace_id = ""
-        # mypyc: a list, not an Optional reset to None (see native.py, "Constraints").
+        # mypyc: a list, not an Optional reset to None (native.py, constraint 5).
         self.attached: list[Token[Context]] = []
         #: the status the caller got (0: none yet); may be our own 413/502/504
         self.status = 0

@@ -276,8 +276,7 @@ def _trusted_record(
 ) -> OrderRecord:
     # For bytes the book packed itself: the same fields without ``__post_init__``'s decoding
     # of every entry, which would cost more than the rest of a change on the hot path.
-    # OrderRecord.__new__, not object.__new__: the native build gives the class its own
-    # allocator, which object.__new__ refuses to stand in for.
+    # mypyc: OrderRecord.__new__, not object.__new__ (native.py, constraint 8).
     record = OrderRecord.__new__(OrderRecord)
     setattr_ = object.__setattr__
     setattr_(record, "order_id", order_id)
@@ -390,7 +389,7 @@ class _Names:
     __slots__ = ("_cap", "_codes", "names")
 
     def __init__(self, initial: Iterable[str], extra: int) -> None:
-        # tuple(), not (): mypyc would type the literal as the empty tuple type.
+        # mypyc: tuple(), not () (native.py, constraint 6).
         self.names: tuple[str, ...] = tuple()
         self._codes: dict[str, int] = {}
         for name in initial:

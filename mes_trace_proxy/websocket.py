@@ -184,8 +184,10 @@ async def _relay(
     request: web.BaseRequest, upstream_ws: aiohttp.ClientWebSocketResponse, frames: list[int]
 ) -> web.WebSocketResponse:
     """Accept the caller's upgrade (the upstream's subprotocol); pump frames both ways until one closes."""
+    # autoclose off: the caller's close goes to MES first, and the caller gets its reply after
+    # (an immediate reply lets the caller hang up, which cancels this handler before MES is told).
     downstream = web.WebSocketResponse(
-        protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (), autoping=False
+        protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (), autoping=False, autoclose=False
     )
     await downstream.prepare(request)
     to_upstream = asyncio.ensure_future(_pump(downstream, upstream_ws, frames))
