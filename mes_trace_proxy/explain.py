@@ -24,8 +24,7 @@ __all__ = ["explain"]
 _JSON: Final = "application/json"
 #: What a user can do about a body the proxy would not read, by reason.
 _FIXES: Final = {
-    BodyReading.NOT_JSON: f"send the request with -H 'Content-Type: {_JSON}' (a --body file named *.json"
-    " is assumed to be JSON)",
+    BodyReading.NOT_JSON: f"pass -H 'Content-Type: {_JSON}', or name the --body file *.json",
     BodyReading.TOO_LARGE: "raise inspect_body_limit above the body's size, or send a smaller body",
     BodyReading.RULE_IGNORES_BODY: "nothing to fix: the rule reads the path, query or headers",
     BodyReading.NO_RULE: "add a rule for this method and path to the rules file",
