@@ -16,8 +16,9 @@ from multidict import CIMultiDict
 from mes_trace_proxy import attributes as A
 from mes_trace_proxy.config import Config, ConfigError, ListenerConfig
 from mes_trace_proxy.exchange import BodyReading, body_reading, refusal, span_attributes, user_pseudonym
-from mes_trace_proxy.extract import NO_FACTS, request_facts, response_facts
+from mes_trace_proxy.extract import NO_FACTS, OrderFacts, request_facts, response_facts
 from mes_trace_proxy.redact import Redactor
+from mes_trace_proxy.rules import RouteMatch
 
 __all__ = ["explain"]
 
@@ -64,28 +65,10 @@ def explain(
     """
     chosen = _listener(config, listener)
     lookup = CIMultiDict(headers)
-    assumed = None
-    if (
-        body is not None
-        and body_file is not None
-        and body_file.lower().endswith(".json")
-        and "Content-Type" not in lookup
-    ):
-        lookup["Content-Type"] = _JSON
-        assumed = f"Content-Type: {_JSON} (the --body file's name ends in .json)"
-    rejection = refusal(
-        method,
-        target,
-        headers,
-        [value for _, value in headers],
-        content_length=None if body is None else len(body),
-        max_body_size=chosen.limits.max_body_size,
-    )
-    if rejection is not None:
-        return {
-            "listener": chosen.name,
-            "refused": {"status": rejection.status, "type": rejection.problem_type, "title": rejection.title},
-        }
+    assumed = _assume_json(lookup, body, body_file)
+    refused = _refused(chosen, method, target, headers, body)
+    if refused is not None:
+        return refused
     path, _, query = target.partition("?")
     match = chosen.rules.match(method, path)
     reading = body_reading(
@@ -96,18 +79,8 @@ def explain(
         limit=chosen.inspect_body_limit,
     )
     inspected = body if reading.inspected else None
-    facts = request_facts(match, raw_query=query, headers=lookup, body=inspected) if match else NO_FACTS
-    if match is not None and response_body is not None:
-        facts = response_facts(
-            match,
-            facts,
-            raw_query=query,
-            request_headers=lookup,
-            response_headers=CIMultiDict({"Content-Type": _JSON}),
-            response_body=response_body,
-        )
+    facts = _facts(match, query, lookup, inspected, response_body)
     redactor = Redactor(config.privacy.policy())
-    user = user_pseudonym(config.privacy.user_id_key, config.privacy.user_id_header, lookup)
     attrs = span_attributes(
         method=method,
         path=path,
@@ -116,7 +89,7 @@ def explain(
         listener=chosen.name,
         facts=facts,
         redactor=redactor,
-        user=user,
+        user=user_pseudonym(config.privacy.user_id_key, config.privacy.user_id_header, lookup),
     )
     if facts.observed_status is not None:
         attrs[A.MES_ORDER_STATUS_OBSERVED] = redactor.value(facts.observed_status)
@@ -127,13 +100,9 @@ def explain(
         "rule": match.rule.name if match is not None else None,
         "route": route,
         "span_name": A.span_name(method, route),
-        "body_inspected": inspected is not None,
+        **_body_report(reading, body, inspected, assumed),
+        "attributes": dict(sorted(attrs.items())),
     }
-    if assumed is not None:
-        report["assumed"] = assumed
-    if body is not None and inspected is None:
-        report["body_not_inspected"] = {"reason": reading.value, "fix": _FIXES.get(reading, "")}
-    report["attributes"] = dict(sorted(attrs.items()))
     if match is not None and match.rule.sample is not None:
         report["sample"] = match.rule.sample
     if facts.status is not None:
@@ -142,6 +111,74 @@ def explain(
             "attributes": {A.MES_ORDER_STATUS: attrs[A.MES_ORDER_STATUS]},
         }
     return report
+
+
+def _body_report(
+    reading: BodyReading, body: bytes | None, inspected: bytes | None, assumed: str | None
+) -> dict[str, object]:
+    """Whether the body is inspected; what was assumed; if a body is not read, why and what to do."""
+    report: dict[str, object] = {"body_inspected": inspected is not None}
+    if assumed is not None:
+        report["assumed"] = assumed
+    if body is not None and inspected is None:
+        report["body_not_inspected"] = {"reason": reading.value, "fix": _FIXES.get(reading, "")}
+    return report
+
+
+def _refused(
+    chosen: ListenerConfig, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes | None
+) -> dict[str, object] | None:
+    """The report of a request the handler would refuse (``exchange.refusal``), or ``None``."""
+    rejection = refusal(
+        method,
+        target,
+        headers,
+        [value for _, value in headers],
+        content_length=None if body is None else len(body),
+        max_body_size=chosen.limits.max_body_size,
+    )
+    if rejection is None:
+        return None
+    return {
+        "listener": chosen.name,
+        "refused": {"status": rejection.status, "type": rejection.problem_type, "title": rejection.title},
+    }
+
+
+def _assume_json(lookup: CIMultiDict[str], body: bytes | None, body_file: str | None) -> str | None:
+    """A ``--body`` file named ``*.json`` sent without a ``Content-Type`` is JSON: set it, say so."""
+    if (
+        body is None
+        or body_file is None
+        or not body_file.lower().endswith(".json")
+        or "Content-Type" in lookup
+    ):
+        return None
+    lookup["Content-Type"] = _JSON
+    return f"Content-Type: {_JSON} (the --body file's name ends in .json)"
+
+
+def _facts(
+    match: RouteMatch | None,
+    query: str,
+    lookup: CIMultiDict[str],
+    inspected: bytes | None,
+    response_body: bytes | None,
+) -> OrderFacts:
+    """What the request says, and, given a sample answer, what MES would have said back."""
+    if match is None:
+        return NO_FACTS
+    facts = request_facts(match, raw_query=query, headers=lookup, body=inspected)
+    if response_body is None:
+        return facts
+    return response_facts(
+        match,
+        facts,
+        raw_query=query,
+        request_headers=lookup,
+        response_headers=CIMultiDict({"Content-Type": _JSON}),
+        response_body=response_body,
+    )
 
 
 def _listener(config: Config, name: str | None) -> ListenerConfig:
