@@ -153,16 +153,6 @@ class UpstreamFailure(enum.Enum):
     TLS_ERROR = "upstream_tls_error"
     PAYLOAD_ERROR = "upstream_payload_error"
 
-    @property
-    def spec(self) -> ProblemSpec:
-        """This failure's row in :data:`UPSTREAM_FAILURES`."""
-        return UPSTREAM_FAILURES[self]
-
-    @property
-    def error_type(self) -> str:
-        """The low-cardinality ``error.type`` span attribute and metric label."""
-        return self.value
-
 
 def _upstream(failure: UpstreamFailure, status: int, title: str, detail: str) -> ProblemSpec:
     return ProblemSpec(status=status, slug=failure.value, title=title, detail=detail)
@@ -269,11 +259,6 @@ class ClientRejection(enum.Enum):
     BAD_REQUEST = "bad_request"
     SERVICE_UNAVAILABLE = "service_unavailable"
     REQUEST_TIMEOUT = "request_timeout"
-
-    @property
-    def spec(self) -> ProblemSpec:
-        """This rejection's row in :data:`CLIENT_REJECTIONS`."""
-        return CLIENT_REJECTIONS[self]
 
 
 def _client(kind: ClientRejection, status: int, title: str, detail: str) -> ProblemSpec:
