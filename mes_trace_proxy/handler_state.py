@@ -330,11 +330,11 @@ class Call:
 
 
 class Forwarder:
-    """Sends one call upstream (the base: nothing to send to, for tests that never call it)."""
+    """Sends one call upstream: :class:`PoolForwarder` (the default) or :class:`SessionForwarder`."""
 
     def call(self, call: Call, headers: HeaderList) -> AbstractAsyncContextManager[Answer]:
         """The upstream call, used as ``async with``; entering it waits for the answer's head."""
-        raise NotImplementedError
+        raise NotImplementedError("a Forwarder is a PoolForwarder or a SessionForwarder")
 
 
 class PoolForwarder(Forwarder):
