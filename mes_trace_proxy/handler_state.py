@@ -311,8 +311,9 @@ class Call:
         #: the trust policy trusts the caller's address (its parent, its baggage)
         self.trusted = False
         self.trace_id = ""
-        # mypyc: a list, not an Optional reset to None (native.py, constraint 5).
-        self.attached: list[Token[Context]] = []
+        #: the context attached for the instrumentation's hooks until the answer's head is in
+        #: (an attribute, so ``finally`` may read it: native.py, constraint 5)
+        self.attached: Token[Context] | None = None
         #: the status the caller got (0: none yet); may be our own 413/502/504
         self.status = 0
         #: what MES answered (0: nothing)
@@ -325,8 +326,9 @@ class Call:
 
     def detach(self) -> None:
         """Leave the context attached for the instrumentation's hooks, if it still is."""
-        if self.attached:
-            context_api.detach(self.attached.pop())
+        if self.attached is not None:
+            context_api.detach(self.attached)
+            self.attached = None
 
 
 class Forwarder:
@@ -363,7 +365,7 @@ class SessionForwarder(Forwarder):
         # The instrumentation's span parents on the current context: the SERVER span, attached
         # with the plan its hooks read, until the answer's head is in (Call.detach).
         server = trace_api.set_span_in_context(call.server_span)
-        call.attached.append(context_api.attach(upstream_context(server, plan)))
+        call.attached = context_api.attach(upstream_context(server, plan))
         return self.session.request(
             call.method,
             URL(f"{self.origin}{call.raw}", encoded=True),
