@@ -13,37 +13,48 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
-RUN python -m venv /opt/venv && python -m venv /opt/build
+# /opt/build holds pip, setuptools, mypy and the dependencies for compiling; /opt/venv, the
+# only thing the runtime gets, is made without pip: the build venv's pip installs into it, so
+# pip and setuptools (23 MB that serve nothing at run time) never land there.
+RUN python -m venv --without-pip /opt/venv && python -m venv /opt/build
 ENV PATH=/opt/venv/bin:$PATH
+# Where the build must trust a TLS-inspecting proxy's CA (scripts/image-test mounts the host's
+# CA directory and names its bundle here); unset, pip uses its own bundle.
+ARG PIP_CERT
 WORKDIR /src
 # constraints.txt pins every dependency, so two builds of one commit get the same versions.
 COPY constraints.txt pyproject.toml setup.py README.md ./
 COPY mes_trace_proxy ./mes_trace_proxy
 # mypyc type-checks what it compiles, so the wheel is built in a venv that holds the
 # dependencies and mypy (/opt/build, left behind); the runtime venv gets the wheel alone.
-RUN MES_TRACE_PROXY_PURE_PYTHON=1 /opt/build/bin/pip install -c constraints.txt . mypy "setuptools>=68" wheel \
+RUN MES_TRACE_PROXY_PURE_PYTHON=1 /opt/build/bin/pip install -c constraints.txt . mypy "setuptools>=77" wheel \
     && /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
     && /opt/build/bin/python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); sys.exit(0 if any(n.endswith('.so') for n in names) else 'the wheel holds no native build')"
-# pip byte-compiles into the venv here, so the read-only runtime never needs to write .pyc.
-RUN pip install -c constraints.txt /wheels/mes_trace_proxy-*.whl \
-    && python -c "from mes_trace_proxy import native; b = native.current(); print(b.reason); assert b.active"
+# pip runs under /opt/venv's python (--python) and byte-compiles there, so the read-only
+# runtime never needs to write .pyc. The check runs isolated (-I) from /: run in /src, a plain
+# `python -c` would import the source tree beside it instead of the installed wheel.
+RUN /opt/build/bin/pip --python /opt/venv/bin/python install -c constraints.txt /wheels/mes_trace_proxy-*.whl \
+    && cd / && /opt/venv/bin/python -I -c "from mes_trace_proxy import native; b = native.current(); print(b.reason); assert b.active, b.reason" \
+    && ! /opt/venv/bin/python -I -c "import pip" 2>/dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime
+ARG PYTHON_IMAGE
 ARG VERSION=0.0.0-dev
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="mes-trace-proxy" \
       org.opencontainers.image.description="Tracing sidecar reverse proxy for a MES API: order-aware OpenTelemetry spans and a stuck-order watchdog" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Proprietary" \
-      org.opencontainers.image.base.name="python:3.11-slim"
+      org.opencontainers.image.licenses="LicenseRef-Proprietary" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # uid/gid 10001: above every distribution's system range, and what k8s/base pins in
 # runAsUser, so the image and the manifests agree without a name lookup.
-RUN groupadd --system --gid 10001 mesproxy \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+# Not --system: 10001 is above SYS_UID_MAX on purpose, and --system would warn about it.
+RUN groupadd --gid 10001 mesproxy \
+    && useradd --uid 10001 --gid 10001 --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin mesproxy \
     && mkdir -p /var/lib/mes-trace-proxy \
     && chown 10001:10001 /var/lib/mes-trace-proxy

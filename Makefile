@@ -12,7 +12,7 @@ NATIVE_STAMP := $(VENV)/.native-$(shell cat setup.py $(NATIVE_SRC) | cksum | cut
 DEMO_SECONDS ?= 60
 PYTEST_ARGS  ?=
 
-.PHONY: help venv native check lint format typecheck test test-fast demo bench soak system-deps clean
+.PHONY: help venv native check lint format typecheck test test-fast image-test demo bench soak system-deps clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mes-trace-proxy needs Python >= 3.11; set PYTHON=...")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
@@ -40,7 +40,7 @@ $(NATIVE_STAMP): $(STAMP) setup.py $(NATIVE_SRC)
 
 native: $(NATIVE_STAMP) ## compile the hot path with mypyc, in place (make venv runs pure Python until then)
 
-system-deps: ## install the Debian packages the tests use (redis-server, chromium, prometheus) when missing
+system-deps: ## install the Debian packages the tests and image-test use (redis, rabbitmq, chromium, podman, ...)
 	@scripts/system-deps
 
 lint: venv ## ruff lint and format check
@@ -61,9 +61,13 @@ EXPECT_NATIVE = $(if $(filter 1,$(MES_TRACE_PROXY_PURE_PYTHON)),0,1)
 
 # Then the sources again, for a pip install without the native build: every test but the fault
 # scenarios (processes under load, the same code paths, timing-bound).
-test: native system-deps check ## everything CI runs: checks, the whole suite, then its sources-only pass
+test: native system-deps check ## checks, the whole suite, then its sources-only pass (CI then runs image-test)
 	MES_TRACE_PROXY_EXPECT_NATIVE=$(EXPECT_NATIVE) $(BIN)/python -m pytest $(PYTEST_ARGS)
 	MES_TRACE_PROXY_PURE_PYTHON=1 MES_TRACE_PROXY_EXPECT_NATIVE=0 $(BIN)/python -m pytest -q --ignore=tests/faults $(PYTEST_ARGS)
+
+# Needs no venv: docker where an engine runs, else podman (scripts/image-test says how it builds).
+image-test: ## build the image, run it read-only and check it (uid, health, native, proxying, drain, size)
+	@scripts/image-test
 
 test-fast: native ## the test suite alone, no lint
 	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)

@@ -144,7 +144,7 @@ async def _one_round(state: ListenerState, count: int) -> float:
     requests = _requests(count, loop)
     started = time.perf_counter()
     for n, (message, payload) in enumerate(requests):
-        await handle(state, IncomingRequest(conn, message, payload))  # type: ignore[arg-type]
+        await handle(state, IncomingRequest(conn, message, payload))
         if n % YIELD_EVERY == 0:
             # The handler never waits here (the upstream answers at once): let the export task
             # and the access-log flush run, as they would between requests under load.

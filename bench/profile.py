@@ -46,7 +46,9 @@ EXPORT_COMPONENT: Final = "span export (encoding, transport)"
 #: Where own time goes, by the file of the innermost Python frame; the first match wins.
 COMPONENTS: Final = (
     ("mes_trace_proxy/export.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/otlp_transport.py", EXPORT_COMPONENT),
     ("mes_trace_proxy/otlp_encode.py", EXPORT_COMPONENT),
+    ("mes_trace_proxy/otlp_wire.py", EXPORT_COMPONENT),
     ("mes_trace_proxy/", "our code (mes_trace_proxy)"),
     ("bench/peers/", "the peer's own handler"),
     ("aiohttp/web_", "aiohttp server"),

@@ -21,12 +21,24 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mes_trace_proxy.admin_auth import ANSWERS, Role, TokenError, TokenTable, Verdict, authorize, parse_tokens
+from mes_trace_proxy.admin_auth import (
+    ANSWERS,
+    Role,
+    TokenError,
+    TokenTable,
+    Verdict,
+    WarningGate,
+    authorize,
+    parse_tokens,
+)
 from mes_trace_proxy.admin_orders import add_order_routes
 from mes_trace_proxy.app import Shared
+from mes_trace_proxy.limits import GuardedAppRunner, admin_limits
+from mes_trace_proxy.messages.admin import add_message_routes
+from mes_trace_proxy.metrics import ConnectionStats
 from mes_trace_proxy.problems import PROBLEM_CONTENT_TYPE, problem_body, problem_type_uri
 
-__all__ = ["ROUTE_ROLES", "SHARED", "TOKENS", "TokenStore", "build_admin_app"]
+__all__ = ["ROUTE_ROLES", "SHARED", "TOKENS", "TokenStore", "build_admin_app", "make_admin_runner"]
 
 log = logging.getLogger("mes_trace_proxy.admin")
 
@@ -45,8 +57,13 @@ ROUTE_ROLES: Final[Mapping[tuple[str, str], Role | None]] = MappingProxyType(
         # The watchdog's order pages and API: lookups are for viewers, the purge for admins.
         ("GET", "/"): Role.VIEWER,
         ("GET", "/orders"): Role.VIEWER,
-        ("GET", "/orders/stuck"): Role.VIEWER,
+        ("GET", "/orders/-/stuck"): Role.VIEWER,
         ("GET", "/orders/{order_id}"): Role.VIEWER,
+        ("POST", "/orders/-/purge"): Role.ADMIN,
+        # Re-drive a dead-lettered order's held messages (docs/messages.md): it publishes.
+        ("POST", "/orders/{order_id}/redrive"): Role.ADMIN,
+        # The old paths (admin_orders.py), deprecated for one release.
+        ("GET", "/orders/stuck"): Role.VIEWER,
         ("POST", "/orders/purge"): Role.ADMIN,
     }
 )
@@ -81,6 +98,9 @@ class TokenStore:
 
 
 TOKENS: Final = web.AppKey("tokens", TokenStore)
+# One "unknown token" warning a minute at most; the rest are counted into it and in /metrics.
+_UNKNOWN_TOKEN_WARNING_INTERVAL: Final = 60.0
+UNKNOWN_TOKEN_WARNINGS: Final = web.AppKey("unknown_token_warnings", WarningGate)
 
 
 def _required_role(request: web.Request) -> Role | None:
@@ -103,9 +123,15 @@ async def _require_token(
     if verdict is Verdict.ALLOWED:
         return await handler(request)
     answer = ANSWERS[verdict]
+    request.app[SHARED].metrics.refused("admin", answer.slug)
     if verdict is Verdict.INVALID:
-        # Worth an operator's eye (a guessing client); the token itself is never logged.
-        log.warning("admin request with an unknown token", extra={"client": request.remote})
+        # Worth an operator's eye (a guessing client), once a minute; the token is never logged.
+        held_back = request.app[UNKNOWN_TOKEN_WARNINGS].allow(time.monotonic())
+        if held_back is not None:
+            log.warning(
+                "admin request with an unknown token",
+                extra={"client": request.remote, "held_back": held_back},
+            )
     body = problem_body(
         status=answer.status, title=answer.title, detail=answer.detail, type_=problem_type_uri(answer.slug)
     )
@@ -189,9 +215,39 @@ def build_admin_app(shared: Shared) -> web.Application:
     app = web.Application(middlewares=[_require_token])
     app[SHARED] = shared
     app[TOKENS] = TokenStore(shared.config.admin.tokens, shared.config.admin.tokens_file)
+    app[UNKNOWN_TOKEN_WARNINGS] = WarningGate(_UNKNOWN_TOKEN_WARNING_INTERVAL)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     add_order_routes(app, shared)
+    add_message_routes(app, lambda: shared.messages, lambda: app[TOKENS].table)
     app.router.add_get("/config", config_dump)
     return app
+
+
+def make_admin_runner(app: web.Application) -> GuardedAppRunner:
+    """The admin listener's runner: the proxy listeners' limits with a connection cap of its own.
+
+    A head timeout from the accept, the idle timeout and :data:`~mes_trace_proxy.limits.ADMIN_MAX_CONNECTIONS`
+    keep whatever reaches the admin port from holding the descriptors the proxy listeners need;
+    its refusals are counted in ``/metrics`` under ``listener="admin"``.
+    """
+    shared = app[SHARED]
+    runner = GuardedAppRunner(
+        app, limits=admin_limits(shared.config.listeners[0].limits), handle_signals=False, access_log=None
+    )
+
+    def stats() -> ConnectionStats:
+        guarded = runner.guarded
+        if guarded is None:
+            return ConnectionStats(open=0, refused_cap=0, header_timeouts=0, malformed=0)
+        return ConnectionStats(
+            open=guarded.open_connections,
+            refused_cap=guarded.refused_connections,
+            header_timeouts=guarded.head_timeouts,
+            malformed=guarded.parse_refusals,
+            refused=guarded.refusals.snapshot(),
+        )
+
+    shared.metrics.bind(admin_stats=stats)
+    return runner

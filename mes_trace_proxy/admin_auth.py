@@ -22,6 +22,7 @@ __all__ = [
     "TokenError",
     "TokenTable",
     "Verdict",
+    "WarningGate",
     "authorize",
     "parse_tokens",
 ]
@@ -200,3 +201,36 @@ ANSWERS: Final[Mapping[Verdict, Answer]] = MappingProxyType(
         ),
     }
 )
+
+
+class WarningGate:
+    """One warning per ``interval`` seconds; the ones held back are counted into the next.
+
+    A client guessing tokens would otherwise write a warning per guess: the log it fills is
+    the one an operator reads. Time is an argument (pure core).
+    """
+
+    __slots__ = ("_interval", "_next", "held_back")
+
+    def __init__(self, interval: float) -> None:
+        """Let a warning through at most every ``interval`` seconds."""
+        self._interval = interval
+        self._next = float("-inf")
+        #: warnings held back since the last one let through
+        self.held_back = 0
+
+    def allow(self, now: float) -> int | None:
+        """Whether to warn now.
+
+        Args:
+            now: a monotonic clock reading, in seconds.
+
+        Returns:
+            ``None`` to stay quiet (counted), else how many were held back before this one.
+        """
+        if now < self._next:
+            self.held_back += 1
+            return None
+        self._next = now + self._interval
+        held, self.held_back = self.held_back, 0
+        return held

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from mes_trace_proxy.orders import HistoryEntry, OrderBook, StuckOrder
 
@@ -22,6 +22,7 @@ __all__ = [
     "dashboard_data",
     "human_duration",
     "iso_utc",
+    "jaeger_link_base",
     "jaeger_search_url",
     "jaeger_trace_url",
     "render",
@@ -60,6 +61,18 @@ def human_duration(seconds: float) -> str:
                     text += f" {rest} {next_name}"
             return text
     raise AssertionError("unreachable: the last unit is one second")
+
+
+def jaeger_link_base(url: str) -> str:
+    """The Jaeger UI base URL as links may carry it: no user, password, query or fragment.
+
+    ``--jaeger-url`` may hold credentials (``https://user:secret@jaeger``) for a proxy in front
+    of Jaeger; links go to every viewer of the page and the orders API, so they never do.
+    The browser asks the viewer to sign in instead.
+    """
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
 def jaeger_search_url(base: str, service: str, order_id: str, *, start: float, end: float) -> str:
@@ -130,7 +143,7 @@ class DashboardData:
 def dashboard_data(
     book: OrderBook, now: float, *, jaeger_url: str, service: str, refresh: int = 30
 ) -> DashboardData:
-    """Copy what the page needs out of the book (O(statuses + stuck orders)).
+    """Copy what the page needs out of the book (O(statuses + ``PAGE_STUCK_LIMIT``)).
 
     Args:
         book: The order book.
@@ -143,9 +156,8 @@ def dashboard_data(
         The page's data.
     """
     snapshot = book.snapshot()
-    stuck = book.stuck(now)
     entries = []
-    for item in stuck[:PAGE_STUCK_LIMIT]:
+    for item in book.stuck(now, limit=PAGE_STUCK_LIMIT):
         view = book.get(item.order_id)
         entries.append(StuckEntry(stuck=item, history=view.history if view is not None else ()))
     known = book.lifecycle.known
@@ -156,7 +168,7 @@ def dashboard_data(
         counts=snapshot.by_status,
         stuck_counts=snapshot.stuck_by_status,
         stuck=tuple(entries),
-        stuck_total=len(stuck),
+        stuck_total=sum(snapshot.stuck_by_status.values()),
         tracked=snapshot.orders,
         jaeger_url=jaeger_url,
         service=service,
@@ -172,15 +184,17 @@ max-width:60rem;padding:1rem}
 h1{font-size:1.4rem;margin:0 0 .25rem}h2{font-size:1.15rem;margin:1.5rem 0 .5rem}
 .meta,.since,time{color:var(--muted)}.meta{margin:0;font-size:.9rem}
 table{border-collapse:collapse;width:100%}
-th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line)}
-td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:.35rem .5rem;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;overflow-wrap:normal;white-space:nowrap}
 tr.has-stuck td{color:var(--late);font-weight:600}
 ol.stuck{list-style:none;padding:0;margin:0}
 li.order{border:1px solid var(--line);border-left:.35rem solid var(--late);border-radius:.4rem;
 padding:.6rem .8rem;margin:0 0 .75rem}
 .head{display:flex;flex-wrap:wrap;gap:.25rem .75rem;align-items:baseline}
 .id{font-family:ui-monospace,monospace;font-weight:700;word-break:break-all}
-.status{font-size:.85rem;padding:0 .4rem;border:1px solid var(--line);border-radius:.3rem}
+.status{font-size:.85rem;padding:0 .4rem;border:1px solid var(--line);border-radius:.3rem;
+overflow-wrap:anywhere}
+.since,ol.timeline li{overflow-wrap:anywhere}
 .late{color:var(--late);font-weight:600}
 a.jaeger{display:inline-block;margin:.4rem 0;padding:.3rem .6rem;border-radius:.3rem;
 border:1px solid currentColor;text-decoration:none}
@@ -188,15 +202,17 @@ ol.timeline{margin:.3rem 0 0;padding-left:1.2rem;font-size:.9rem}
 ol.timeline a{font-family:ui-monospace,monospace}
 .kind-anomaly{color:var(--late)}
 .empty{padding:1rem;border:1px dashed var(--line);border-radius:.4rem}
-@media (max-width:30rem){body{padding:.6rem}th,td{padding:.3rem}}
+@media (max-width:30rem){body{padding:.6rem}th,td{padding:.3rem .25rem}}
 """
 
 
-def render(data: DashboardData) -> str:
+def render(data: DashboardData, *, extra: str = "") -> str:
     """The whole page as one HTML string; every value from the book is escaped.
 
     Args:
         data: What to show (``dashboard_data``).
+        extra: Sections drawn after the stuck orders, already escaped (the message path's
+            "Dead letters", messages/page.py).
 
     Returns:
         An HTML5 document.
@@ -217,6 +233,7 @@ def render(data: DashboardData) -> str:
         f'<section><h2 id="stuck">Stuck orders ({data.stuck_total})</h2>',
         _stuck_list(data),
         "</section>",
+        extra,
         _counts_table(data),
         "</body></html>",
     ]
@@ -227,6 +244,11 @@ def _clock(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _breakable(name: str) -> str:
+    """An escaped status name that a narrow screen may break after each ``_`` (MANUFACTURING_…)."""
+    return html.escape(name).replace("_", "_<wbr>")
+
+
 def _counts_table(data: DashboardData) -> str:
     rows = []
     for status in data.statuses:
@@ -234,7 +256,7 @@ def _counts_table(data: DashboardData) -> str:
         stuck = data.stuck_counts.get(status, 0)
         css = ' class="has-stuck"' if stuck else ""
         rows.append(
-            f'<tr{css} data-status="{html.escape(status)}"><td>{html.escape(status)}</td>'
+            f'<tr{css} data-status="{html.escape(status)}"><td>{_breakable(status)}</td>'
             f'<td class="n">{count}</td><td class="n">{stuck}</td></tr>'
         )
     return (
@@ -250,7 +272,7 @@ def _stuck_list(data: DashboardData) -> str:
     items = [_stuck_item(data, entry, index < _OPEN_TIMELINES) for index, entry in enumerate(data.stuck)]
     more = data.stuck_total - len(data.stuck)
     tail = (
-        f'<p class="meta">{more} more: <a href="orders/stuck">orders/stuck</a> lists every one.</p>'
+        f'<p class="meta">{more} more: <a href="orders/-/stuck">orders/-/stuck</a> lists every one.</p>'
         if more > 0
         else ""
     )
@@ -265,7 +287,7 @@ def _stuck_item(data: DashboardData, entry: StuckEntry, unfold: bool) -> str:
     return (
         f'<li class="order" data-order-id="{esc(stuck.order_id)}">'
         f'<div class="head"><span class="id">{esc(stuck.order_id)}</span>'
-        f'<span class="status">{esc(stuck.status)}</span>'
+        f'<span class="status">{_breakable(stuck.status)}</span>'
         f'<span class="late">{esc(human_duration(stuck.over_by))} over limit</span></div>'
         f'<div class="since">in {esc(stuck.status)} since '
         f'<time datetime="{iso_utc(stuck.since)}">{esc(_clock(stuck.since))}</time> UTC '

@@ -16,6 +16,7 @@ import aiohttp
 
 from mes_trace_proxy.config import Config, ListenerConfig
 from mes_trace_proxy.forwarding import ForwardPolicy
+from mes_trace_proxy.framing import UnderscorePolicy
 from mes_trace_proxy.handler_state import (
     Forwarder,
     ListenerState,
@@ -41,6 +42,7 @@ from mes_trace_proxy.upstream import UpstreamPool
 from mes_trace_proxy.websocket import make_upgrade_handler
 
 if TYPE_CHECKING:
+    from mes_trace_proxy.messages.service import MessagePath
     from mes_trace_proxy.watchdog import Watchdog
 
 __all__ = ["Readiness", "Shared", "build_proxy_server", "make_pool", "make_session", "trust_policy"]
@@ -82,8 +84,10 @@ class Shared:
     clock: Callable[[], float] = time.time
     #: called when an order's state changed, so the store can write it behind the hot path
     on_order_changed: Callable[[str], None] | None = None
-    #: the stuck-order watchdog, which also owns the order store (None: no order state)
+    #: the stuck-order watchdog; its ``sync`` keeps the book and the store in step (None: no order state)
     watchdog: Watchdog | None = None
+    #: the message path: dead letters held, shown and re-driven (None: no --amqp-url)
+    messages: MessagePath | None = None
 
 
 def make_session(
@@ -188,13 +192,16 @@ def build_proxy_server(
         forwarder=forwarder,
         tracing=tracing,
         span_mode=span_mode_for(exporting=tracing.exporting, instrumented=instrumented),
-        propagation=propagation_for(tracing, instrumented=instrumented),
+        propagation=propagation_for(tracing, instrumented=instrumented, redactor=shared.redactor),
         redactor=shared.redactor,
         trust=trust_policy(config.privacy.trusted_callers),
         forward_policy=ForwardPolicy(
             upstream_host=listener.upstream.host_header,
             preserve_host=listener.preserve_host,
             forwarded_headers=listener.forwarded_headers,
+            underscore=UnderscorePolicy(
+                lookalikes=listener.underscore_lookalikes, others=listener.underscore_headers
+            ),
         ),
         user_id_header=config.privacy.user_id_header,
         user_id_key=config.privacy.user_id_key,

@@ -1,4 +1,4 @@
-"""Command line: ``serve``, ``check-config``, ``explain``, ``simulate-mes``, ``simulate-crm``.
+"""Command line: ``serve``, ``check-config``, ``explain``, ``explain-message``, ``simulate-mes``/``-crm``.
 
 Only this module prints and exits. It reads the config file, the default rules and secret
 files, hands them to the pure :func:`~mes_trace_proxy.config.load_config`, and turns a
@@ -19,7 +19,15 @@ from typing import Final
 import yaml
 
 from mes_trace_proxy import __version__, native
-from mes_trace_proxy.config import ENV_CONFIG, FLAG_DWELL_LIMIT, OPTIONS, Config, ConfigError, load_config
+from mes_trace_proxy.config import (
+    ENV_CONFIG,
+    FLAG_DEAD_LETTER_QUEUE,
+    FLAG_DWELL_LIMIT,
+    OPTIONS,
+    Config,
+    ConfigError,
+    load_config,
+)
 
 __all__ = ["build_parser", "load_from_args", "main"]
 
@@ -27,33 +35,6 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130  # the shell's convention for a run ended by Ctrl+C (128 + SIGINT)
-
-_HELP: Final = {
-    "listen": "ingress listener HOST:PORT (CRM and dashboard → MES) [default 127.0.0.1:8080]",
-    "upstream": "MES base URL, http:// or https:// (required)",
-    "egress_listen": "egress listener HOST:PORT (MES → CRM)",
-    "egress_upstream": "CRM base URL for the egress listener",
-    "admin_listen": "admin listener HOST:PORT: /healthz /readyz /metrics [default 127.0.0.1:9901]",
-    "workers": "processes sharing the listen sockets (SO_REUSEPORT) [default 1]",
-    "grace_period": "drain time on SIGTERM, e.g. 20s [default 20s]",
-    "log_level": "debug, info, warning or error [default info]",
-    "access_log": "do not write the JSON access log",
-    "user_id_key_file": "file holding the HMAC key for enduser.id (no key: no user id recorded)",
-    "state": "order state: memory, sqlite:///PATH or redis://HOST:PORT/DB",
-    "check_interval": "how often the watchdog looks for stuck orders, e.g. 10s",
-    "jaeger_url": "Jaeger UI base URL for links on the admin page",
-    "correlation": "link, trace-per-order or off",
-    "tls_cert": "PEM certificate chain: serve TLS on the ingress listener (reloaded on change and SIGHUP)",
-    "tls_key": "PEM private key for --tls-cert",
-    "upstream_ca": "PEM CA bundle that signs the https:// upstream's certificate",
-    "upstream_cert": "PEM client certificate for mTLS to the upstream",
-    "upstream_key": "PEM private key for --upstream-cert",
-    "max_body_size": "largest request body accepted, e.g. 1GiB (0: no limit) [default 1GiB]",
-    "max_connections": "open connections accepted by the ingress listener [default 4096]",
-    "admin_token_file": "ROLE:TOKEN lines; admin endpoints but /healthz, /readyz then need a bearer token",
-    "trusted_callers": "comma-separated CIDRs whose trace context is continued [default *]",
-    "client_span": "who makes the CLIENT span: sdk or instrumentation (the contrib package) [default sdk]",
-}
 
 
 def read_default_rules() -> dict[str, object]:
@@ -98,6 +79,7 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
         file_doc = None
     flags = {option.dest: getattr(args, option.dest, None) for option in OPTIONS}
     flags["dwell_limit"] = getattr(args, "dwell_limit", None)
+    flags["dead_letter_queue"] = getattr(args, "dead_letter_queue", None)
     return load_config(
         flags=flags,
         environ=environ,
@@ -110,26 +92,26 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
 def _add_proxy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"YAML config file (env {ENV_CONFIG})")
     for option in OPTIONS:
-        env_help = f" (env {option.env})"
-        if option.dest == "access_log":
+        help_text = f"{option.help} (env {option.env})"
+        if option.switch_off:
             parser.add_argument(
-                option.flag,
-                dest="access_log",
-                action="store_const",
-                const=False,
-                default=None,
-                help=_HELP[option.dest] + env_help,
+                option.flag, dest=option.dest, action="store_const", const=False, default=None, help=help_text
             )
         else:
-            parser.add_argument(
-                option.flag, dest=option.dest, default=None, help=_HELP[option.dest] + env_help
-            )
+            parser.add_argument(option.flag, dest=option.dest, default=None, help=help_text)
     parser.add_argument(
         FLAG_DWELL_LIMIT,
         dest="dwell_limit",
         action="append",
         metavar="STATUS=DURATION",
         help="dwell limit for a status, repeatable, e.g. SUBMITTED=15m (env MES_PROXY_DWELL_LIMITS)",
+    )
+    parser.add_argument(
+        FLAG_DEAD_LETTER_QUEUE,
+        dest="dead_letter_queue",
+        action="append",
+        metavar="NAME",
+        help="own mode: a dead-letter queue to consume, repeatable (env MES_PROXY_DEAD_LETTER_QUEUES)",
     )
 
 
@@ -150,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proxy_flags(serve)
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
+    check.add_argument(
+        "--schema", action="store_true", help="print the config file's JSON Schema and exit (loads nothing)"
+    )
     _add_proxy_flags(check)
 
     explain = sub.add_parser("explain", help="show the rule, span name and attributes for a request")
@@ -166,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--listener", default=None, help="listener name [default: the first]")
     _add_proxy_flags(explain)
+
+    explain_message = sub.add_parser(
+        "explain-message", help="show what the proxy makes of one dead letter (order, cause, span)"
+    )
+    explain_message.add_argument("--body", metavar="FILE", required=True, help="the message body file")
+    explain_message.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE")
+    explain_message.add_argument("--x-death", metavar="FILE", help="the x-death header as a JSON list")
+    explain_message.add_argument("--routing-key", default="", help="the routing key it was delivered with")
+    explain_message.add_argument("--message-id", default=None, help="the message_id property")
+    explain_message.add_argument("--correlation-id", default=None, help="the correlation_id property")
+    explain_message.add_argument(
+        "--queue",
+        default="mes.dead-letters",
+        help="the queue it was consumed from [default mes.dead-letters]",
+    )
+    _add_proxy_flags(explain_message)
 
     sim_mes = sub.add_parser("simulate-mes", help="run the reference MES simulator")
     mes.add_arguments(sim_mes)
@@ -184,6 +185,11 @@ def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if args.schema:
+        from mes_trace_proxy.config.schema import schema_text
+
+        sys.stdout.write(schema_text())
+        return EXIT_OK
     config = load_from_args(args, environ)
     json.dump(config.describe(), sys.stdout, indent=2)
     sys.stdout.write("\nconfiguration OK\n")
@@ -232,6 +238,33 @@ def _cmd_explain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+def _cmd_explain_message(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mes_trace_proxy.messages.deadletter import Message
+    from mes_trace_proxy.messages.explain import explain_message, format_report, parse_headers
+    from mes_trace_proxy.redact import Redactor
+
+    if args.upstream is None:
+        args.upstream = "http://upstream.invalid"  # nothing is forwarded: any upstream will do
+    config = load_from_args(args, environ)
+    try:
+        body = Path(args.body).read_bytes()
+        x_death = Path(args.x_death).read_text(encoding="utf-8") if args.x_death else None
+    except OSError as exc:
+        raise ConfigError("--body / --x-death", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        headers = parse_headers(args.header, x_death)
+    except ValueError as exc:
+        raise ConfigError("--header / --x-death", str(exc)) from None
+    message = Message(
+        body=body, headers=headers, routing_key=args.routing_key, message_id=args.message_id,
+        correlation_id=args.correlation_id,
+    )  # fmt: skip
+    redact = Redactor(config.privacy.policy()).value
+    report = explain_message(config.messages.rules, message, consumed_from=args.queue, redact=redact)
+    sys.stdout.write(format_report(report) + "\n")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     env = os.environ if environ is None else environ
@@ -241,6 +274,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         "serve": _cmd_serve,
         "check-config": _cmd_check_config,
         "explain": _cmd_explain,
+        "explain-message": _cmd_explain_message,
     }
     try:
         if args.command in commands:

@@ -47,6 +47,7 @@ from mes_trace_proxy.demo_report import (
     summary_lines,
 )
 from mes_trace_proxy.logs import JsonFormatter
+from mes_trace_proxy.messages.demo import MessageDemo, MessageDemoResult, message_summary_lines
 from mes_trace_proxy.sim import crm, mes
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 
@@ -720,6 +721,9 @@ class _Run:
         self.release = asyncio.Event()  # ends DEMO_KEEP: a signal, or the proxy died
         self.proxy_died = False
         self.started = time.monotonic()
+        # The message path (docs/messages.md): on when rabbitmq-server is installed here.
+        self.message_demo: MessageDemo | None = None
+        self.message_result: MessageDemoResult | None = None
 
     def say(self, line: str = "") -> None:
         self.out.write(line + "\n")
@@ -787,6 +791,10 @@ class _Run:
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT), trust_env=False)
             )
             argv = proxy_argv(cfg, mes_url=mes_url, crm_url=crm_url, state=paths.state, python=sys.executable)
+            if MessageDemo.available():
+                self.message_demo = await MessageDemo.start()
+                stack.push_async_callback(self.message_demo.close)  # after the proxy has stopped
+                argv += self.message_demo.proxy_flags()
             env = proxy_environment(self.environ, sink.http_endpoint if sink is not None else None)
             proxy = await ProxyProcess.start(argv, env, paths.proxy_log, self.on_proxy_exit)
             stack.push_async_callback(proxy.close)
@@ -809,6 +817,8 @@ class _Run:
                 # One watchdog period after the traffic, so the last orders past their limit count.
                 await asyncio.sleep(CHECK_INTERVAL)
             result = await self._collect(session, addresses.admin, mes_runner, crm_summary, sink)
+            if self.message_demo is not None and not interrupted_early:
+                self.message_result = await self.message_demo.run(session, addresses.admin)
             if cfg.keep and not interrupted_early:
                 self._print_summary(result)
                 printed = True
@@ -822,6 +832,8 @@ class _Run:
                 result = dataclasses.replace(result, spans=_scan_file(paths.spans, self.service))
             self._print_summary(result)
         failed = problems(result)
+        if self.message_result is not None:
+            failed.extend(self.message_result.problems)
         # Read again (not narrowed): the proxy may have died while the demo was kept running.
         if self.died():
             failed.append(f"the proxy exited while kept running: {proxy.last_words()}")
@@ -938,6 +950,9 @@ class _Run:
         self.say()
         for line in summary_lines(result):
             self.say(line)
+        if self.message_demo is None or self.message_result is not None:
+            for line in message_summary_lines(self.message_result):
+                self.say(line)
 
 
 async def _run(cfg: DemoConfig, environ: Mapping[str, str], out: TextIO) -> int:

@@ -17,6 +17,7 @@ from opentelemetry.util.types import AttributeValue
 from mes_trace_proxy import attributes as A
 from mes_trace_proxy.extract import OrderFacts, is_json_content_type
 from mes_trace_proxy.forwarding import Headers, check_header_values, check_host_headers, check_target
+from mes_trace_proxy.framing import UnderscorePolicy, check_framing
 from mes_trace_proxy.problems import ClientRejection, Rejection, rejection
 from mes_trace_proxy.redact import Redactor, pseudonymize, user_id_from_headers
 from mes_trace_proxy.rules import RouteMatch
@@ -41,6 +42,8 @@ def refusal(
     headers: Headers,
     values: Iterable[str],
     *,
+    chunked: bool,
+    underscore: UnderscorePolicy,
     content_length: int | None,
     max_body_size: int | None,
 ) -> Rejection | None:
@@ -51,14 +54,23 @@ def refusal(
         target: the raw request target.
         headers: the request's fields in received order.
         values: their values (a multidict's ``values()`` view, read without a copy).
+        chunked: the body is framed by ``Transfer-Encoding: chunked``.
+        underscore: the listener's policy for field names with ``_``.
         content_length: the declared body length, if any.
         max_body_size: the listener's ``limits.max_body_size`` (``None``: no limit).
 
     Returns:
         The first of: a target that is not origin-form or escapes the path, ambiguous Host
-        fields, values that cannot be forwarded unchanged, a declared body over the limit.
+        fields, values that cannot be forwarded unchanged, framing MES could read otherwise
+        or names with ``_`` the policy refuses (``framing.check_framing``: answer these, then
+        close the connection, see ``framing.closes_connection``), a declared body over the limit.
     """
-    found = check_target(method, target) or check_host_headers(headers) or check_header_values(values)
+    found = (
+        check_target(method, target)
+        or check_host_headers(headers)
+        or check_header_values(values)
+        or check_framing(headers, chunked=chunked, policy=underscore)
+    )
     if found is not None:
         return found
     if max_body_size is not None and content_length is not None and content_length > max_body_size:

@@ -17,6 +17,7 @@ from mes_trace_proxy import attributes as A
 from mes_trace_proxy.config import Config, ConfigError, ListenerConfig
 from mes_trace_proxy.exchange import BodyReading, body_reading, refusal, span_attributes, user_pseudonym
 from mes_trace_proxy.extract import NO_FACTS, OrderFacts, request_facts, response_facts
+from mes_trace_proxy.framing import UnderscorePolicy
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.rules import RouteMatch
 
@@ -134,6 +135,10 @@ def _refused(
         target,
         headers,
         [value for _, value in headers],
+        chunked=any(name.lower() == "transfer-encoding" for name, _ in headers),
+        underscore=UnderscorePolicy(
+            lookalikes=chosen.underscore_lookalikes, others=chosen.underscore_headers
+        ),
         content_length=None if body is None else len(body),
         max_body_size=chosen.limits.max_body_size,
     )

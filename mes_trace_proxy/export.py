@@ -3,7 +3,9 @@
 The SDK's exporters encode a whole batch at once in a worker thread, which holds the GIL
 against the event loop for milliseconds (the p99 in docs/performance.md). Here each span is
 encoded when it ends (``otlp_encode``, about 10 µs), and a task on the proxy's own loop joins
-and sends the bytes: OTLP/HTTP with aiohttp, OTLP/gRPC with grpc.aio.
+and sends the bytes: OTLP/HTTP with aiohttp, OTLP/gRPC with grpc.aio (``otlp_transport``;
+the settings from ``OTEL_EXPORTER_OTLP_*`` are read by ``otlp_settings``, both re-exported
+here).
 """
 
 from __future__ import annotations
@@ -11,76 +13,50 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import gzip
 import logging
 import random
-import ssl
 import threading
 import time
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
-from urllib.parse import unquote, urlsplit
+from typing import Final, Protocol
 
-import aiohttp
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import SpanProcessor
 
-from mes_trace_proxy import __version__
-from mes_trace_proxy.otlp_encode import EncodableSpan, EncodedSpan, OtlpSpanEncoder, rejected_spans
+from mes_trace_proxy.otlp_encode import EncodableSpan, EncodedSpan, OtlpSpanEncoder
+from mes_trace_proxy.otlp_settings import DEFAULT_TIMEOUT, OtlpSettings, otlp_settings
+from mes_trace_proxy.otlp_transport import (
+    MAX_IN_FLIGHT,
+    Attempt,
+    GrpcTransport,
+    HttpTransport,
+    Transport,
+    make_transport,
+)
 
 __all__ = [
+    "MAX_IN_FLIGHT",
     "Attempt",
     "ExportStats",
     "GrpcTransport",
     "HttpTransport",
     "OtlpExportProcessor",
     "OtlpSettings",
+    "SpanEncoder",
     "Transport",
+    "make_transport",
     "otlp_settings",
 ]
 
 log = logging.getLogger("mes_trace_proxy.export")
 
-#: The SDK's OTLP timeout when no variable sets one (seconds, the Python SDK's unit for it).
-DEFAULT_TIMEOUT: Final = 10.0
-DEFAULT_HTTP_ENDPOINT: Final = "http://localhost:4318/v1/traces"
-DEFAULT_GRPC_ENDPOINT: Final = "http://localhost:4317"
-GRPC_METHOD: Final = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-#: OTLP/HTTP §Failures: only these statuses may succeed when sent again.
-RETRYABLE_HTTP: Final = frozenset({429, 502, 503, 504})
-#: OTLP/gRPC §Failures: the retryable status codes, by name (grpc is imported lazily).
-RETRYABLE_GRPC: Final = frozenset(
-    {
-        "CANCELLED",
-        "DEADLINE_EXCEEDED",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "RESOURCE_EXHAUSTED",
-    }
-)
 #: First back-off between attempts; doubled each time, with ±50 % jitter so replicas that
 #: lost the collector together do not come back in step. Half a second lets a restarting
 #: collector come up without the queue filling at the proxy's usual span rate.
 FIRST_BACKOFF: Final = 0.5
-#: gzip level 6 (zlib's default): most of level 9's ratio for a fraction of its CPU, which is
-#: paid on the event loop.
-GZIP_LEVEL: Final = 6
-#: Exports in flight at once. One would do on an idle loop, but under load every reply waits
-#: its turn on the loop behind the requests: at 64 connections, one export at a time could not
-#: keep up with about 3,400 spans/s over gRPC and the queue overflowed (docs/performance.md).
-#: Four keep the queue short without flooding a collector that is struggling already.
-MAX_IN_FLIGHT: Final = 4
-#: One connection to the collector per export in flight.
-HTTP_POOL: Final = MAX_IN_FLIGHT
 #: While the collector keeps failing, one warning per this many seconds instead of per batch.
 FAILURE_LOG_INTERVAL: Final = 60.0
-
-_COMPRESSIONS: Final = ("none", "gzip", "deflate")
-_PROXY_VARIABLES: Final = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
 @dataclass(slots=True)
@@ -91,336 +67,6 @@ class ExportStats:
     exported: int = 0
     dropped_queue_full: int = 0
     failed: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OtlpSettings:
-    """The exporter's ``OTEL_EXPORTER_OTLP_*`` settings, read and checked once at start-up."""
-
-    protocol: str
-    endpoint: str
-    headers: tuple[tuple[str, str], ...] = ()
-    compression: str = "none"
-    timeout: float = DEFAULT_TIMEOUT
-    certificate: str | None = None
-    client_key: str | None = None
-    client_certificate: str | None = None
-    #: gRPC only: plaintext instead of TLS
-    insecure: bool = False
-    #: OTLP/HTTP only: honour http(s)_proxy, as requests did (off unless one is set)
-    trust_env: bool = False
-
-
-def _variable(environ: Mapping[str, str], suffix: str) -> tuple[str, str] | None:
-    """The traces-specific variable if set, else the generic one, with the name that gave it."""
-    for name in (f"OTEL_EXPORTER_OTLP_TRACES_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}"):
-        value = environ.get(name, "").strip()
-        if value:
-            return name, value
-    return None
-
-
-def _headers(name: str, raw: str) -> tuple[tuple[str, str], ...]:
-    """``key=value,key2=value2`` with percent-encoded values (the W3C Baggage format the spec names).
-
-    Raises:
-        ValueError: a pair without ``=`` or with an empty key, naming the variable.
-    """
-    out = []
-    for pair in raw.split(","):
-        if not pair.strip():
-            continue
-        key, sep, value = pair.partition("=")
-        key = unquote(key).strip().lower()
-        if not sep or not key or any(c in key for c in " \t\r\n:"):
-            raise ValueError(f"{name}: {pair.strip()!r} is not a key=value pair")
-        out.append((key, unquote(value).strip()))
-    return tuple(out)
-
-
-def otlp_settings(environ: Mapping[str, str], protocol: str) -> OtlpSettings:
-    """Read the OTLP exporter variables as the specification and the Python SDK define them.
-
-    ``OTEL_EXPORTER_OTLP_TRACES_*`` wins over ``OTEL_EXPORTER_OTLP_*``; the generic endpoint
-    gets ``/v1/traces`` appended for OTLP/HTTP, the signal-specific one is used as given.
-
-    Args:
-        environ: the environment to read.
-        protocol: ``http/protobuf`` or ``grpc``.
-
-    Returns:
-        The checked settings.
-
-    Raises:
-        ValueError: a value the exporter cannot use, naming its variable.
-    """
-    if protocol not in ("http/protobuf", "grpc"):
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
-    traces = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-    generic = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if protocol == "http/protobuf":
-        endpoint = traces or (generic.rstrip("/") + "/v1/traces" if generic else DEFAULT_HTTP_ENDPOINT)
-        source = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" if traces else "OTEL_EXPORTER_OTLP_ENDPOINT"
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{source}={endpoint!r}: OTLP/HTTP needs an http:// or https:// URL")
-    else:
-        endpoint = traces or generic or DEFAULT_GRPC_ENDPOINT
-    found = _variable(environ, "HEADERS")
-    headers = _headers(*found) if found else ()
-    compression = "none"
-    found = _variable(environ, "COMPRESSION")
-    if found:
-        name, compression = found[0], found[1].lower()
-        if compression not in _COMPRESSIONS or (protocol == "grpc" and compression == "deflate"):
-            allowed = "none or gzip" if protocol == "grpc" else ", ".join(_COMPRESSIONS)
-            raise ValueError(f"{name}={found[1]!r}: use {allowed}")
-    timeout = DEFAULT_TIMEOUT
-    found = _variable(environ, "TIMEOUT")
-    if found:
-        try:
-            timeout = float(found[1])
-        except ValueError:
-            raise ValueError(f"{found[0]}={found[1]!r} is not a number of seconds") from None
-        if not timeout > 0:
-            raise ValueError(f"{found[0]}={found[1]!r} must be positive")
-    files = {}
-    for suffix in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE"):
-        found = _variable(environ, suffix)
-        files[suffix] = found[1] if found else None
-    if (files["CLIENT_KEY"] is None) != (files["CLIENT_CERTIFICATE"] is None):
-        raise ValueError(
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY and OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE go together: set both"
-        )
-    found = _variable(environ, "INSECURE")
-    insecure_raw = found[1].lower() if found else ""
-    scheme = urlsplit(endpoint).scheme if "://" in endpoint else ""
-    # The gRPC exporter's rule: the scheme decides when there is one, the variable otherwise.
-    insecure = scheme == "http" or (scheme == "" and insecure_raw == "true")
-    return OtlpSettings(
-        protocol=protocol,
-        endpoint=endpoint,
-        headers=headers,
-        compression=compression,
-        timeout=timeout,
-        certificate=files["CERTIFICATE"],
-        client_key=files["CLIENT_KEY"],
-        client_certificate=files["CLIENT_CERTIFICATE"],
-        insecure=insecure,
-        trust_env=any(environ.get(n) or environ.get(n.upper()) for n in _PROXY_VARIABLES),
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Attempt:
-    """What one send of one request came to."""
-
-    ok: bool
-    #: a failure the specification says may succeed when sent again
-    retryable: bool = False
-    #: spans the collector said it dropped although it answered success (partial success)
-    rejected: int = 0
-    #: the collector's own wait (HTTP ``Retry-After``), seconds
-    retry_after: float | None = None
-    #: for the log: an exception name, an HTTP status or a gRPC code; never request data
-    reason: str = ""
-
-
-class Transport(Protocol):
-    """Sends one encoded ``ExportTraceServiceRequest``; one call at a time."""
-
-    async def send(self, body: bytes, budget: float) -> Attempt:
-        """Send ``body`` once, within ``budget`` seconds; never raise for a collector's failure."""
-
-    async def aclose(self) -> None:
-        """Release connections and threads."""
-
-
-def _client_ssl(settings: OtlpSettings) -> ssl.SSLContext | None:
-    """A TLS context with the configured CA and client pair, or None for the system defaults.
-
-    Raises:
-        ValueError: a certificate or key file cannot be read, naming the variable.
-    """
-    if settings.certificate is None and settings.client_certificate is None:
-        return None
-    try:
-        context = ssl.create_default_context(cafile=settings.certificate)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_CERTIFICATE={settings.certificate!r}: {exc}") from None
-    if settings.client_certificate is not None:
-        try:
-            context.load_cert_chain(settings.client_certificate, settings.client_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(
-                f"OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE / _CLIENT_KEY={settings.client_certificate!r}: {exc}"
-            ) from None
-    return context
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds; the HTTP-date form is rare from collectors and ignored."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
-
-
-class HttpTransport:
-    """OTLP/HTTP with protobuf bodies, sent by aiohttp on the proxy's own event loop."""
-
-    def __init__(self, settings: OtlpSettings) -> None:
-        """Check the TLS files now (so a bad one stops start-up); connect on the first send.
-
-        Raises:
-            ValueError: a certificate or key file is unusable.
-        """
-        self._url = settings.endpoint
-        self._ssl = _client_ssl(settings)
-        self._trust_env = settings.trust_env
-        headers = {
-            "Content-Type": "application/x-protobuf",
-            "User-Agent": f"mes-trace-proxy/{__version__}",
-        }
-        headers.update(settings.headers)
-        self._compress: Callable[[bytes], bytes] | None = None
-        if settings.compression == "gzip":
-            headers["Content-Encoding"] = "gzip"
-            self._compress = _gzip
-        elif settings.compression == "deflate":
-            headers["Content-Encoding"] = "deflate"
-            self._compress = zlib.compress
-        self._headers = headers
-        self._session: aiohttp.ClientSession | None = None
-
-    async def send(self, body: bytes, budget: float) -> Attempt:
-        """POST the request; 2xx is success, with the partial-success count read from the answer."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=HTTP_POOL, ssl=self._ssl if self._ssl else True),
-                trust_env=self._trust_env,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        data = self._compress(body) if self._compress is not None else body
-        try:
-            async with self._session.post(
-                self._url,
-                data=data,
-                headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=budget),
-                allow_redirects=False,
-            ) as response:
-                answer = await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return Attempt(ok=False, retryable=True, reason=type(exc).__name__)
-        if 200 <= status < 300:
-            rejected, message = rejected_spans(answer)
-            return Attempt(ok=True, rejected=rejected, reason=message)
-        return Attempt(
-            ok=False,
-            retryable=status in RETRYABLE_HTTP,
-            retry_after=_retry_after(retry_after),
-            reason=f"HTTP {status}",
-        )
-
-    async def aclose(self) -> None:
-        """Close the collector connections."""
-        if self._session is not None:
-            await self._session.close()
-
-
-def _gzip(body: bytes) -> bytes:
-    return gzip.compress(body, compresslevel=GZIP_LEVEL)
-
-
-class GrpcTransport:
-    """OTLP/gRPC through ``grpc.aio`` on the proxy's own event loop.
-
-    The request is already protobuf bytes, so the call has no serializer; grpc's C core does
-    the HTTP/2 work. A blocking stub in a thread was tried first: under load that thread waited
-    for the GIL after every step and the queue overflowed (docs/performance.md).
-    """
-
-    def __init__(self, settings: OtlpSettings) -> None:
-        """Read the TLS files now (so a bad one stops start-up); open the channel on the first send.
-
-        Raises:
-            ValueError: a certificate or key file is unusable.
-        """
-        import grpc
-
-        self._grpc: Any = grpc
-        target = settings.endpoint
-        if "://" in target:
-            target = urlsplit(target).netloc
-        self._target = target
-        self._options: list[tuple[str, Any]] = [("grpc.primary_user_agent", f"mes-trace-proxy/{__version__}")]
-        self._compression = grpc.Compression.Gzip if settings.compression == "gzip" else None
-        self._credentials: Any = None
-        if not settings.insecure:
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(settings.certificate, "OTEL_EXPORTER_OTLP_CERTIFICATE"),
-                private_key=_read(settings.client_key, "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
-                certificate_chain=_read(settings.client_certificate, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
-            )
-        self._metadata = settings.headers
-        self._channel: Any = None
-        self._call: Any = None
-
-    def _open(self) -> None:
-        aio = self._grpc.aio
-        if self._credentials is None:
-            self._channel = aio.insecure_channel(
-                self._target, options=self._options, compression=self._compression
-            )
-        else:
-            self._channel = aio.secure_channel(
-                self._target, self._credentials, options=self._options, compression=self._compression
-            )
-        # No serializers: the request is already protobuf bytes and the reply is read as bytes.
-        self._call = self._channel.unary_unary(GRPC_METHOD)
-
-    async def send(self, body: bytes, budget: float) -> Attempt:
-        """One unary Export call."""
-        if self._call is None:
-            self._open()
-        try:
-            reply = await self._call(body, timeout=budget, metadata=self._metadata or None)
-        except self._grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            name = getattr(code, "name", str(code))
-            return Attempt(ok=False, retryable=name in RETRYABLE_GRPC, reason=f"gRPC {name}")
-        rejected, message = rejected_spans(reply if isinstance(reply, bytes) else b"")
-        return Attempt(ok=True, rejected=rejected, reason=message)
-
-    async def aclose(self) -> None:
-        """Close the channel."""
-        if self._channel is not None:
-            await self._channel.close()
-
-
-def _read(path: str | None, variable: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise ValueError(f"{variable}={path!r}: {exc.strerror}") from None
-
-
-def make_transport(settings: OtlpSettings) -> Transport:
-    """The transport for ``settings.protocol``.
-
-    Raises:
-        ValueError: a certificate or key file is unusable.
-    """
-    return GrpcTransport(settings) if settings.protocol == "grpc" else HttpTransport(settings)
 
 
 class SpanEncoder(Protocol):

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Final, TypeAlias
 from urllib.parse import unquote
 
+from mes_trace_proxy.framing import DEFAULT_UNDERSCORE, HOP_BY_HOP, TOKEN, UnderscorePolicy
 from mes_trace_proxy.problems import ClientRejection, Rejection, rejection
 
 __all__ = [
@@ -34,29 +35,6 @@ __all__ = [
 
 Headers: TypeAlias = Sequence[tuple[str, str]]
 HeaderList: TypeAlias = list[tuple[str, str]]
-
-# RFC 9110 §7.6.1: fields that describe one connection and must not be forwarded.
-# Proxy-Connection and Keep-Alive are the pre-standard ones it names; TE (§10.1.4),
-# Transfer-Encoding (RFC 9112 §6.1) and Upgrade (§7.8) are hop-by-hop by definition.
-# Trailer (§6.6.2) goes too: the client library re-frames the body and relays no trailer
-# section, so announcing one would be false. Proxy-Authenticate/-Authorization
-# (§11.7.1-2) are addressed to this proxy, never to MES.
-# TE is dropped even as "TE: trailers" (the gRPC case): that token promises the upstream
-# that we will accept and relay trailers, which an HTTP/1.1 client library that drops
-# trailers cannot keep; gRPC needs HTTP/2 end to end and is not proxied here anyway.
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-    }
-)
 
 # RFC 6455 §4.1/§4.2.2: the handshake fields that belong to one WebSocket connection.
 # The proxy terminates WebSocket on both legs (aiohttp's ws_connect generates its own key,
@@ -80,16 +58,16 @@ _TRACE_HEADERS: Final = frozenset({"traceparent", "tracestate"})
 _XFF: Final = "x-forwarded-for"
 _XF_OVERWRITTEN: Final = frozenset({"x-forwarded-proto", "x-forwarded-host"})
 
-# RFC 9110 §5.6.2: token characters; values that are not tokens must be quoted (§5.6.4).
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # RFC 9110 §5.6.4: what a quoted-string can carry at all (qdtext plus quoted-pair).
 _QUOTABLE: Final = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*\Z")
 # RFC 9110 §7.2 Host = uri-host [ ":" port ] with RFC 3986 §3.2.2 IP-literal (incl. RFC
 # 6874 zone ids), IPv4 or reg-name. Empty is allowed: §7.2 sends it for URIs without
-# an authority.
+# an authority. The port is a TCP port, 0-65535 (RFC 793 §3.1): a longer run of digits is
+# no address at all, and int() of 4,300 of them raises.
 _HOST_VALUE: Final = re.compile(
     r"(?:\[(?:[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9\-._~%]+)?|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
-    r"|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z"
+    r"|[A-Za-z0-9\-._~!$&'()*+,;=%]*)"
+    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})?)?\Z"
 )
 
 # RFC 3986 §3.1 scheme ":"; a target starting this way is absolute-form (RFC 9112 §3.2.2).
@@ -147,9 +125,6 @@ _REJECT_QUERY_NUL: Final = _bad_target("The request query contains an encoded NU
 _REJECT_MULTI_HOST: Final = rejection(
     ClientRejection.BAD_REQUEST, detail="The request has more than one Host header field."
 )
-_REJECT_NO_HOST: Final = rejection(
-    ClientRejection.BAD_REQUEST, detail="The request has no Host header field."
-)
 _REJECT_BAD_HOST: Final = rejection(ClientRejection.BAD_REQUEST, detail="The Host header field is not valid.")
 _REJECT_NOT_UTF8: Final = rejection(
     ClientRejection.BAD_REQUEST,
@@ -186,32 +161,30 @@ class ForwardPolicy:
     * ``Forwarded`` (RFC 7239 §4) gets a new field line with one element, after the
       client's lines, which are kept as sent.
 
-    When ``forwarded_headers`` (or ``forwarded_rfc7239``) is off, the client's fields of
-    that family pass through untouched.
+    When ``forwarded_headers`` is off, the client's fields of that family pass through
+    untouched and none is added.
+
+    ``underscore`` says what happens to field names with ``_`` (see :mod:`framing`): the
+    lookalikes of framing, hop-by-hop and forwarding fields are dropped here by table lookup
+    unless the policy refuses them (then :func:`framing.check_framing` answers 400 first).
     """
 
     upstream_host: str
     preserve_host: bool = False
     forwarded_headers: bool = True
-    forwarded_rfc7239: bool = True
-    strip_headers: frozenset[str] = frozenset()
+    underscore: UnderscorePolicy = DEFAULT_UNDERSCORE
     _actions: Mapping[tuple[bool, bool], Mapping[str, _Action]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Validate, then build the four name→action tables (trace drop by upgrade).
 
         Raises:
-            ValueError: if ``upstream_host`` is not a valid Host value, or a name in
-                ``strip_headers`` is not lowercase or is ``host``.
+            ValueError: if ``upstream_host`` is not a valid Host value.
         """
         if not self.upstream_host or not _HOST_VALUE.match(self.upstream_host):
             raise ValueError(f"upstream_host {self.upstream_host!r} is not a valid Host value")
-        for name in self.strip_headers:
-            if not name or name != name.lower():
-                raise ValueError(f"strip_headers must be lowercase names, got {name!r}")
-            if name == "host":
-                raise ValueError("Host is always rewritten; use preserve_host to keep the client's")
-        base: dict[str, _Action] = dict.fromkeys(HOP_BY_HOP | self.strip_headers, _Action.DROP)
+        # Lookalikes hold "_", so no real field name below can overwrite their entry.
+        base: dict[str, _Action] = dict.fromkeys(HOP_BY_HOP | self.underscore.dropped, _Action.DROP)
         if self.forwarded_headers:
             base.update(dict.fromkeys(_XF_OVERWRITTEN, _Action.DROP))
             base[_XFF] = _Action.XFF
@@ -249,7 +222,7 @@ def _connection_options(headers: Headers) -> frozenset[str] | set[str]:
 
 def _quote(value: str) -> str | None:
     """RFC 9110 §5.6.4 quoted-string for an RFC 7239 §4 value; None if it cannot be quoted."""
-    if _TOKEN.match(value):
+    if TOKEN.fullmatch(value):  # RFC 9110 §5.6.4: a non-token value is quoted
         return value
     if not _QUOTABLE.match(value):
         return None
@@ -271,7 +244,7 @@ def _forwarded_element(client_ip: str, scheme: str, host: str | None) -> str:
         node = _quote(client_ip) or "unknown"
     parts = [f"for={node}"]
     proto = scheme.lower()
-    if _TOKEN.match(proto):  # RFC 7239 §5.4: a URI scheme name, always a token.
+    if TOKEN.fullmatch(proto):  # RFC 7239 §5.4: a URI scheme name, always a token.
         parts.append(f"proto={proto}")
     if host is not None:
         quoted = _quote(host)  # RFC 7239 §5.3: the Host as received; quoted when it has a port.
@@ -294,11 +267,12 @@ def upstream_request_headers(
 
     Every field that is not hop-by-hop is kept with its name, value and order as
     received, repeated fields included. Hop-by-hop fields (:data:`HOP_BY_HOP`) and every
-    field named in a ``Connection`` option are removed (RFC 9110 §7.6.1); so are
-    ``policy.strip_headers``. ``Content-Length`` is kept and ``Transfer-Encoding``
-    dropped: the client library frames the body again. Host takes the client's position,
-    or comes first when the client sent none (RFC 9112 §3.2). Forwarding fields are
-    appended as :class:`ForwardPolicy` describes.
+    field named in a ``Connection`` option are removed (RFC 9110 §7.6.1); so are names with
+    ``_`` as ``policy.underscore`` says. ``Content-Length`` is kept and ``Transfer-Encoding``
+    dropped: the upstream client frames the body itself (by that length, or chunked), so
+    exactly one framing reaches MES. Host takes the client's position, or comes first when
+    the client sent none (RFC 9112 §3.2). Forwarding fields are appended as
+    :class:`ForwardPolicy` describes.
 
     Args:
         headers: the request's fields in received order, names in received case; call
@@ -320,6 +294,9 @@ def upstream_request_headers(
     actions = policy._actions[(drop_trace_headers, upgrade)]
     named = _connection_options(headers)
     host_value = host if policy.preserve_host and host is not None else policy.upstream_host
+    # Only with the drop-them-all setting is a name searched for "_"; the lookalikes are in
+    # the action table either way.
+    drop_underscored = policy.underscore.drop_all
     out: HeaderList = []
     prior_xff: list[str] = []
     host_seen = False
@@ -327,7 +304,7 @@ def upstream_request_headers(
         lname = name.lower()
         action = actions.get(lname)
         if action is None:
-            if lname not in named:
+            if lname not in named and not (drop_underscored and "_" in lname):
                 out.append((name, value))
         elif action is _Action.HOST:
             # A Connection option naming Host is ignored: Host is rewritten, never removed.
@@ -350,7 +327,6 @@ def upstream_request_headers(
         out.append(("X-Forwarded-Proto", scheme.lower()))
         if host is not None:
             out.append(("X-Forwarded-Host", host))
-    if policy.forwarded_rfc7239:
         out.append(("Forwarded", _forwarded_element(client_ip, scheme, host)))
     if upgrade:
         # RFC 9110 §7.8: Upgrade is only meaningful with "Connection: upgrade".
@@ -481,12 +457,11 @@ def _is_dot_segment(segment: str) -> bool:
     return head in {".", ".."}
 
 
-def check_host_headers(headers: Headers, *, require: bool = False) -> Rejection | None:
+def check_host_headers(headers: Headers) -> Rejection | None:
     """Refuse a request whose Host fields are ambiguous or malformed (RFC 9112 §3.2).
 
     Args:
         headers: the request's fields.
-        require: also refuse a request with no Host (pass True for HTTP/1.1).
 
     Returns:
         ``None`` if the Host fields are acceptable, else a 400 rejection.
@@ -498,7 +473,7 @@ def check_host_headers(headers: Headers, *, require: bool = False) -> Rejection 
                 return _REJECT_MULTI_HOST
             value = field_value
     if value is None:
-        return _REJECT_NO_HOST if require else None
+        return None
     if not _HOST_VALUE.match(value.strip(" \t")):
         return _REJECT_BAD_HOST
     return None

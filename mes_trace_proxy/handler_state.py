@@ -31,7 +31,7 @@ from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace import Link, SpanContext, SpanKind
 from opentelemetry.util.types import AttributeValue
 from yarl import URL
 
@@ -44,7 +44,8 @@ from mes_trace_proxy.observer import Observer
 from mes_trace_proxy.orders import OrderBook
 from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.rules import RouteMatch
-from mes_trace_proxy.tracecontext import TrustPolicy, format_traceparent, parse_traceparent
+from mes_trace_proxy.span_context import caller_span_context, clean_trace_state
+from mes_trace_proxy.tracecontext import TrustPolicy, format_traceparent
 from mes_trace_proxy.tracing import Tracing
 from mes_trace_proxy.upstream import Answer, RequestBody, UpstreamPool
 
@@ -63,8 +64,6 @@ __all__ = [
     "span_mode_for",
 ]
 
-# The W3C propagator ignores a tracestate longer than this (opentelemetry.trace.span).
-_MAX_TRACESTATE: Final = 8192
 # aiohttp's session adds these unless told not to; the proxy forwards only what the caller sent.
 _SKIP_AUTO_HEADERS: Final = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
@@ -158,23 +157,19 @@ def span_mode_for(*, exporting: bool, instrumented: bool) -> SpanMode:
 class Propagation:
     """Reads the caller's trace context and writes ours: the default W3C pair (the base)."""
 
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        #: drops the tracestate members that carry personal data (``None``: keeps them all)
+        self.redactor = redactor
+
     def parent(self, headers: CIMultiDictProxy[str], trusted: bool) -> Parent:
         """The parent per the trust policy: the caller's span, or a new root and a link to it."""
-        value = headers.get("traceparent")
-        if value is None:
+        # Every field: two traceparent fields are no trace context, several tracestate fields one list.
+        values = headers.getall("traceparent", ())
+        if not values:
             return _NO_PARENT
-        ids = parse_traceparent(value)
-        if ids is None:
+        caller = caller_span_context(values, headers.getall("tracestate", ()), self.redactor)
+        if caller is None:
             return _NO_PARENT
-        state_value = headers.get("tracestate")
-        trace_state = (
-            TraceState.from_header([state_value])
-            if state_value is not None and len(state_value) <= _MAX_TRACESTATE
-            else None
-        )
-        caller = SpanContext(
-            ids[0], ids[1], is_remote=True, trace_flags=TraceFlags(ids[2]), trace_state=trace_state
-        )
         if trusted:
             return caller, (), None
         # Untrusted callers' baggage and sampling are dropped; the relation survives as a link.
@@ -198,7 +193,8 @@ class Propagation:
 class _Propagators(Propagation):
     """Other propagators (``OTEL_PROPAGATORS``): theirs are the fields they read and write."""
 
-    def __init__(self, propagator: TextMapPropagator) -> None:
+    def __init__(self, propagator: TextMapPropagator, redactor: Redactor | None = None) -> None:
+        super().__init__(redactor)
         self.propagator = propagator
         self.owned = frozenset(field.lower() for field in propagator.fields)
 
@@ -207,6 +203,8 @@ class _Propagators(Propagation):
             return _NO_PARENT
         context = self.propagator.extract(headers)
         caller = trace_api.get_current_span(context).get_span_context()
+        if self.redactor is not None:
+            caller = clean_trace_state(caller, self.redactor)
         if not caller.is_valid:
             return None, (), context
         if trusted:
@@ -228,6 +226,7 @@ class _InjectedByInstrumentation(Propagation):
     """Instrumented: the session's trace config injects the CLIENT span's context itself."""
 
     def __init__(self, reads: Propagation) -> None:
+        super().__init__(reads.redactor)
         self.reads = reads
 
     def parent(self, headers: CIMultiDictProxy[str], trusted: bool) -> Parent:
@@ -240,9 +239,13 @@ class _InjectedByInstrumentation(Propagation):
         return self.reads
 
 
-def propagation_for(tracing: Tracing, *, instrumented: bool) -> Propagation:
-    """The propagation of a listener, from ``Tracing.w3c`` and the CLIENT-span choice."""
-    reads = Propagation() if tracing.w3c else _Propagators(tracing.propagator)
+def propagation_for(tracing: Tracing, *, instrumented: bool, redactor: Redactor | None = None) -> Propagation:
+    """The propagation of a listener, from ``Tracing.w3c`` and the CLIENT-span choice.
+
+    ``redactor``: the tracestate members it would change (personal data) are left out of the
+    caller's context, so they reach neither our spans nor the upstream.
+    """
+    reads = Propagation(redactor) if tracing.w3c else _Propagators(tracing.propagator, redactor)
     return _InjectedByInstrumentation(reads) if instrumented else reads
 
 

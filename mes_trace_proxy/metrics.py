@@ -11,7 +11,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from mes_trace_proxy.observer import Observer
 from mes_trace_proxy.orders import Findings
+from mes_trace_proxy.problems import ClientRejection, problem_type_uri
 from mes_trace_proxy.tracing import ExportStats
 
 __all__ = ["ConnectionStats", "ProxyMetrics"]
@@ -35,6 +36,12 @@ _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # (past it, labels are resolved per call, as before).
 _MAX_CACHED_CHILDREN: Final = 4096
 _DWELL_BUCKETS: Final = (60, 300, 900, 1800, 3600, 7200, 21600, 86400, 259200, 604800, 1209600)
+# The handler reports a refusal's error type as the problem slug or its type URI; both name
+# one refusal reason, the slug (docs/operations.md).
+_REFUSAL_REASONS: Final[Mapping[str, str]] = {
+    **{kind.value: kind.value for kind in ClientRejection},
+    **{problem_type_uri(kind.value): kind.value for kind in ClientRejection},
+}
 
 
 def _with_created() -> bool:
@@ -163,6 +170,8 @@ class ConnectionStats:
     refused_cap: int
     header_timeouts: int
     malformed: int
+    #: every refusal before the handler, by problem slug (503, 408, 400, 414, 431)
+    refused: Mapping[str, int] = field(default_factory=dict)
 
 
 class ProxyMetrics(Observer):
@@ -223,6 +232,13 @@ class ProxyMetrics(Observer):
             ("status",),
             registry=r,
         )
+        self.stuck_unreported = Counter(
+            "mes_order_stuck_unreported",
+            "Newly stuck orders a check counted but did not report one by one (a mass event past "
+            "the watchdog's per-check cap); each is still listed by /orders/-/stuck.",
+            ("status",),
+            registry=r,
+        )
         self.loop_tasks = Gauge(
             "mes_proxy_event_loop_tasks",
             "Unfinished asyncio tasks on the event loop, counted at scrape time (a leak grows it).",
@@ -238,6 +254,8 @@ class ProxyMetrics(Observer):
         self._stuck_counts: Callable[[], Mapping[str, int]] | None = None
         self._store_stats: Callable[[], Mapping[str, int]] | None = None
         self._connection_stats: Callable[[], Mapping[str, ConnectionStats]] | None = None
+        self._admin_stats: Callable[[], ConnectionStats] | None = None
+        self.handler_refusals = _CounterFamily("mes_proxy_refusals", "", ("listener", "reason"))  # _refusals
         self._upstream_answers: dict[str, float] | None = None
         r.register(_CallbackCollector(self._collect))
 
@@ -250,6 +268,7 @@ class ProxyMetrics(Observer):
         store_stats: Callable[[], Mapping[str, int]] | None = None,
         connection_stats: Callable[[], Mapping[str, ConnectionStats]] | None = None,
         upstream_answers: dict[str, float] | None = None,
+        admin_stats: Callable[[], ConnectionStats] | None = None,
     ) -> None:
         """Attach the scrape-time sources (set once by the composition root).
 
@@ -262,6 +281,7 @@ class ProxyMetrics(Observer):
         self._stuck_counts = stuck_counts or self._stuck_counts
         self._store_stats = store_stats or self._store_stats
         self._connection_stats = connection_stats or self._connection_stats
+        self._admin_stats = admin_stats or self._admin_stats
         if upstream_answers is not None:
             self._upstream_answers = upstream_answers
 
@@ -284,14 +304,14 @@ class ProxyMetrics(Observer):
             yield spans
         if self._order_counts is not None:
             gauge = GaugeMetricFamily("mes_orders", "Tracked orders by current status.", labels=("status",))
-            for status, count in sorted(self._order_counts().items()):
+            for status, count in self._folded(self._order_counts()):
                 gauge.add_metric((status,), count)
             yield gauge
         if self._stuck_counts is not None:
             gauge = GaugeMetricFamily(
                 "mes_orders_stuck", "Orders past the dwell limit of their current status.", labels=("status",)
             )
-            for status, count in sorted(self._stuck_counts().items()):
+            for status, count in self._folded(self._stuck_counts()):
                 gauge.add_metric((status,), count)
             yield gauge
         if self._store_stats is not None:
@@ -310,8 +330,9 @@ class ProxyMetrics(Observer):
                 value=stats_map.get("pending", 0),
             )
 
-        if self._connection_stats is not None:
-            by_listener = sorted(self._connection_stats().items())
+        listeners = self._listener_stats()
+        if listeners:
+            by_listener = sorted(listeners.items())
             open_now = GaugeMetricFamily(
                 "mes_proxy_open_connections",
                 "Client connections open now, per listener.",
@@ -331,9 +352,52 @@ class ProxyMetrics(Observer):
                 refused.add_metric((listener, "malformed_head"), counts.malformed)
             yield open_now
             yield refused
+        yield self._refusals(listeners)
+
+    def _listener_stats(self) -> dict[str, ConnectionStats]:
+        """Each listener's connection counters, the admin listener's under ``admin``."""
+        listeners = dict(self._connection_stats()) if self._connection_stats is not None else {}
+        if self._admin_stats is not None:
+            listeners["admin"] = self._admin_stats()
+        return listeners
+
+    def _refusals(self, listeners: Mapping[str, ConnectionStats]) -> Metric:
+        """``mes_proxy_refusals_total``: every refusal, by listener and problem slug."""
+        counts: dict[tuple[str, ...], float] = {
+            labels: float(count.value) for labels, count in list(self.handler_refusals.series.items())
+        }
+        for listener, stats in listeners.items():
+            for reason, count in stats.refused.items():
+                counts[(listener, reason)] = counts.get((listener, reason), 0.0) + count
+        family = CounterMetricFamily(
+            "mes_proxy_refusals",
+            "Connections and requests the proxy refused itself, by listener and reason (the problem "
+            "slug): the listener's limits (503 over the connection cap, 408, 400, 414, 431) and the "
+            "handler's checks (413, refused targets and framing).",
+            labels=("listener", "reason"),
+        )
+        for labels in sorted(counts):
+            family.add_metric(labels, counts[labels])
+        return family
+
+    def refused(self, listener: str, reason: str) -> None:
+        """Count one refusal outside the proxy handler (the admin listener's 401 and 403)."""
+        self.handler_refusals.child((listener, reason)).value += 1
 
     def _label(self, status: str) -> str:
         return status if status in self._known else "_OTHER"
+
+    def _folded(self, counts: Mapping[str, int]) -> list[tuple[str, int]]:
+        """Per-status counts with every status outside the lifecycle summed under ``_OTHER``.
+
+        The book keeps the names calls sent (a status is whatever a caller wrote), so a label
+        per name would let a caller put any text, a person's name included, into /metrics.
+        """
+        folded: dict[str, int] = {}
+        for status, count in counts.items():
+            label = self._label(status)
+            folded[label] = folded.get(label, 0) + count
+        return sorted(folded.items())
 
     def request_done(
         self,
@@ -365,6 +429,9 @@ class ProxyMetrics(Observer):
                 self._upstream_answers[listener] = time.monotonic()
         if error_type is not None:
             self.errors.labels(listener, error_type).inc()
+            reason = _REFUSAL_REASONS.get(error_type)
+            if reason is not None:
+                self.handler_refusals.child((listener, reason)).value += 1
 
     def order_findings(self, *, listener: str, findings: Findings) -> None:
         """Count transitions, anomalies and dwell times the order book reported."""

@@ -1,13 +1,14 @@
 """OTLP span encoder that writes the protobuf wire format of ``ExportTraceServiceRequest`` directly.
 
 It gives the same message as the SDK's ``encode_spans`` but builds no protobuf objects, and it
-memoises the encoded bytes of what repeats: attribute pairs, resources and scopes.
+memoises the encoded bytes of what repeats: attribute pairs, resources and scopes. The wire
+format's primitives (varints, tags, AnyValue) are ``otlp_wire``'s; this module knows the
+messages: ``ExportTraceServiceRequest``, ``ResourceSpans``, ``ScopeSpans``, ``Span``.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
@@ -17,6 +18,24 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE, SpanContext
 from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util.types import Attributes
+
+from mes_trace_proxy.otlp_wire import (
+    ANY_STRING,
+    I32,
+    I64,
+    KV_KEY,
+    KV_VALUE,
+    LEN,
+    VARINT,
+    delimited,
+    encode_key_value,
+    pack_fixed32,
+    pack_fixed64,
+    pack_times,
+    rejected_spans,
+    tag,
+    varint,
+)
 
 __all__ = [
     "EncodableEvent",
@@ -46,114 +65,66 @@ NAME_CACHE_SIZE: Final = 1024
 
 _K = TypeVar("_K")
 
-_INT64_MIN: Final = -(1 << 63)
-_INT64_MAX: Final = (1 << 63) - 1
-_UINT64_MASK: Final = (1 << 64) - 1
 # SpanFlags from trace.proto: bit 8 says the is-remote bit is known, bit 9 is that bit.
 _FLAGS_HAS_IS_REMOTE: Final = 0x100
 _FLAGS_IS_REMOTE: Final = 0x200
 
-_pack_double = struct.Struct("<d").pack
-#: a span's start and end time fields in one call: tag, fixed64, tag, fixed64
-_pack_times = struct.Struct("<BQBQ").pack
-_pack_fixed64 = struct.Struct("<Q").pack
-_pack_fixed32 = struct.Struct("<I").pack
-# One-byte varints are nearly every length and count; look them up instead of looping.
-_SMALL_VARINTS: Final = tuple(bytes((i,)) for i in range(0x80))
-
-
-def _varint(value: int) -> bytes:
-    """The base-128 varint of a non-negative int (negative int64 go through the 64-bit mask)."""
-    if value < 0x80:
-        if value >= 0:
-            return _SMALL_VARINTS[value]
-        value &= _UINT64_MASK
-    elif value < 0x4000:
-        # Two bytes: the length of nearly every span body (128 bytes to 16 KiB).
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _tag(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
-
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-
-# AnyValue (common.proto): a oneof, so every member is written even when it is the default.
-_ANY_STRING: Final = _tag(1, _LEN)
-_ANY_BOOL_FALSE: Final = _tag(2, _VARINT) + b"\x00"
-_ANY_BOOL_TRUE: Final = _tag(2, _VARINT) + b"\x01"
-_ANY_INT: Final = _tag(3, _VARINT)
-_ANY_DOUBLE: Final = _tag(4, _I64)
-_ANY_ARRAY: Final = _tag(5, _LEN)
-_ANY_KVLIST: Final = _tag(6, _LEN)
-_ANY_BYTES: Final = _tag(7, _LEN)
-# ArrayValue.values, KeyValueList.values, KeyValue.key / KeyValue.value.
-_VALUES: Final = _tag(1, _LEN)
-_KV_KEY: Final = _tag(1, _LEN)
-_KV_VALUE: Final = _tag(2, _LEN)
 # InstrumentationScope and Resource.
-_SCOPE_NAME: Final = _tag(1, _LEN)
-_SCOPE_VERSION: Final = _tag(2, _LEN)
-_SCOPE_ATTRIBUTES: Final = _tag(3, _LEN)
-_RESOURCE_ATTRIBUTES: Final = _tag(1, _LEN)
+_SCOPE_NAME: Final = tag(1, LEN)
+_SCOPE_VERSION: Final = tag(2, LEN)
+_SCOPE_ATTRIBUTES: Final = tag(3, LEN)
+_RESOURCE_ATTRIBUTES: Final = tag(1, LEN)
 # ExportTraceServiceRequest, ResourceSpans, ScopeSpans (trace.proto / trace_service.proto).
-_REQUEST_RESOURCE_SPANS: Final = _tag(1, _LEN)
-_RS_RESOURCE: Final = _tag(1, _LEN)
-_RS_SCOPE_SPANS: Final = _tag(2, _LEN)
-_RS_SCHEMA_URL: Final = _tag(3, _LEN)
-_SS_SCOPE: Final = _tag(1, _LEN)
-_SS_SPANS: Final = _tag(2, _LEN)
-_SS_SCHEMA_URL: Final = _tag(3, _LEN)
+_REQUEST_RESOURCE_SPANS: Final = tag(1, LEN)
+_RS_RESOURCE: Final = tag(1, LEN)
+_RS_SCOPE_SPANS: Final = tag(2, LEN)
+_RS_SCHEMA_URL: Final = tag(3, LEN)
+_SS_SCOPE: Final = tag(1, LEN)
+_SS_SPANS: Final = tag(2, LEN)
+_SS_SCHEMA_URL: Final = tag(3, LEN)
 # Span.
-_SPAN_TRACE_ID: Final = _tag(1, _LEN) + b"\x10"  # always 16 bytes
-_SPAN_SPAN_ID: Final = _tag(2, _LEN) + b"\x08"  # always 8 bytes
-_SPAN_TRACE_STATE: Final = _tag(3, _LEN)
-_SPAN_PARENT_ID: Final = _tag(4, _LEN) + b"\x08"
-_SPAN_NAME: Final = _tag(5, _LEN)
-_SPAN_START: Final = _tag(7, _I64)
-_SPAN_END: Final = _tag(8, _I64)
+_SPAN_TRACE_ID: Final = tag(1, LEN) + b"\x10"  # always 16 bytes
+_SPAN_SPAN_ID: Final = tag(2, LEN) + b"\x08"  # always 8 bytes
+_SPAN_TRACE_STATE: Final = tag(3, LEN)
+_SPAN_PARENT_ID: Final = tag(4, LEN) + b"\x08"
+_SPAN_NAME: Final = tag(5, LEN)
+_SPAN_START: Final = tag(7, I64)
+_SPAN_END: Final = tag(8, I64)
 _SPAN_START_BYTE: Final = _SPAN_START[0]
 _SPAN_END_BYTE: Final = _SPAN_END[0]
-_SPAN_ATTRIBUTES: Final = _tag(9, _LEN)
-_SPAN_DROPPED_ATTRIBUTES: Final = _tag(10, _VARINT)
-_SPAN_EVENTS: Final = _tag(11, _LEN)
-_SPAN_DROPPED_EVENTS: Final = _tag(12, _VARINT)
-_SPAN_LINKS: Final = _tag(13, _LEN)
-_SPAN_DROPPED_LINKS: Final = _tag(14, _VARINT)
-_SPAN_STATUS: Final = _tag(15, _LEN)
-_SPAN_FLAGS_LOCAL: Final = _tag(16, _I32) + _pack_fixed32(_FLAGS_HAS_IS_REMOTE)
-_SPAN_FLAGS_REMOTE: Final = _tag(16, _I32) + _pack_fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
+_SPAN_ATTRIBUTES: Final = tag(9, LEN)
+_SPAN_DROPPED_ATTRIBUTES: Final = tag(10, VARINT)
+_SPAN_EVENTS: Final = tag(11, LEN)
+_SPAN_DROPPED_EVENTS: Final = tag(12, VARINT)
+_SPAN_LINKS: Final = tag(13, LEN)
+_SPAN_DROPPED_LINKS: Final = tag(14, VARINT)
+_SPAN_STATUS: Final = tag(15, LEN)
+_SPAN_FLAGS_LOCAL: Final = tag(16, I32) + pack_fixed32(_FLAGS_HAS_IS_REMOTE)
+_SPAN_FLAGS_REMOTE: Final = tag(16, I32) + pack_fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
 #: The OTLP SpanKind is the SDK's value + 1 (0 is SPAN_KIND_UNSPECIFIED). Indexed by the enum's
 #: value (``_value_``, a plain attribute): hashing an Enum member runs Python code.
 _SPAN_KIND: Final = tuple(
-    _tag(6, _VARINT) + _varint(value + 1) for value in range(max(k.value for k in SpanKind) + 1)
+    tag(6, VARINT) + varint(value + 1) for value in range(max(k.value for k in SpanKind) + 1)
 )
 # Span.Event.
-_EVENT_TIME: Final = _tag(1, _I64)
-_EVENT_NAME: Final = _tag(2, _LEN)
-_EVENT_ATTRIBUTES: Final = _tag(3, _LEN)
-_EVENT_DROPPED_ATTRIBUTES: Final = _tag(4, _VARINT)
+_EVENT_TIME: Final = tag(1, I64)
+_EVENT_NAME: Final = tag(2, LEN)
+_EVENT_ATTRIBUTES: Final = tag(3, LEN)
+_EVENT_DROPPED_ATTRIBUTES: Final = tag(4, VARINT)
 # Span.Link.
-_LINK_TRACE_ID: Final = _tag(1, _LEN) + b"\x10"
-_LINK_SPAN_ID: Final = _tag(2, _LEN) + b"\x08"
-_LINK_ATTRIBUTES: Final = _tag(4, _LEN)
-_LINK_DROPPED_ATTRIBUTES: Final = _tag(5, _VARINT)
-_LINK_FLAGS_LOCAL: Final = _tag(6, _I32) + _pack_fixed32(_FLAGS_HAS_IS_REMOTE)
-_LINK_FLAGS_REMOTE: Final = _tag(6, _I32) + _pack_fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
+_LINK_TRACE_ID: Final = tag(1, LEN) + b"\x10"
+_LINK_SPAN_ID: Final = tag(2, LEN) + b"\x08"
+_LINK_ATTRIBUTES: Final = tag(4, LEN)
+_LINK_DROPPED_ATTRIBUTES: Final = tag(5, VARINT)
+_LINK_FLAGS_LOCAL: Final = tag(6, I32) + pack_fixed32(_FLAGS_HAS_IS_REMOTE)
+_LINK_FLAGS_REMOTE: Final = tag(6, I32) + pack_fixed32(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
 # Status.
-_STATUS_MESSAGE: Final = _tag(2, _LEN)
-_STATUS_CODE: Final = _tag(3, _VARINT)
+_STATUS_MESSAGE: Final = tag(2, LEN)
+_STATUS_CODE: Final = tag(3, VARINT)
 #: The whole ``status`` field of a status without a message, by StatusCode value (nearly every span).
 _SPAN_STATUS_PLAIN: Final = tuple(
     _SPAN_STATUS + bytes((len(body),)) + body
-    for body in (_STATUS_CODE + _varint(code.value) if code.value else b"" for code in StatusCode)
+    for body in (_STATUS_CODE + varint(code.value) if code.value else b"" for code in StatusCode)
 )
 
 
@@ -215,48 +186,6 @@ class EncodableSpan(Protocol):
     @property
     def instrumentation_scope(self) -> InstrumentationScope | None: ...
     def get_span_context(self) -> SpanContext | None: ...
-
-
-def _delimited(payload: bytes) -> bytes:
-    """``payload`` prefixed with its length: the body of a length-delimited field."""
-    return _varint(len(payload)) + payload
-
-
-def _encode_value(value: object) -> bytes:
-    """The AnyValue message body for one attribute value, in the SDK's order of type checks.
-
-    Raises:
-        ValueError: an int outside int64.
-        TypeError: a type OTLP cannot carry.
-    """
-    if value is None:
-        return b""
-    if isinstance(value, bool):
-        return _ANY_BOOL_TRUE if value else _ANY_BOOL_FALSE
-    if isinstance(value, str):
-        return _ANY_STRING + _delimited(value.encode("utf-8"))
-    if isinstance(value, int):
-        if not _INT64_MIN <= value <= _INT64_MAX:
-            raise ValueError(f"int {value} is outside int64")
-        return _ANY_INT + _varint(value)
-    if isinstance(value, float):
-        return _ANY_DOUBLE + _pack_double(value)
-    if isinstance(value, bytes):
-        return _ANY_BYTES + _delimited(value)
-    if isinstance(value, Sequence):
-        items = b"".join([_VALUES + _delimited(_encode_value(item)) for item in value])
-        return _ANY_ARRAY + _delimited(items)
-    if isinstance(value, Mapping):
-        pairs = b"".join([_VALUES + _delimited(_encode_key_value(str(k), v)) for k, v in value.items()])
-        return _ANY_KVLIST + _delimited(pairs)
-    raise TypeError(f"invalid type {type(value).__name__} of attribute value")
-
-
-def _encode_key_value(key: object, value: object) -> bytes:
-    """The KeyValue message body."""
-    if not isinstance(key, str):
-        raise TypeError(f"attribute key {key!r} is not a string")
-    return _KV_KEY + _delimited(key.encode("utf-8")) + _KV_VALUE + _delimited(_encode_value(value))
 
 
 class EncodedSpan(NamedTuple):
@@ -337,7 +266,7 @@ class OtlpSpanEncoder:
         body = self._span(span)
         return _new_tuple(
             EncodedSpan,
-            (span.resource, span.instrumentation_scope or None, _SS_SPANS + _varint(len(body)) + body),
+            (span.resource, span.instrumentation_scope or None, _SS_SPANS + varint(len(body)) + body),
         )
 
     def assemble(self, spans: Sequence[EncodedSpan]) -> bytes:
@@ -377,11 +306,11 @@ class OtlpSpanEncoder:
             for scope, encoded_spans in scope_groups:
                 scope_spans = [self._scope(scope), *encoded_spans]
                 if scope is not None and scope.schema_url:
-                    scope_spans.append(_SS_SCHEMA_URL + _delimited(scope.schema_url.encode("utf-8")))
-                body.append(_RS_SCOPE_SPANS + _delimited(b"".join(scope_spans)))
+                    scope_spans.append(_SS_SCHEMA_URL + delimited(scope.schema_url.encode("utf-8")))
+                body.append(_RS_SCOPE_SPANS + delimited(b"".join(scope_spans)))
             if resource.schema_url:
-                body.append(_RS_SCHEMA_URL + _delimited(resource.schema_url.encode("utf-8")))
-            out.append(_REQUEST_RESOURCE_SPANS + _delimited(b"".join(body)))
+                body.append(_RS_SCHEMA_URL + delimited(resource.schema_url.encode("utf-8")))
+            out.append(_REQUEST_RESOURCE_SPANS + delimited(b"".join(body)))
         return b"".join(out)
 
     def _span(self, span: EncodableSpan) -> bytes:
@@ -394,7 +323,7 @@ class OtlpSpanEncoder:
         # DEFAULT_TRACE_STATE (no tracestate) is nearly every span's: skip the Mapping's __len__.
         if trace_state is not DEFAULT_TRACE_STATE and trace_state:
             state = ",".join([f"{key}={value}" for key, value in trace_state.items()])
-            parts += (_SPAN_TRACE_STATE, _delimited(state.encode("utf-8")))
+            parts += (_SPAN_TRACE_STATE, delimited(state.encode("utf-8")))
         if parent is not None:
             parts.append(_SPAN_PARENT_ID)
             parts.append(parent[1].to_bytes(8, "big"))
@@ -402,47 +331,45 @@ class OtlpSpanEncoder:
         if name:
             encoded_name = self._span_names.get(name)
             if encoded_name is None:
-                encoded_name = _remember(
-                    self._span_names, name, _SPAN_NAME + _delimited(name.encode("utf-8"))
-                )
+                encoded_name = _remember(self._span_names, name, _SPAN_NAME + delimited(name.encode("utf-8")))
             parts.append(encoded_name)
         parts.append(_SPAN_KIND[span.kind._value_])
         start_time = span.start_time
         end_time = span.end_time
         if start_time and end_time:
-            parts.append(_pack_times(_SPAN_START_BYTE, start_time, _SPAN_END_BYTE, end_time))
+            parts.append(pack_times(_SPAN_START_BYTE, start_time, _SPAN_END_BYTE, end_time))
         else:
             if start_time:
-                parts += (_SPAN_START, _pack_fixed64(start_time))
+                parts += (_SPAN_START, pack_fixed64(start_time))
             if end_time:
-                parts += (_SPAN_END, _pack_fixed64(end_time))
+                parts += (_SPAN_END, pack_fixed64(end_time))
         attributes = span.attributes
         if attributes:
             self._attributes(parts, _SPAN_ATTRIBUTES, attributes, self._span_pairs)
         dropped = span.dropped_attributes
         if dropped:
-            parts += (_SPAN_DROPPED_ATTRIBUTES, _varint(dropped))
+            parts += (_SPAN_DROPPED_ATTRIBUTES, varint(dropped))
         for event in span.events:
             event_body = self._event(event)
-            parts += (_SPAN_EVENTS, _varint(len(event_body)), event_body)
+            parts += (_SPAN_EVENTS, varint(len(event_body)), event_body)
         dropped = span.dropped_events
         if dropped:
-            parts += (_SPAN_DROPPED_EVENTS, _varint(dropped))
+            parts += (_SPAN_DROPPED_EVENTS, varint(dropped))
         for link in span.links:
             link_body = self._link(link)
-            parts += (_SPAN_LINKS, _varint(len(link_body)), link_body)
+            parts += (_SPAN_LINKS, varint(len(link_body)), link_body)
         dropped = span.dropped_links
         if dropped:
-            parts += (_SPAN_DROPPED_LINKS, _varint(dropped))
+            parts += (_SPAN_DROPPED_LINKS, varint(dropped))
         status = span.status
         if status is not None:
             description = status.description
             if description:
-                status_body = _STATUS_MESSAGE + _delimited(description.encode("utf-8"))
+                status_body = _STATUS_MESSAGE + delimited(description.encode("utf-8"))
                 code = status.status_code._value_
                 if code:
-                    status_body += _STATUS_CODE + _varint(code)
-                parts += (_SPAN_STATUS, _delimited(status_body))
+                    status_body += _STATUS_CODE + varint(code)
+                parts += (_SPAN_STATUS, delimited(status_body))
             else:
                 parts.append(_SPAN_STATUS_PLAIN[status.status_code._value_])
         parts.append(_SPAN_FLAGS_REMOTE if parent is not None and parent[2] else _SPAN_FLAGS_LOCAL)
@@ -450,13 +377,13 @@ class OtlpSpanEncoder:
 
     def _event(self, event: EncodableEvent) -> bytes:
         timestamp = event.timestamp
-        parts = [_EVENT_TIME, _pack_fixed64(timestamp)] if timestamp else []
+        parts = [_EVENT_TIME, pack_fixed64(timestamp)] if timestamp else []
         name = event.name
         if name:
             encoded_name = self._event_names.get(name)
             if encoded_name is None:
                 encoded_name = _remember(
-                    self._event_names, name, _EVENT_NAME + _delimited(name.encode("utf-8"))
+                    self._event_names, name, _EVENT_NAME + delimited(name.encode("utf-8"))
                 )
             parts.append(encoded_name)
         attributes = event.attributes
@@ -464,7 +391,7 @@ class OtlpSpanEncoder:
             self._attributes(parts, _EVENT_ATTRIBUTES, attributes, self._event_pairs)
         dropped = event.dropped_attributes
         if dropped:
-            parts += (_EVENT_DROPPED_ATTRIBUTES, _varint(dropped))
+            parts += (_EVENT_DROPPED_ATTRIBUTES, varint(dropped))
         return b"".join(parts)
 
     def _link(self, link: EncodableLink) -> bytes:
@@ -478,7 +405,7 @@ class OtlpSpanEncoder:
         if link.attributes:
             self._attributes(parts, _LINK_ATTRIBUTES, link.attributes)
         if link.dropped_attributes:
-            parts += (_LINK_DROPPED_ATTRIBUTES, _varint(link.dropped_attributes))
+            parts += (_LINK_DROPPED_ATTRIBUTES, varint(link.dropped_attributes))
         parts.append(_LINK_FLAGS_REMOTE if context.is_remote else _LINK_FLAGS_LOCAL)
         return b"".join(parts)
 
@@ -525,15 +452,15 @@ class OtlpSpanEncoder:
                 try:
                     prefix = self._keys.get(key)
                     if prefix is None:
-                        prefix = _remember(self._keys, key, _KV_KEY + _delimited(key.encode("utf-8")))
+                        prefix = _remember(self._keys, key, KV_KEY + delimited(key.encode("utf-8")))
                     encoded_value = value.encode("utf-8")
                 except UnicodeEncodeError as error:
                     log.warning("skipped attribute %r that OTLP cannot encode: %s", key, error)
                     continue
-                any_value = _ANY_STRING + _varint(len(encoded_value)) + encoded_value
-                pair = prefix + _KV_VALUE + _varint(len(any_value)) + any_value
+                any_value = ANY_STRING + varint(len(encoded_value)) + encoded_value
+                pair = prefix + KV_VALUE + varint(len(any_value)) + any_value
                 parts.append(
-                    _remember(plain, (key, value), tag + _varint(len(pair)) + pair, ATTRIBUTE_CACHE_SIZE)
+                    _remember(plain, (key, value), tag + varint(len(pair)) + pair, ATTRIBUTE_CACHE_SIZE)
                 )
                 continue
             encoded = _encode_pair(tag, key, value)
@@ -551,7 +478,7 @@ class OtlpSpanEncoder:
             return cached[1]
         parts: list[bytes] = []
         self._attributes(parts, _RESOURCE_ATTRIBUTES, resource.attributes)
-        encoded = _RS_RESOURCE + _delimited(b"".join(parts))
+        encoded = _RS_RESOURCE + delimited(b"".join(parts))
         if len(self._resources) >= OBJECT_CACHE_SIZE:
             self._resources.clear()
         # The object is kept with its bytes so its id cannot be reused while cached.
@@ -567,12 +494,12 @@ class OtlpSpanEncoder:
             return cached[1]
         parts: list[bytes] = []
         if scope.name:
-            parts += (_SCOPE_NAME, _delimited(scope.name.encode("utf-8")))
+            parts += (_SCOPE_NAME, delimited(scope.name.encode("utf-8")))
         if scope.version:
-            parts += (_SCOPE_VERSION, _delimited(scope.version.encode("utf-8")))
+            parts += (_SCOPE_VERSION, delimited(scope.version.encode("utf-8")))
         if scope.attributes:
             self._attributes(parts, _SCOPE_ATTRIBUTES, scope.attributes)
-        encoded = _SS_SCOPE + _delimited(b"".join(parts))
+        encoded = _SS_SCOPE + delimited(b"".join(parts))
         if len(self._scopes) >= OBJECT_CACHE_SIZE:
             self._scopes.clear()
         self._scopes[id(scope)] = (scope, encoded)
@@ -582,7 +509,7 @@ class OtlpSpanEncoder:
 def _encode_pair(tag: bytes, key: object, value: object) -> bytes | None:
     """``tag`` and the length-prefixed KeyValue; None (logged) for a pair OTLP cannot carry, as in the SDK."""
     try:
-        return tag + _delimited(_encode_key_value(key, value))
+        return tag + delimited(encode_key_value(key, value))
     except (TypeError, ValueError) as error:  # UnicodeEncodeError is a ValueError
         log.warning("skipped attribute %r that OTLP cannot encode: %s", key, error)
         return None
@@ -613,73 +540,3 @@ def encode_request(spans: Sequence[EncodableSpan]) -> bytes:
         The protobuf wire-format bytes.
     """
     return OtlpSpanEncoder().encode_request(spans)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it.
-
-    Raises:
-        ValueError: the data ends inside the varint or it is longer than 10 bytes.
-    """
-    value = shift = 0
-    while pos < len(data) and shift < 70:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("truncated or overlong varint")
-
-
-def _fields(data: bytes) -> dict[int, int | bytes]:
-    """The last value of each field of a protobuf message: varints as int, LEN fields as bytes.
-
-    Raises:
-        ValueError: the message is malformed or uses a wire type the responses never carry.
-    """
-    found: dict[int, int | bytes] = {}
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        field, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            found[field], pos = _read_varint(data, pos)
-        elif wire == _LEN:
-            size, pos = _read_varint(data, pos)
-            if pos + size > len(data):
-                raise ValueError("truncated field")
-            found[field], pos = data[pos : pos + size], pos + size
-        elif wire in (_I64, _I32):
-            pos += 8 if wire == _I64 else 4
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-    return found
-
-
-def rejected_spans(response: bytes) -> tuple[int, str]:
-    """How many spans a collector says it rejected, from its ``ExportTraceServiceResponse``.
-
-    OTLP answers success even when it dropped part of a batch; the count is in
-    ``partial_success.rejected_spans``. An empty or unreadable answer counts as none
-    rejected: the collector accepted the request, and its body is only advisory.
-
-    Args:
-        response: the response message bytes (OTLP/HTTP body or OTLP/gRPC reply).
-
-    Returns:
-        ``(rejected_spans, error_message)``; ``(0, "")`` when nothing was rejected.
-    """
-    try:
-        partial = _fields(response).get(1)
-        if not isinstance(partial, bytes):
-            return 0, ""
-        fields = _fields(partial)
-    except ValueError:
-        return 0, ""
-    count = fields.get(1, 0)
-    message = fields.get(2, b"")
-    return (
-        count if isinstance(count, int) and count <= _INT64_MAX else 0,
-        message.decode("utf-8", "replace") if isinstance(message, bytes) else "",
-    )

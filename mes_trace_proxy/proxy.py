@@ -37,6 +37,7 @@ from mes_trace_proxy.exchange import (
 )
 from mes_trace_proxy.extract import OrderFacts, request_facts
 from mes_trace_proxy.forwarding import ALLOWED_METHODS, HeaderList, upstream_request_headers
+from mes_trace_proxy.framing import closes_connection
 from mes_trace_proxy.handler_state import Call, ListenerState
 from mes_trace_proxy.http1 import IncomingRequest
 from mes_trace_proxy.problems import problem_fields, rejection_response
@@ -85,10 +86,15 @@ def refuse(state: ListenerState, request: IncomingRequest, call: Call) -> bool:
         call.raw,
         call.fields,
         headers.values(),
+        chunked=request.message.chunked,
+        underscore=state.forward_policy.underscore,
         content_length=call.content_length,
         max_body_size=state.config.limits.max_body_size,
     )
     if rejection is not None:
+        if closes_connection(rejection):
+            # The caller and the proxy may disagree on where this request ends.
+            request.force_close()
         status, body = rejection_response(rejection, trace_id=None)
         request.send(status, None, problem_fields(rejection), body)
         record_own_answer(state, call.method, status, rejection.slug, call.started, len(body))

@@ -22,6 +22,7 @@ from mes_trace_proxy.extract import OrderFacts, response_facts
 from mes_trace_proxy.handler_state import Call, ListenerState
 from mes_trace_proxy.http1 import IncomingRequest
 from mes_trace_proxy.orders import Findings, SpanRef
+from mes_trace_proxy.span_context import span_context
 from mes_trace_proxy.spans import ProxySpan
 from mes_trace_proxy.tracecontext import format_span_id
 
@@ -29,7 +30,6 @@ __all__ = ["record", "record_own_answer"]
 
 log = logging.getLogger("mes_trace_proxy.proxy")
 
-_new_tuple: Final = tuple.__new__
 _DEFAULT_FLAGS: Final = TraceFlags(TraceFlags.DEFAULT)
 _DEFAULT_STATE: Final = TraceState()
 _FIRST_SPAN_LINK: Final = {A.MES_LINK_KIND: "order.first_span"}
@@ -253,9 +253,5 @@ def _verdict(
         # SpanContext is a tuple; its checked constructor costs more than the link itself
         # (the ids come from a span this process made, so they are valid).
         span.add_link(
-            _new_tuple(
-                trace_api.SpanContext,
-                (first.trace_id, first.span_id, False, _DEFAULT_FLAGS, _DEFAULT_STATE, True),
-            ),
-            _FIRST_SPAN_LINK,
+            span_context(first.trace_id, first.span_id, _DEFAULT_FLAGS, _DEFAULT_STATE), _FIRST_SPAN_LINK
         )

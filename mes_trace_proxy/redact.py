@@ -12,16 +12,19 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from itertools import product
 from types import MappingProxyType
 from typing import Final
 from urllib.parse import unquote, unquote_plus
+
+from mes_trace_proxy.cards import CARD_MIN_DIGITS, holds_card
+from mes_trace_proxy.textfold import fold
 
 __all__ = [
     "DEFAULT_HEADER_ALLOW",
     "DEFAULT_MARKER",
     "DEFAULT_QUERY_ALLOW",
     "DEFAULT_REDACT_KEYS",
+    "MAX_HEADER_CHARS_PER_REQUEST",
     "NEVER_HEADERS",
     "NEVER_HEADER_FRAGMENTS",
     "PrivacyPolicy",
@@ -85,8 +88,12 @@ NEVER_HEADER_FRAGMENTS: Final[tuple[str, ...]] = (
 # Possessive quantifiers and the lookbehinds (a match starts only where its token starts) keep
 # every scan linear in the input: no position is rescanned after a failed attempt.
 _LOCAL = r"[\w.+\-]"
+# RFC 5321 §4.1.2: a local part is a dot-string or a quoted string ('"ivan canary"@...'), and
+# the domain a name or an address literal ('[192.0.2.1]', '[IPv6:2001:db8::1]').
+_QUOTED_LOCAL = r'"(?:[^"\\\r\n]++|\\.)*+"'
+_DOMAIN = r"(?:[\w\-]++(?:\.[\w\-]++)+|\[[0-9A-Za-z.:\-]++\])"
 # '%40' too: an encoded '@' in a value that was never decoded is still an address.
-_EMAIL: Final = rf"(?<!{_LOCAL}){_LOCAL}++(?:@|%40)[\w\-]++(?:\.[\w\-]++)+"
+_EMAIL: Final = rf"(?:(?<!{_LOCAL}){_LOCAL}++|{_QUOTED_LOCAL})(?:@|%40){_DOMAIN}"
 # A digit run: digit groups joined by 1-3 separators ("8 (900) 123-45-67", "+33 1.23.45.67.89").
 # A '+' run needs 7 digits (the shortest E.164 numbers), a bare run 10 (the shortest shape in
 # _NATIONAL_PHONE_SHAPES); each run is then judged window by window in _run_is_personal.
@@ -121,21 +128,20 @@ _NATIONAL_PHONE_SHAPES: Final[Mapping[tuple[int, ...], str]] = MappingProxyType(
         (3, 3, 2, 2): "9",  # (900) 123-45-67
     }
 )
-# Payment card numbers (ISO/IEC 7812 PANs as issued by card networks) are 13 to 19 digits.
-_CARD_MIN_DIGITS: Final = 13
-_CARD_MAX_DIGITS: Final = 19
-# Cards are printed unbroken or in groups of 4-6 digits (4-4-4-4, 4-6-5, 4-4-4-4-3) joined by
-# spaces or dashes; dots and parentheses mean something else (versions, prices, phones).
-# Requiring groups of 3+ digits keeps dates ("2026-01-15 2026-01-16") and lists of small
-# numbers from ever forming a 13-19 digit window.
-_CARD_MIN_GROUP: Final = 3
-# Every separator _SEP admits that is made of spaces and dashes only ("4111  1111", "4111 - 1111").
-_CARD_SEPARATORS: Final = frozenset("".join(p) for n in (1, 2, 3) for p in product(" -", repeat=n))
-# Major industry identifier 0 is not issued to card networks; excluding it keeps zero-padded ids
-# ("0000000000001234", Luhn-valid by accident) out of the card check.
-_CARD_FIRST_DIGITS: Final = "123456789"
-# Luhn: each ASCII digit mapped to the digit sum of its double, for bytes.translate.
-_LUHN_DOUBLED: Final = bytes.maketrans(b"0123456789", b"0246813579")
+# A run longer than this is redacted whole, unexamined. It bounds the work of one value: the
+# phone and card checks of a 1,020-character run of "411 411 ..." took ~1 ms each (120 such
+# header values cost 86-130 ms a request). Little is lost: the longest personal shapes (a
+# 19-digit card in groups with 3-character separators, a phone with its trunk prefix) stay
+# under 40 characters, and a long run of digit groups almost always holds a Luhn-valid 13-19
+# digit window anyway (each passes with odds 1 in 10), so it was redacted before as well.
+_MAX_RUN_CHARS: Final = 128
+
+# The characters of recorded header values one request may have scanned. The allow-listed headers
+# of an ordinary request hold a few hundred; a caller who repeats one of them (128 fields of 1,020
+# characters fit the parser's limits) would otherwise choose how much work a request costs. Past
+# the budget a value becomes the marker unread, so one request's header redaction costs at most
+# about eight worst-case values.
+MAX_HEADER_CHARS_PER_REQUEST: Final = 8192
 
 # Key normalisation for redact_keys: "full_name", "Full-Name" and "fullName" are one key.
 _KEY_NOISE: Final = r"[\s_.\-]+"
@@ -211,9 +217,11 @@ class Redactor:
 
     Detected in free text: e-mail addresses (also with '%40'), phone numbers ('+' followed by
     7+ digits in any grouping; Russian national shapes, see _NATIONAL_PHONE_SHAPES) and
-    Luhn-valid 13-19 digit card numbers (see _CARD_MIN_GROUP). Kept: UUIDs (shielded
+    Luhn-valid 13-19 digit card numbers (see cards.CARD_MIN_GROUP). Kept: UUIDs (shielded
     explicitly), ISO timestamps, prices, versions and ids such as ORD-2026-000123 (no shape
-    above fits them). Only ASCII digits count, so fullwidth or Arabic-Indic digits pass.
+    above fits them). A value that is not ASCII is also read folded (textfold.fold: NFKC
+    without format characters), so fullwidth forms, no-break spaces and zero-width characters
+    hide nothing; Arabic-Indic and other non-ASCII digits still pass.
     Names and addresses have no pattern: they are caught only by key (json_scalar) or by
     never being recorded (dropped query parameters and headers).
     """
@@ -292,8 +300,31 @@ class Redactor:
         return out
 
     def _scrub(self, s: str) -> str:
+        # The cap comes before any pattern: it bounds the work one value can cost.
         if len(s) > self._max:
             return self._marker
+        out = self._scan(s)
+        if not s.isascii():
+            # What only the folded reading shows (a phone spaced with U+00A0, an address with a
+            # zero-width space or a fullwidth '@') was written to hide, or pasted from a word
+            # processor: the whole value becomes the marker, as a personal path segment or query
+            # value does. When both readings find the same, the plain finds are kept exactly.
+            folded = fold(s)
+            if folded != s:
+                # NFKC can lengthen text (one character up to 18): the cap holds here too.
+                if len(folded) > self._max:
+                    return self._marker
+                if out == s:
+                    # Nothing plain: one find in the folded reading settles it.
+                    if self._holds_personal(folded):
+                        return self._marker
+                else:
+                    found = self._scan(folded)
+                    if found != folded and found != fold(out):
+                        return self._marker
+        return out
+
+    def _scan(self, s: str) -> str:
         # UUIDs are common order ids and their hex can hold long digit runs: skip the scan.
         if self._plain.fullmatch(s) is not None or self._uuid.fullmatch(s) is not None:
             return s
@@ -301,29 +332,58 @@ class Redactor:
         # E-mail first, so the digits of "79001234567@mail.ru" go with the address.
         if "@" in out or "%40" in out:
             out = self._email.sub(self._marker_template, out)
-        out = self._run.sub(self._replace_run, out)
+        out = self._replace_runs(out)
         # Markers can be longer than what they replace; re-checking keeps value() idempotent.
         return out if len(out) <= self._max else self._marker
 
-    def _replace_run(self, match: re.Match[str]) -> str:
-        run = match.group()
-        if self._run_is_personal(run) and not self._inside_uuid(match):
-            return self._marker
-        return run
+    def _replace_runs(self, s: str) -> str:
+        """Replace each personal digit run by the marker, unless it lies inside a UUID."""
+        spans = self._personal_runs(s)
+        if not spans:
+            return s
+        pieces: list[str] = []
+        last = 0
+        for start, end in spans:
+            pieces.append(s[last:start])
+            pieces.append(self._marker)
+            last = end
+        pieces.append(s[last:])
+        return "".join(pieces)
+
+    def _holds_personal(self, s: str) -> bool:
+        """Whether ``s`` holds anything :meth:`_scan` would replace; stops at the first find."""
+        if self._plain.fullmatch(s) is not None or self._uuid.fullmatch(s) is not None:
+            return False
+        if ("@" in s or "%40" in s) and self._email.search(s) is not None:
+            return True
+        return bool(self._personal_runs(s, first=True))
+
+    def _personal_runs(self, s: str, *, first: bool = False) -> list[tuple[int, int]]:
+        """The spans of the digit runs that are phones or cards, outside UUIDs, in order
+        (only the first one with ``first``)."""
+        spans: list[tuple[int, int]] = []
+        uuids: list[tuple[int, int]] | None = None
+        for match in self._run.finditer(s):
+            if not self._run_is_personal(match.group()):
+                continue
+            start, end = match.span()
+            if uuids is None:
+                # Rare path (a personal-looking run); found once per value, not once per run.
+                uuids = [u.span() for u in self._uuid.finditer(s)]
+            if not any(low <= start and end <= high for low, high in uuids):
+                spans.append((start, end))
+                if first:
+                    break
+        return spans
 
     def _run_is_personal(self, run: str) -> bool:
         """Tell whether a digit run is, or holds at a group boundary, a phone or a card number."""
-        if run[0] == "+" or self._phone.search(run) is not None:
+        if run[0] == "+" or len(run) > _MAX_RUN_CHARS or self._phone.search(run) is not None:
             return True
-        if len(run) < _CARD_MIN_DIGITS:
+        if len(run) < CARD_MIN_DIGITS:
             return False
         parts = self._run_split.split(run)
-        return _holds_card(parts[0::2], parts[1::2])
-
-    def _inside_uuid(self, match: re.Match[str]) -> bool:
-        # Rare path (a personal-looking run): scanning the whole value again is cheap enough.
-        start, end = match.span()
-        return any(u.start() <= start and end <= u.end() for u in self._uuid.finditer(match.string))
+        return holds_card(parts[0::2], parts[1::2])
 
     def _is_personal(self, decoded: str) -> bool:
         return len(decoded) > self._max or self.value(decoded) != decoded
@@ -443,13 +503,16 @@ class Redactor:
             pairs: Header (name, value) pairs in arrival order, repeats allowed.
 
         Returns:
-            Lowercased name to its scrubbed values in arrival order.
+            Lowercased name to its scrubbed values in arrival order; once the values read reach
+            MAX_HEADER_CHARS_PER_REQUEST characters, each further value is the marker, unread.
         """
         kept: dict[str, list[str]] = {}
+        budget = MAX_HEADER_CHARS_PER_REQUEST
         for name, value in pairs:
             lowered = name.lower()
             if lowered in self._header_allow:
-                kept.setdefault(lowered, []).append(self.value(value))
+                budget -= len(value)
+                kept.setdefault(lowered, []).append(self.value(value) if budget >= 0 else self._marker)
         return {name: tuple(values) for name, values in kept.items()}
 
 
@@ -459,50 +522,6 @@ def _shape_pattern(shape: tuple[tuple[int, ...], str]) -> str:
     first = f"[{leads}][0-9]{{{sizes[0] - 1}}}"
     rest = "".join(f"{_SEP}[0-9]{{{size}}}" for size in sizes[1:])
     return f"(?<![0-9]){first}{rest}(?![0-9])"
-
-
-def _holds_card(groups: list[str], separators: list[str]) -> bool:
-    """Tell whether some window of consecutive digit groups is a card-shaped, Luhn-valid number.
-
-    Args:
-        groups: The digit groups of a run.
-        separators: The separators between them (one fewer).
-
-    Returns:
-        True when a window of 13-19 digits, starting with 1-9, made of 3+ digit groups joined by
-        spaces or dashes, passes the Luhn check.
-    """
-    sizes = tuple(map(len, groups))
-    if sum(sizes) < _CARD_MIN_DIGITS:
-        return False
-    luhn = tuple(_luhn_sums(g) if _CARD_MIN_GROUP <= len(g) <= _CARD_MAX_DIGITS else (0, 0) for g in groups)
-    for start in range(len(groups)):
-        if groups[start][0] not in _CARD_FIRST_DIGITS:
-            continue
-        # Luhn sums of the window with the digits at even (odd) window indexes doubled.
-        even_doubled = odd_doubled = length = 0
-        for end in range(start, len(groups)):
-            if sizes[end] < _CARD_MIN_GROUP or (end > start and separators[end - 1] not in _CARD_SEPARATORS):
-                break
-            length_parity = length & 1
-            even_doubled += luhn[end][length_parity]
-            odd_doubled += luhn[end][1 - length_parity]
-            length += sizes[end]
-            if length > _CARD_MAX_DIGITS:
-                break
-            # Luhn doubles every second digit from the right: the even indexes when length is even.
-            if length >= _CARD_MIN_DIGITS and (odd_doubled if length & 1 else even_doubled) % 10 == 0:
-                return True
-    return False
-
-
-def _luhn_sums(group: str) -> tuple[int, int]:
-    """Luhn (ISO/IEC 7812-1 annex B) digit sums of a group: (even indexes doubled, odd doubled)."""
-    plain = group.encode("ascii")
-    doubled = plain.translate(_LUHN_DOUBLED)
-    # Summing bytes stays in C; every byte is an ASCII digit, hence the 48 per digit.
-    bias = 48 * len(plain)
-    return sum(doubled[0::2]) + sum(plain[1::2]) - bias, sum(plain[0::2]) + sum(doubled[1::2]) - bias
 
 
 # ── identity ───────────────────────────────────────────────────────────────────────────────────

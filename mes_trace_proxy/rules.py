@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote
 
+from mes_trace_proxy.framing import is_token
+
 __all__ = [
     "CompiledRules",
     "RouteMatch",
@@ -103,7 +105,6 @@ class RouteMatch:
 # matching ambiguous and no reference route needs them.
 _PARAM: Final = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _METHOD: Final = re.compile(r"^[A-Z][A-Z0-9_-]*$")
-_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.1 token
 _SOURCE_KINDS: Final = {kind.value: kind for kind in SourceKind}
 _RULE_KEYS: Final = frozenset({"name", "method", "route", "order_id", "status", "observed_status", "sample"})
 
@@ -163,7 +164,7 @@ def _parse_source(key: str, raw: object, params: Sequence[str]) -> Source:
             key, f"path parameter {arg!r} is not in the route (has: {', '.join(params) or 'none'})"
         )
     if kind in (SourceKind.HEADER, SourceKind.RESPONSE_HEADER):
-        if not _HEADER_NAME.match(arg):
+        if not is_token(arg):  # RFC 9110 §5.1: a field name is a token
             raise RuleError(key, f"{arg!r} is not a valid header name")
         arg = arg.lower()
     return Source(kind=kind, name=arg)

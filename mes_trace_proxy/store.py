@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Final, Protocol
 from urllib.parse import urlsplit
 
-from mes_trace_proxy.lifecycle import TransitionKind
-from mes_trace_proxy.orders import HistoryEntry, OrderRecord, SpanRef
+from mes_trace_proxy.orders import OrderRecord
+
+# Re-exported: the JSON form of a record lives in store_codec, which the backends import
+# (importing it from here made store <-> store_sqlite / store_redis a cycle).
+from mes_trace_proxy.store_codec import RECORD_FORMAT, decode_all, decode_record, encode_record
 
 __all__ = [
+    "RECORD_FORMAT",
     "MemoryStore",
     "StateStore",
     "StoreWriter",
@@ -30,9 +33,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-RECORD_FORMAT: Final = 1
-"""Version of the JSON record layout written by ``encode_record``."""
 
 
 class StateStore(Protocol):
@@ -61,68 +61,6 @@ class StateStore(Protocol):
     async def close(self) -> None:
         """Release connections and threads; the store is unusable afterwards."""
         ...
-
-
-# ── record encoding, shared by the SQLite and Redis stores ───────────────────────────────────
-
-
-def encode_record(record: OrderRecord) -> str:
-    """The record as compact JSON, readable with ``sqlite3`` or ``redis-cli`` when debugging."""
-    return json.dumps(
-        {
-            "v": RECORD_FORMAT,
-            "id": record.order_id,
-            "stuck": record.stuck_reported,
-            "history": [
-                [e.status, e.at, e.span.trace_id_hex, e.span.span_id_hex, e.kind.value, e.observed, e.source]
-                for e in record.entries
-            ],
-        },
-        separators=(",", ":"),
-    )
-
-
-def decode_record(data: str | bytes) -> OrderRecord:
-    """Parse ``encode_record`` output.
-
-    Raises:
-        ValueError: when the data is not a valid record of a known format.
-    """
-    try:
-        doc = json.loads(data)
-        if doc["v"] != RECORD_FORMAT:
-            raise ValueError(f"unknown record format {doc['v']!r}")
-        entries = [
-            HistoryEntry(
-                status=str(status),
-                at=float(at),
-                span=SpanRef(int(trace, 16), int(span, 16)),
-                kind=TransitionKind(kind),
-                observed=bool(observed),
-                source=str(source),
-            )
-            for status, at, trace, span, kind, observed, source in doc["history"]
-        ]
-        order_id = doc["id"]
-        if not isinstance(order_id, str):
-            raise TypeError("order id is not a string")
-        return OrderRecord.from_entries(order_id, entries, stuck_reported=bool(doc["stuck"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a valid order record: {exc}") from exc
-
-
-def decode_all(rows: Sequence[str | bytes], where: str) -> list[OrderRecord]:
-    """Decode rows, skipping (and logging once, without ids) those that do not parse."""
-    records: list[OrderRecord] = []
-    bad = 0
-    for row in rows:
-        try:
-            records.append(decode_record(row))
-        except ValueError:
-            bad += 1
-    if bad:
-        _log.warning("state store %s: skipped %d unreadable order records", where, bad)
-    return records
 
 
 # ── memory ───────────────────────────────────────────────────────────────────────────────────
@@ -395,7 +333,7 @@ def open_store(url: str) -> StateStore:
         path = rest[1:]
         if not path or path.endswith("/") or "?" in path:
             raise ValueError(f"state URL {shown!r}: the sqlite URL must end in a database file name")
-        # Imported here: the backends import this module, and unused backends stay unloaded.
+        # Imported here: unused backends (and their drivers) stay unloaded.
         from mes_trace_proxy.store_sqlite import SqliteStore
 
         return SqliteStore(path)

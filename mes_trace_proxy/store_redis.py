@@ -10,7 +10,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from mes_trace_proxy.orders import OrderRecord
-from mes_trace_proxy.store import decode_all, encode_record
+from mes_trace_proxy.store_codec import decode_all, encode_record
 
 __all__ = ["RedisStore"]
 

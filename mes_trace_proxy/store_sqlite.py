@@ -12,7 +12,7 @@ from typing import Final, TypeVar
 from urllib.request import pathname2url
 
 from mes_trace_proxy.orders import OrderRecord
-from mes_trace_proxy.store import decode_all, encode_record
+from mes_trace_proxy.store_codec import decode_all, encode_record
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 

@@ -12,9 +12,8 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Final
 
 from opentelemetry import trace as trace_api
@@ -26,24 +25,22 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
-    ParentBased,
     Sampler,
-    SamplingResult,
     TraceIdRatioBased,
 )
 from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
-from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import Attributes
 
 from mes_trace_proxy import __version__
-from mes_trace_proxy.attributes import HTTP_ROUTE
 from mes_trace_proxy.config import Config
 from mes_trace_proxy.correlation import OrderTraceIds
 from mes_trace_proxy.export import ExportStats, OtlpExportProcessor, make_transport, otlp_settings
+from mes_trace_proxy.sampling import RouteSampler, default_sampler
+from mes_trace_proxy.span_context import span_context
 from mes_trace_proxy.spans import SpanFactory
 
 __all__ = [
@@ -102,51 +99,12 @@ def resource_attributes(config: Config, environ: Mapping[str, str]) -> dict[str,
     return attrs
 
 
-class RouteSampler(Sampler):
-    """The SDK's sampler, overridden per rule: polling at 1 %, every status change always.
-
-    The decision is keyed by the ``http.route`` attribute the proxy passes when it starts
-    the SERVER span, so the override costs one dict lookup. Per-rule ratios are explicit
-    (not parent-based): the operator asked for exactly that share of that route.
-    """
-
-    def __init__(self, default: Sampler, per_route: Mapping[str, Sampler]) -> None:
-        self._default = default
-        self._per_route = dict(per_route)
-
-    @property
-    def default(self) -> Sampler:
-        """The sampler of every span not routed (``OTEL_TRACES_SAMPLER``)."""
-        return self._default
-
-    @property
-    def per_route(self) -> Mapping[str, Sampler]:
-        """The SERVER spans' samplers by ``http.route`` (read-only view)."""
-        return MappingProxyType(self._per_route)
-
-    def should_sample(
-        self,
-        parent_context: Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: trace_api.TraceState | None = None,
-    ) -> SamplingResult:
-        sampler = self._default
-        if kind is SpanKind.SERVER and attributes:
-            route = attributes.get(HTTP_ROUTE)
-            if route is not None:
-                sampler = self._per_route.get(str(route), self._default)
-        return sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
-
-    def get_description(self) -> str:
-        return f"RouteSampler{{default={self._default.get_description()},routes={len(self._per_route)}}}"
-
-
 class BatchExportProcessor(SpanProcessor):
-    """A bounded batch processor that counts what it drops.
+    """A bounded batch processor that counts what it drops: ``OTEL_TRACES_EXPORTER=console`` only.
+
+    Not the default: OTLP, the default exporter, goes through ``export.OtlpExportProcessor``
+    (see :func:`_processors`, where the choice is made). This one serves the SDK's
+    ``SpanExporter`` interface, which the console exporter needs.
 
     Like the SDK's ``BatchSpanProcessor`` (one worker thread, a bounded deque, batches by
     size or delay) but every lost span is counted, so a dead collector shows up in
@@ -240,39 +198,6 @@ class BatchExportProcessor(SpanProcessor):
         self._exporter.shutdown()
 
 
-_SAMPLERS: Final[Mapping[str, Callable[[float], Sampler]]] = {
-    "always_on": lambda ratio: ALWAYS_ON,
-    "always_off": lambda ratio: ALWAYS_OFF,
-    "traceidratio": lambda ratio: TraceIdRatioBased(ratio),
-    "parentbased_always_on": lambda ratio: ParentBased(ALWAYS_ON),
-    "parentbased_always_off": lambda ratio: ParentBased(ALWAYS_OFF),
-    "parentbased_traceidratio": lambda ratio: ParentBased(TraceIdRatioBased(ratio)),
-}
-
-
-def default_sampler(environ: Mapping[str, str]) -> Sampler:
-    """The SDK's default sampler as ``OTEL_TRACES_SAMPLER``/``_ARG`` name it (specification §Sampler).
-
-    Read from the given environment rather than the SDK's own lookup of ``os.environ``, so a
-    test or an embedder can set it; the names and the default are the specification's.
-
-    Raises:
-        ValueError: an unknown sampler name or a ratio outside 0..1.
-    """
-    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    factory = _SAMPLERS.get(name)
-    if factory is None:
-        raise ValueError(f"OTEL_TRACES_SAMPLER={name!r}: use one of {', '.join(_SAMPLERS)}")
-    raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
-    try:
-        ratio = float(raw)
-    except ValueError:
-        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={raw!r} is not a number") from None
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={raw!r} must be from 0 to 1")
-    return factory(ratio)
-
-
 def _env_int(environ: Mapping[str, str], name: str) -> int:
     raw = environ.get(name)
     if raw is None or raw == "":
@@ -287,11 +212,12 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
 
 
 def _processors(environ: Mapping[str, str]) -> list[OtlpExportProcessor | BatchExportProcessor]:
-    """One counting processor per ``OTEL_TRACES_EXPORTER`` entry.
+    """One counting processor per ``OTEL_TRACES_EXPORTER`` entry: the one place the choice is made.
 
-    OTLP goes through our own export path (``export.py``: spans encoded as they end, sent
-    from the event loop); ``console`` keeps the SDK's exporter in a worker thread, since it
-    is for debugging and its cost does not matter.
+    ``otlp`` -- the default, when the variable is unset -- goes through our own export path
+    (``export.OtlpExportProcessor``: spans encoded as they end, sent from the event loop);
+    ``console`` keeps the SDK's exporter in :class:`BatchExportProcessor`'s worker thread,
+    since it is for debugging and its cost does not matter; ``none`` adds nothing.
 
     Raises:
         ValueError: an unknown exporter or protocol, or an unusable ``OTEL_EXPORTER_OTLP_*``.
@@ -345,8 +271,8 @@ class Tracing:
     tracer: trace_api.Tracer
     propagator: TextMapPropagator
     processors: tuple[OtlpExportProcessor | BatchExportProcessor, ...]
-    #: the provider's id generator: ``ids.using(trace_id)`` picks a root span's trace id
-    ids: OrderTraceIds
+    #: the provider's id generator (a root span's trace id is chosen by ``spans.start(trace_id=)``)
+    ids: IdGenerator
     #: the proxy's own SERVER and CLIENT spans, made lean on the provider's configuration
     spans: SpanFactory
 
@@ -376,10 +302,8 @@ class Tracing:
         else:
             trace = trace_id if trace_id is not None else ids.generate_trace_id()
             flags, state = _NOT_SAMPLED, _NO_STATE
-        # SpanContext is a tuple; its checked constructor costs more than the ids it holds.
-        return trace_api.NonRecordingSpan(
-            _new_tuple(trace_api.SpanContext, (trace, ids.generate_span_id(), False, flags, state, True))
-        )
+        # The checked SpanContext constructor costs more than the ids it holds.
+        return trace_api.NonRecordingSpan(span_context(trace, ids.generate_span_id(), flags, state))
 
     @property
     def service_name(self) -> str:
@@ -415,7 +339,6 @@ class Tracing:
 
 _NOT_SAMPLED: Final = trace_api.TraceFlags(trace_api.TraceFlags.DEFAULT)
 _NO_STATE: Final = trace_api.TraceState()
-_new_tuple: Final = tuple.__new__
 
 
 def is_default_w3c(propagator: TextMapPropagator) -> bool:

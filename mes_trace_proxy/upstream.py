@@ -19,9 +19,10 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpResponseParser, RawResponseMessage
 from multidict import CIMultiDictProxy
 
+from mes_trace_proxy import h1
 from mes_trace_proxy.config import ListenerConfig
 from mes_trace_proxy.problems import UpstreamFailure
-from mes_trace_proxy.tls import client_context
+from mes_trace_proxy.tls import ClientCertReloader
 
 __all__ = ["Answer", "RequestBody", "UpstreamError", "UpstreamPool"]
 
@@ -31,8 +32,6 @@ RequestBody = bytes | aiohttp.StreamReader | AsyncIterable[bytes] | None
 # RFC 9110 §9.2.2; the same set aiohttp retries on a reused connection. A POST that may have
 # reached MES is never sent twice.
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Methods for which a missing body means no Content-Length (aiohttp sends ``0`` for the rest).
-_BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "CONNECT", "TRACE"})
 # Head and body go out in one write up to this size; a larger body is written after the head
 # instead of copied into one buffer with it.
 _ONE_WRITE: Final = 64 * 1024
@@ -395,25 +394,13 @@ class _Call:
         )
         head = conn.begin(parser)
         body = self._body
-        lines = [f"{method} {self._target} HTTP/1.1\r\n"]
-        has_length = False
-        for name, value in self._headers:
-            if not has_length and len(name) == 14 and name.lower() == "content-length":
-                has_length = True
-            lines.append(f"{name}: {value}\r\n")
-        chunked = False
-        if body is None:
-            if not has_length and method not in _BODYLESS_METHODS:
-                lines.append("Content-Length: 0\r\n")
-        elif isinstance(body, bytes):
-            if not has_length:
-                lines.append(f"Content-Length: {len(body)}\r\n")
-        elif not has_length:
-            chunked = True
-            lines.append("Transfer-Encoding: chunked\r\n")
-        lines.append("\r\n")
-        # surrogateescape gives back the exact bytes the caller sent in a non-UTF-8 field.
-        data = "".join(lines).encode("utf-8", "surrogateescape")
+        data, chunked = h1.request_head(
+            method,
+            self._target,
+            self._headers,
+            has_body=body is not None,
+            length=len(body) if isinstance(body, bytes) else None,
+        )
         transport = conn.transport
         if transport is None or conn.closed:
             raise UpstreamError(UpstreamFailure.DISCONNECTED, "upstream closed the pooled connection")
@@ -450,13 +437,13 @@ class _Call:
                 if transport is None or conn.closed:
                     raise ConnectionResetError("upstream connection lost while sending the body")
                 if chunked:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                    transport.writelines(h1.chunk(chunk))
                 else:
                     transport.write(chunk)
                 if conn.writing_paused:
                     await conn.drain()
             if chunked and conn.transport is not None:
-                conn.transport.write(b"0\r\n\r\n")
+                conn.transport.write(h1.LAST_CHUNK)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -507,7 +494,6 @@ class _Call:
         self._conn = None
         if conn is not None:
             conn.finish()
-            conn.close()
             self._pool.discard(conn)
 
 
@@ -532,13 +518,15 @@ class UpstreamPool:
         self._host = upstream.host
         self._port = upstream.port
         self._ssl: ssl.SSLContext | None = None
+        #: upstream_tls's files, reloaded on change and SIGHUP: each new connection takes its context
+        self.tls: ClientCertReloader | None = None
         if upstream.scheme == "https":
-            # https:// without upstream_tls verifies against the system's CA bundle.
-            self._ssl = (
-                client_context(listener.upstream_tls)
-                if listener.upstream_tls is not None
-                else ssl.create_default_context()
-            )
+            if listener.upstream_tls is not None:
+                self.tls = ClientCertReloader(listener.name, listener.upstream_tls)
+                self.tls.start()
+            else:
+                # https:// without upstream_tls verifies against the system's CA bundle.
+                self._ssl = ssl.create_default_context()
         self._size = size
         self._keepalive = keepalive
         #: idle connections, most recently used last (reused first: its socket is warm)
@@ -619,14 +607,15 @@ class UpstreamPool:
         if deadline is not None:
             left = deadline - loop.time()
             limit = left if limit is None else min(limit, left)
+        context = self.tls.context if self.tls is not None else self._ssl
         try:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
                     self._host,
                     self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
+                    ssl=context,
+                    server_hostname=self._host if context is not None else None,
                 )
         except TimeoutError:
             if connect is not None and (deadline is None or loop.time() < deadline - 1e-3):
@@ -641,7 +630,6 @@ class UpstreamPool:
     def release(self, conn: _Connection) -> None:
         """Put a connection whose exchange ended cleanly back in the pool."""
         if self._closed or conn.closed:
-            conn.close()
             self.discard(conn)
             return
         self._idle.append((conn, self.loop.time()))
@@ -650,7 +638,8 @@ class UpstreamPool:
         self._wake()
 
     def discard(self, conn: _Connection) -> None:
-        """A connection given up (closed): its place in the pool is free."""
+        """Give up a busy connection: close it (never pooled again) and free its place."""
+        conn.close()
         self._open -= 1
         self._wake()
 
@@ -679,6 +668,8 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close every idle connection; busy ones close when their call ends."""
         self._closed = True
+        if self.tls is not None:
+            await self.tls.aclose()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -1,42 +1,49 @@
-"""The stuck-order watchdog and the order book's persistence: restore, write behind, check, purge, sync.
+"""The stuck-order watchdog: every ``check_interval``, report each newly stuck order once, then purge.
 
-Every ``check_interval`` one owned background task merges other replicas' changes (shared
-stores), reports each newly stuck order once (a JSON log line, a ``mes.order.stuck`` span
-linked to the call that started the wait, a metric), persists the stuck flag, and purges
-closed orders past their retention. Time is an argument: tests call ``check_once(now)``.
+One owned background task runs ``check_once``: it merges other replicas' changes
+(``book_sync.BookSync``), reports each newly stuck order (a JSON log line, a ``mes.order.stuck``
+span linked to the call that started the wait, a metric), persists the stuck flag, and purges
+closed orders past their retention. A mass event (MES down for an hour: thousands of orders
+at once) is reported as the most late orders one by one and one summary line for the rest, so
+the span queue and the log stay usable. Time is an argument: tests call ``check_once(now)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from mes_trace_proxy import attributes as A
 from mes_trace_proxy.admin_page import iso_utc
+from mes_trace_proxy.book_sync import BookSync
 from mes_trace_proxy.config import WatchdogConfig
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.orders import OrderBook, SpanRef, StuckOrder
-from mes_trace_proxy.store import StateStore, StoreWriter
 from mes_trace_proxy.tracecontext import order_trace_id
 from mes_trace_proxy.tracing import Tracing
 
-__all__ = ["CheckReport", "Watchdog"]
+__all__ = ["REPORTS_PER_CHECK", "STUCK_MESSAGE", "UNREPORTED_MESSAGE", "CheckReport", "Watchdog"]
 
 log = logging.getLogger("mes_trace_proxy.watchdog")
 
 STUCK_MESSAGE: Final = "order stuck"
 """The message of the one log line per newly stuck order (search the logs for it)."""
-# Feed pages merged per check (1,000 records each, store_redis._FEED_PAGE): a replica that
-# fell far behind catches up over a few checks instead of stalling one for minutes.
-_SYNC_PAGES: Final = 100
+UNREPORTED_MESSAGE: Final = "orders stuck, not reported one by one"
+"""The message of the summary line of a check that found more stuck orders than it reports."""
+# Newly stuck orders one check reports one by one (log line and span): a real incident's few
+# dozen all get theirs; past it (a mass event), the most late 100 do and one summary line
+# counts the rest, which stay in /orders/-/stuck and mes_orders_stuck. 100 spans are a
+# twentieth of the export queue (2,048), so a mass event cannot push out the proxied calls'.
+REPORTS_PER_CHECK: Final = 100
 _NS: Final = 1_000_000_000
 
 
@@ -45,7 +52,9 @@ class CheckReport:
     """What one check did."""
 
     found: tuple[StuckOrder, ...] = ()
-    """Orders reported stuck by this check (each stay in a status is reported once)."""
+    """Orders found stuck by this check (each stay in a status is found once)."""
+    reported: int = 0
+    """Of ``found``, how many got their own log line and span (the rest: one summary line)."""
     merged: int = 0
     """Records from other replicas that changed this book."""
     purged: int = 0
@@ -55,74 +64,44 @@ class CheckReport:
 
 
 class Watchdog:
-    """Owns the order book's store traffic and the periodic stuck-order check.
+    """Finds and reports stuck orders, and purges closed ones, every ``check_interval``.
 
     Args:
         book: The process's order book.
-        store: Where order records persist (``open_store``); also the replicas' change feed.
-        writer: The write-behind writer over ``store`` (started and stopped by the caller).
+        sync: The book's store traffic: the stuck flag and purges go through it.
         tracing: Where the ``mes.order.stuck`` spans go.
         config: ``check_interval``, ``retention`` and ``correlation``.
-        metrics: Counts ``mes_order_stuck_found`` (None: no metric).
+        metrics: Counts ``mes_order_stuck_found`` and ``mes_order_stuck_unreported`` (None: no metric).
         clock: Wall clock (epoch seconds) for the background loop; tests inject theirs.
+        max_reports: Newly stuck orders reported one by one per check (see ``REPORTS_PER_CHECK``).
     """
 
     def __init__(
         self,
         *,
         book: OrderBook,
-        store: StateStore,
-        writer: StoreWriter,
+        sync: BookSync,
         tracing: Tracing,
         config: WatchdogConfig,
         metrics: ProxyMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        max_reports: int = REPORTS_PER_CHECK,
     ) -> None:
+        if max_reports < 0:
+            raise ValueError(f"max_reports must not be negative, got {max_reports}")
         self.book = book
-        self.store = store
-        self.writer = writer
+        self.sync = sync
         self._tracing = tracing
         self._interval = config.check_interval
         self._retention = config.retention
         self._correlation = config.correlation
         self._metrics = metrics
         self._clock = clock
-        self._cursor: str | None = None
+        self._max_reports = max_reports
         self._task: asyncio.Task[None] | None = None
-        self._sync_failing = False
         #: set once the background task finished its first round (start-up catch-up done)
         self.first_round = asyncio.Event()
-        self.load_errors = 0
-        self.sync_errors = 0
         self.check_errors = 0
-
-    # ── start-up and the hot-path hook ──────────────────────────────────────────────────────
-
-    async def restore(self) -> int:
-        """Load the stored records into the book; a failing store leaves it empty, loudly.
-
-        Returns:
-            How many records changed the book (0 when the store could not be read).
-        """
-        try:
-            records = await self.store.load()
-        except Exception as exc:  # a dead store must not stop the proxy from starting
-            self.load_errors += 1
-            log.error(
-                "state store load failed; starting with no order state (writes retry in the "
-                "background): %s: %s",
-                type(exc).__name__,
-                str(exc)[:200],
-            )
-            return 0
-        changed = self.book.load(records)
-        log.info("order state restored", extra={"orders": len(self.book), "records": len(records)})
-        return changed
-
-    def order_changed(self, order_id: str) -> None:
-        """Schedule the order's record for writing (O(1); called on the request path)."""
-        if order_id in self.book:
-            self.writer.enqueue(self.book.to_record(order_id))
 
     # ── the check ───────────────────────────────────────────────────────────────────────────
 
@@ -135,13 +114,15 @@ class Watchdog:
         Returns:
             What the round did; reporting never raises for a failing store or exporter.
         """
-        merged, synced = await self._sync()
+        merged, synced = await self.sync.merge_changes()
         # From here to the end no await: the book does not change under the report.
         found = tuple(self.book.overdue(now))
+        reported = self._report_all(found, now)
         for stuck in found:
-            self._report(stuck, now)
-            self.writer.enqueue(self.book.to_record(stuck.order_id))
-        return CheckReport(found=found, merged=merged, purged=self.purge(now), synced=synced)
+            self.sync.order_changed(stuck.order_id)
+        return CheckReport(
+            found=found, reported=reported, merged=merged, purged=self.purge(now), synced=synced
+        )
 
     def purge(self, now: float) -> int:
         """Forget closed and cancelled orders older than the retention; delete them from the store.
@@ -154,35 +135,43 @@ class Watchdog:
         """
         purged = self.book.purge(now, self._retention)
         # Evicted orders (memory cap) come out here too: the store follows the book.
-        for order_id in self.book.drain_removed():
-            self.writer.enqueue_delete(order_id)
+        self.sync.forget_removed()
         return purged
 
-    async def _sync(self) -> tuple[int, bool]:
-        merged = 0
-        try:
-            for _ in range(_SYNC_PAGES):
-                records, self._cursor = await self.store.changes_since(self._cursor)
-                if not records:
-                    break
-                merged += sum(self.book.merge(record) for record in records)
-        except Exception as exc:  # the feed fails with the store; retried next check
-            self.sync_errors += 1
-            if not self._sync_failing:
-                self._sync_failing = True
-                log.error(
-                    "state store change feed failed; replicas may disagree until it recovers: %s: %s",
-                    type(exc).__name__,
-                    str(exc)[:200],
-                )
-            return merged, False
-        if self._sync_failing:
-            self._sync_failing = False
-            log.warning("state store change feed recovered")
-        return merged, True
+    def _report_all(self, found: Sequence[StuckOrder], now: float) -> int:
+        """Count every found order; report the most late ``max_reports`` one by one, sum up the rest."""
+        by_status = Counter(stuck.status for stuck in found)
+        if self._metrics is not None:
+            for status, count in by_status.items():
+                # Only statuses with a dwell limit get stuck: lifecycle statuses, a bounded label set.
+                self._metrics.stuck_found.labels(status).inc(count)
+        chosen: Sequence[StuckOrder] = found
+        if len(found) > self._max_reports:
+            chosen = heapq.nlargest(self._max_reports, found, key=lambda stuck: stuck.over_by)
+        for stuck in chosen:
+            self._report(stuck, now)
+        if len(chosen) < len(found):
+            self._sum_up(by_status - Counter(stuck.status for stuck in chosen), len(chosen))
+        return len(chosen)
+
+    def _sum_up(self, rest: Mapping[str, int], reported: int) -> None:
+        """One line (and a metric) for the newly stuck orders not reported one by one."""
+        count = sum(rest.values())
+        log.warning(
+            UNREPORTED_MESSAGE,
+            extra={
+                "event": "order.stuck.unreported",
+                "count": count,
+                "reported": reported,
+                "by_status": dict(sorted(rest.items())),
+                "see": "/orders/-/stuck",
+            },
+        )
+        if self._metrics is not None:
+            for status, unreported in rest.items():
+                self._metrics.stuck_unreported.labels(status).inc(unreported)
 
     def _report(self, stuck: StuckOrder, now: float) -> None:
-        dwell = stuck.limit + stuck.over_by
         log.warning(
             STUCK_MESSAGE,
             extra={
@@ -196,29 +185,26 @@ class Watchdog:
                 "span_id": stuck.span.span_id_hex,
             },
         )
-        if self._metrics is not None:
-            # Only statuses with a dwell limit get stuck: lifecycle statuses, a bounded label set.
-            self._metrics.stuck_found.labels(stuck.status).inc()
         links = [_link(stuck.span, "order.transition")]
         if self._correlation == "link" and stuck.first_span != stuck.span:
             links.append(_link(stuck.first_span, "order.first_span"))
         at = int(now * _NS)
         trace_id = order_trace_id(stuck.order_id) if self._correlation == "trace-per-order" else None
         try:
-            with self._tracing.ids.using(trace_id):
-                span = self._tracing.tracer.start_span(
-                    A.SPAN_ORDER_STUCK,
-                    context=Context(),  # a root span: the watchdog acts on its own, not for a caller
-                    kind=SpanKind.INTERNAL,
-                    attributes={
-                        A.MES_ORDER_ID: stuck.order_id,
-                        A.MES_ORDER_STATUS: stuck.status,
-                        A.MES_ORDER_DWELL: dwell,
-                        A.MES_ORDER_DWELL_LIMIT: stuck.limit,
-                    },
-                    links=[link for link in links if link is not None],
-                    start_time=at,
-                )
+            span = self._tracing.spans.start(
+                A.SPAN_ORDER_STUCK,
+                kind=SpanKind.INTERNAL,
+                parent=None,  # a root span: the watchdog acts on its own, not for a caller
+                attributes={
+                    A.MES_ORDER_ID: stuck.order_id,
+                    A.MES_ORDER_STATUS: stuck.status,
+                    A.MES_ORDER_DWELL: stuck.limit + stuck.over_by,
+                    A.MES_ORDER_DWELL_LIMIT: stuck.limit,
+                },
+                links=[link for link in links if link is not None],
+                trace_id=trace_id,
+                start_time=at,
+            )
             span.end(end_time=at)
         except Exception:  # telemetry never fails the check; the log line above went out
             log.exception("recording the stuck-order span failed")
@@ -254,20 +240,11 @@ class Watchdog:
             self.first_round.set()
             await asyncio.sleep(self._interval)
 
-    # ── scrape-time sources ─────────────────────────────────────────────────────────────────
+    # ── scrape-time source ──────────────────────────────────────────────────────────────────
 
     def stuck_counts(self) -> Mapping[str, int]:
         """Orders flagged stuck per status (``mes_orders_stuck``)."""
         return self.book.snapshot().stuck_by_status
-
-    def store_stats(self) -> Mapping[str, int]:
-        """Store failures (load, write, feed), dropped and pending writes (``mes_state_store_*``)."""
-        writer = self.writer
-        return {
-            "errors": writer.errors_total + self.load_errors + self.sync_errors,
-            "dropped": writer.dropped_total,
-            "pending": writer.pending,
-        }
 
 
 def _link(ref: SpanRef, kind: str) -> Link | None:

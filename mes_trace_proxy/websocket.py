@@ -58,7 +58,14 @@ def make_upgrade_handler(state: ListenerState) -> Callable[[web.BaseRequest], Aw
         raw = request.raw_path
         headers = request.headers
         rejection = refusal(
-            method, raw, tuple(headers.items()), headers.values(), content_length=None, max_body_size=None
+            method,
+            raw,
+            tuple(headers.items()),
+            headers.values(),
+            chunked="Transfer-Encoding" in headers,
+            underscore=state.forward_policy.underscore,
+            content_length=None,
+            max_body_size=None,
         )
         if rejection is not None:
             status, body = rejection_response(rejection, trace_id=None)

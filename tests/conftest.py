@@ -24,6 +24,11 @@ from mes_trace_proxy.cli import read_default_rules
 from mes_trace_proxy.config import Config, load_config
 from mes_trace_proxy.server import RunningProxy, running
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
+
+# The message-path fixtures (a real RabbitMQ broker, a running message path, an in-memory span
+# recorder), usable from every module.
+from tests.message_samples import span_recorder  # noqa: F401
+from tests.rabbitmq import amqp_channel, own_rabbitmq, rabbitmq, running_path  # noqa: F401
 from tests.upstream import RecordingUpstream, build_upstream
 
 

@@ -16,6 +16,7 @@ from mes_trace_proxy.admin_auth import (
     TokenError,
     TokenTable,
     Verdict,
+    WarningGate,
     authorize,
     parse_tokens,
 )
@@ -295,3 +296,10 @@ def test_tokens_file_errors_name_the_key(tmp_path: Path) -> None:
     assert bad.value.key == "--admin-token-file"
     assert "line 1" in bad.value.message
     assert "tttt" not in str(bad.value)
+
+
+def test_the_warning_gate_lets_one_through_a_period_and_counts_the_rest() -> None:
+    """One warning per interval; the next one let through says how many were held back."""
+    gate = WarningGate(60.0)
+    seen = [gate.allow(t) for t in (0.0, 1.0, 2.0, 59.9, 60.0, 61.0, 200.0)]
+    assert seen == [0, None, None, None, 3, None, 1]

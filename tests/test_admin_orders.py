@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 
 from mes_trace_proxy.admin import build_admin_app
-from mes_trace_proxy.admin_orders import ROUTE_ACCESS, Page, page_params
+from mes_trace_proxy.admin_orders import (
+    COLLECTION,
+    COLLECTION_ACTIONS,
+    DEPRECATED_SINCE,
+    ROUTE_ACCESS,
+    Page,
+    order_path,
+    page_params,
+)
 from mes_trace_proxy.admin_page import jaeger_search_url
 from mes_trace_proxy.config import load_config
 from mes_trace_proxy.server import RunningProxy
@@ -209,13 +219,13 @@ async def test_order_timeline_carries_each_calls_trace_id(admin: Admin) -> None:
 
 
 async def test_stuck_orders_json(admin: Admin) -> None:
-    """/orders/stuck gives id, status, since (ISO UTC), seconds over limit, last trace id, Jaeger link."""
+    """/orders/-/stuck gives id, status, since (ISO UTC), seconds over limit, last trace id, Jaeger link."""
     trace = await admin.set_status("LATE", "SUBMITTED")
     admin.clock.advance(60)
     await admin.set_status("LATER", "SUBMITTED")
     admin.clock.advance(SUBMITTED_LIMIT + 30)
     await admin.proxy.watchdog.check_once(admin.clock())
-    status, _, doc = await admin.get("/orders/stuck")
+    status, _, doc = await admin.get("/orders/-/stuck")
     assert status == 200
     orders = doc["orders"]
     assert isinstance(orders, list)
@@ -231,23 +241,77 @@ async def test_stuck_orders_json(admin: Admin) -> None:
             "http://localhost:16686", "mes-api", "LATE", start=ManualClock().now, end=admin.clock.now
         ),
     }
-    _, _, doc = await admin.get("/orders/stuck?offset=1&limit=1")
+    _, _, doc = await admin.get("/orders/-/stuck?offset=1&limit=1")
     assert _ids(doc) == ["LATER"]
 
 
 async def test_purge_forgets_closed_orders_past_retention(admin: Admin) -> None:
-    """POST /orders/purge forgets closed orders older than the retention now; open ones stay."""
+    """POST /orders/-/purge forgets closed orders older than the retention now; open ones stay."""
     await admin.set_status("DONE", "CLOSED")
     await admin.set_status("OPEN", "SHIPPED")
-    async with admin.http.post(f"{admin.proxy.admin_url}/orders/purge") as resp:
+    async with admin.http.post(f"{admin.proxy.admin_url}/orders/-/purge") as resp:
         assert (resp.status, await resp.json()) == (200, {"purged": 0, "retention_seconds": 3600.0})
+        assert "Deprecation" not in resp.headers
     admin.clock.advance(3601)
-    async with admin.http.post(f"{admin.proxy.admin_url}/orders/purge") as resp:
+    async with admin.http.post(f"{admin.proxy.admin_url}/orders/-/purge") as resp:
         assert (await resp.json())["purged"] == 1
     assert (await admin.get("/orders/DONE"))[0] == 404
     assert (await admin.get("/orders/OPEN"))[0] == 200
-    async with admin.http.post(f"{admin.proxy.admin_url}/orders/stuck") as resp:
+    async with admin.http.post(f"{admin.proxy.admin_url}/orders/-/stuck") as resp:
         assert resp.status == 405
+
+
+@pytest.mark.parametrize(
+    "order_id",
+    ["stuck", "purge", "-", "-/stuck", "ORD/7", "50%", "a b", "Ärger?#1"],
+    ids=["stuck", "purge", "dash", "dash-slash-stuck", "slash", "percent", "space", "reserved"],
+)
+async def test_every_order_id_can_be_fetched(admin: Admin, order_id: str) -> None:
+    """Ids that look like the collection's names are orders at /orders/{id}, percent-encoded."""
+    await admin.set_status(quote(order_id, safe=""), "SUBMITTED")
+    await admin.set_status("OTHER", "SUBMITTED")
+    admin.clock.advance(SUBMITTED_LIMIT + 1)
+    await admin.proxy.watchdog.check_once(admin.clock())
+    async with admin.http.get(f"{admin.proxy.admin_url}{order_path(order_id)}") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["order_id"] == order_id
+        assert "Deprecation" not in resp.headers
+    status, _, doc = await admin.get("/orders/-/stuck")
+    assert (status, doc["total"]) == (200, 2)
+
+
+async def test_old_paths_answer_for_one_release_marked_deprecated(admin: Admin) -> None:
+    """/orders/stuck, POST /orders/purge and raw-slash ids still work, with Deprecation and a Link."""
+    await admin.set_status("LATE", "SUBMITTED")
+    await admin.set_status(quote("ORD/7", safe=""), "SUBMITTED")
+    admin.clock.advance(SUBMITTED_LIMIT + 1)
+    await admin.proxy.watchdog.check_once(admin.clock())
+    base = admin.proxy.admin_url
+    for method, path, successor in (
+        ("GET", "/orders/stuck", "/orders/-/stuck"),
+        ("POST", "/orders/purge", "/orders/-/purge"),
+        ("GET", "/orders/ORD/7", "/orders/ORD%2F7"),
+    ):
+        async with admin.http.request(method, base + path) as resp:
+            assert resp.status == 200, path
+            assert resp.headers["Deprecation"] == f"@{DEPRECATED_SINCE}"
+            assert resp.headers["Link"] == f'<{successor}>; rel="successor-version"'
+            doc = await resp.json()
+        if path == "/orders/stuck":
+            assert _ids(doc) == ["LATE", "ORD/7"]
+    # Once an order has the id "stuck", /orders/stuck is that order's path.
+    await admin.set_status("stuck", "SUBMITTED")
+    async with admin.http.get(base + "/orders/stuck") as resp:
+        assert (await resp.json())["order_id"] == "stuck"
+        assert "Deprecation" not in resp.headers
+
+
+def test_per_order_actions_and_collection_views_cannot_meet() -> None:
+    """/orders/-/{view} is only ever a collection view: its names are reserved from per-order actions."""
+    assert COLLECTION == "/orders/-"
+    assert {"stuck", "purge"} == COLLECTION_ACTIONS
+    assert order_path("-") == "/orders/-"
+    assert order_path("-/stuck") == "/orders/-%2Fstuck"  # one segment: never the collection
 
 
 async def test_page_is_html_with_a_strict_policy(admin: Admin) -> None:
@@ -263,11 +327,20 @@ async def test_page_is_html_with_a_strict_policy(admin: Admin) -> None:
 
 
 async def test_every_orders_route_is_named_in_the_access_table(admin: Admin) -> None:
-    """Each route this module adds has a name in ROUTE_ACCESS, and only purge changes state."""
+    """Each orders route has a name in ROUTE_ACCESS, and only purge and re-drive change state."""
     app = build_admin_app(admin.proxy.shared)
     names = {r.name for r in app.router.routes() if r.name is not None and r.name.startswith("orders.")}
     assert set(ROUTE_ACCESS) == names
-    assert {name for name, access in ROUTE_ACCESS.items() if access != "read"} == {"orders.purge"}
+    assert {name for name, access in ROUTE_ACCESS.items() if access != "read"} == {
+        "orders.purge",
+        "orders.purge.deprecated",
+        "orders.redrive",
+    }
+    # Every per-order route has two segments after /orders/: none may be named like a view.
+    for resource in app.router.resources():
+        parts = resource.canonical.split("/")
+        if parts[:2] == ["", "orders"] and len(parts) == 4 and parts[2] == "{order_id}":
+            assert parts[3] not in COLLECTION_ACTIONS
 
 
 VIEWER_TOKEN = "viewer-token-for-orders-0123456789"
@@ -279,14 +352,29 @@ ADMIN_TOKEN = "admin-token-for-orders-9876543210"
     [
         ("GET", "/", None, 401),
         ("GET", "/", VIEWER_TOKEN, 200),
+        ("GET", "/orders/-/stuck", VIEWER_TOKEN, 200),
         ("GET", "/orders/stuck", VIEWER_TOKEN, 200),
         ("GET", "/orders?status=SUBMITTED", VIEWER_TOKEN, 200),
         ("GET", "/orders/ORD%2F9", VIEWER_TOKEN, 200),
         ("GET", "/orders/ORD%2F9", None, 401),
+        ("POST", "/orders/-/purge", VIEWER_TOKEN, 403),
+        ("POST", "/orders/-/purge", ADMIN_TOKEN, 200),
         ("POST", "/orders/purge", VIEWER_TOKEN, 403),
         ("POST", "/orders/purge", ADMIN_TOKEN, 200),
     ],
-    ids=["page-anon", "page", "stuck", "list", "order", "order-anon", "purge-viewer", "purge-admin"],
+    ids=[
+        "page-anon",
+        "page",
+        "stuck",
+        "stuck-old",
+        "list",
+        "order",
+        "order-anon",
+        "purge-viewer",
+        "purge-admin",
+        "purge-old-viewer",
+        "purge-old-admin",
+    ],
 )
 async def test_orders_routes_take_their_roles_from_the_admin_table(
     tmp_path: Path,
@@ -324,3 +412,32 @@ async def test_orders_routes_take_their_roles_from_the_admin_table(
             assert created.status == 200
         async with http.request(method, f"{proxy.admin_url}{path}", headers=headers) as resp:
             assert resp.status == status
+
+
+@pytest.mark.parametrize(
+    ("jaeger_url", "warned"),
+    [
+        ("https://viewer:secret@jaeger.example/ui?token=secret", True),
+        ("http://jaeger.example:16686/", False),
+        ("http://jaeger.example:16686", False),
+    ],
+    ids=["credentials", "trailing-slash", "plain"],
+)
+async def test_start_up_warns_only_when_links_lose_credentials(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+    caplog: pytest.LogCaptureFixture,
+    jaeger_url: str,
+    warned: bool,
+) -> None:
+    """--jaeger-url with a user, password or query warns once that links leave them out, never
+    naming them; an ordinary URL, with or without a trailing '/' (the config drops it), starts quietly."""
+    base, _ = recording_upstream
+    with caplog.at_level(logging.WARNING):
+        proxy = await start_proxy(make_config(base, jaeger_url=jaeger_url))
+        async with aiohttp.ClientSession() as http, http.get(f"{proxy.admin_url}/orders") as resp:
+            assert resp.status == 200
+    notices = [r for r in caplog.records if r.getMessage().startswith("--jaeger-url:")]
+    assert len(notices) == (1 if warned else 0)
+    assert all("secret" not in r.getMessage() for r in caplog.records)

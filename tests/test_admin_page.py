@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from mes_trace_proxy.admin_page import (
     dashboard_data,
     human_duration,
     iso_utc,
+    jaeger_link_base,
     jaeger_search_url,
     jaeger_trace_url,
     render,
@@ -77,6 +79,21 @@ def test_jaeger_search_url_matches_the_jaeger_ui_format() -> None:
         "limit": "100",
     }
     assert jaeger_trace_url(JAEGER, "ab" * 16) == f"{JAEGER}/trace/{'ab' * 16}"
+
+
+@pytest.mark.parametrize(
+    ("configured", "link_base"),
+    [
+        ("http://jaeger:16686", "http://jaeger:16686"),
+        ("https://user:secret@jaeger.example/ui/", "https://jaeger.example/ui"),
+        ("https://user@jaeger.example:8443", "https://jaeger.example:8443"),
+        ("https://u:p@ss@[::1]:16686/x?token=secret#frag", "https://[::1]:16686/x"),
+    ],
+    ids=["plain", "user-password", "user-only", "at-in-password-query-fragment"],
+)
+def test_links_never_carry_the_jaeger_urls_credentials(configured: str, link_base: str) -> None:
+    """The base links use has no user, password, query or fragment, whatever --jaeger-url holds."""
+    assert jaeger_link_base(configured) == link_base
 
 
 def _book() -> OrderBook:
@@ -280,3 +297,123 @@ async def test_page_in_headless_chromium_shows_the_stuck_order_and_its_jaeger_li
     screenshot = os.environ.get("MES_PAGE_SCREENSHOT")
     if screenshot:  # a person looks at the phone rendering once: MES_PAGE_SCREENSHOT=/tmp/page.png
         await browser.run("--window-size=412,915", f"--screenshot={screenshot}", f"{proxy.admin_url}/")
+
+
+# ── the page on a phone: headless Chromium driven over the DevTools protocol ─────────────────
+
+PHONE_WIDTH = 390  # CSS pixels: a common phone (iPhone 12-15) in portrait
+
+
+@dataclass(slots=True)
+class DevTools:
+    """One page of a headless Chromium this test started, driven over the DevTools protocol."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    last_id: int = 0
+
+    async def call(self, method: str, **params: object) -> dict[str, object]:
+        """Send one command and return its result; events that arrive meanwhile are dropped."""
+        self.last_id += 1
+        await self.ws.send_json({"id": self.last_id, "method": method, "params": params})
+        while True:
+            message = json.loads(await self.ws.receive_str())
+            if message.get("id") == self.last_id:
+                assert "error" not in message, message
+                result = message["result"]
+                assert isinstance(result, dict)
+                return result
+
+    async def open(self, url: str, width: int) -> None:
+        """Load ``url`` in a phone-sized viewport and wait for its load event."""
+        await self.call(
+            "Emulation.setDeviceMetricsOverride", width=width, height=844, deviceScaleFactor=1, mobile=True
+        )
+        await self.call("Page.enable")
+        await self.call("Page.navigate", url=url)
+        while json.loads(await self.ws.receive_str()).get("method") != "Page.loadEventFired":
+            pass
+
+    async def evaluate(self, expression: str) -> object:
+        """The value of a JavaScript expression in the page (the page itself runs no script)."""
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        value = result["result"]
+        assert isinstance(value, dict)
+        return value.get("value")
+
+
+async def _devtools_page(
+    binary: str, profile: Path, http: aiohttp.ClientSession
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Start Chromium with a DevTools port; return it and the websocket URL of its blank page."""
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "about:blank",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(CHROMIUM_TIMEOUT_S):
+        line = ""
+        while not line.startswith("DevTools listening on ws://"):  # said once they listen
+            line = (await proc.stderr.readline()).decode(errors="replace")
+            assert line, "chromium exited before its DevTools were up"
+        port = int(line.split("ws://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        async with http.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            targets = await resp.json()
+    page = next(t for t in targets if t["type"] == "page")
+    return proc, str(page["webSocketDebuggerUrl"])
+
+
+@pytest.mark.needs_chromium
+async def test_page_fits_a_phone_without_sideways_scrolling(
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    recording_upstream: tuple[str, RecordingUpstream],
+    tmp_path: Path,
+) -> None:
+    """At 390 px the page is no wider than the screen: long ids, long statuses and the counts table fold."""
+    binary = _chromium()
+    base, _ = recording_upstream
+    clock = ManualClock()
+    proxy = await start_proxy(make_config(base, check_interval="1h"), clock=clock)
+    long_id = "ORD-" + "7" * 120  # ids are kept up to 128 characters
+    async with aiohttp.ClientSession() as http:
+        for order_id, status in (
+            (long_id, "SUBMITTED"),
+            ("ORD-1", "MANUFACTURING_APPROVED"),
+            ("ORD-2", "MANUFACTURING_COMPLETED"),
+            ("ORD-3", "WAITING_FOR_CUSTOMER_CONFIRMATION_OF_THE_REVISED_PRICE"),
+        ):
+            url = f"{proxy.url('ingress')}/api/v1/orders/{order_id}/status"
+            async with http.put(url, json={"status": status}) as resp:
+                assert resp.status == 200
+        await proxy.watchdog.first_round.wait()
+        clock.advance(86400 + 60)  # past every one's limit (MANUFACTURING_COMPLETED: 1 day)
+        assert len((await proxy.watchdog.check_once(clock())).found) == 3
+
+        chromium, page_ws = await _devtools_page(binary, tmp_path / "profile", http)
+        try:
+            async with http.ws_connect(page_ws, max_msg_size=0) as ws:
+                tools = DevTools(ws)
+                await tools.open(f"{proxy.admin_url}/?refresh=0", PHONE_WIDTH)
+                width = await tools.evaluate("document.documentElement.scrollWidth")
+                rows = await tools.evaluate("document.querySelectorAll('li.order').length")
+                shot = await tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        finally:
+            chromium.kill()  # ours, by PID
+            await chromium.wait()
+    assert rows == 3  # the page did render the stuck orders it is measured with
+    assert isinstance(width, int)
+    assert width <= PHONE_WIDTH
+    screenshot = os.environ.get("MES_PAGE_SCREENSHOT")
+    if screenshot:  # a person looks at the phone rendering: MES_PAGE_SCREENSHOT=/tmp/phone.png
+        await asyncio.to_thread(Path(screenshot).write_bytes, base64.b64decode(str(shot["data"])))

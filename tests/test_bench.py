@@ -355,6 +355,6 @@ async def test_handler_benchmark_runs_the_real_handler_against_its_stand_ins(
         from mes_trace_proxy.http1 import IncomingRequest
         from mes_trace_proxy.proxy import handle
 
-        await handle(state, IncomingRequest(conn, message, payload))  # type: ignore[arg-type]
+        await handle(state, IncomingRequest(conn, message, payload))
         assert conn.written > len(handler.ANSWER.split(b"\r\n\r\n")[1])
     capsys.readouterr()

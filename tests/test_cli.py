@@ -68,6 +68,21 @@ def test_check_config_happy_path(capsys: pytest.CaptureFixture[str]) -> None:
     assert lifecycle["dwell_limits"]["SUBMITTED"] == 1200.0
 
 
+def test_check_config_schema_prints_the_schema_and_loads_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--schema prints the committed JSON Schema and exits 0: no upstream needed, no config file read."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listeners: 7\n", encoding="utf-8")
+    assert main(["check-config", "--schema", "--config", str(broken)], environ={}) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == (Path(__file__).parent.parent / "docs" / "config.schema.json").read_text(encoding="utf-8")
+    schema = json.loads(out)
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert "listeners" in schema["properties"]
+
+
 def test_check_config_reads_the_config_file_and_key_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,8 +18,6 @@ from mes_trace_proxy.config import (
     Config,
     ConfigError,
     load_config,
-    parse_duration,
-    parse_size,
 )
 
 DEFAULTS = read_default_rules()
@@ -312,6 +310,26 @@ CASES: dict[str, OptionCase] = {
         default=0,
         expect=(1, 2, 3),
     ),
+    "underscore_lookalikes": OptionCase(
+        file_key="listeners[0].underscore_lookalikes",
+        file="refuse",
+        env="DROP",
+        flag="refuse",
+        invalid="pass",
+        read=lambda c: c.listeners[0].underscore_lookalikes.value,
+        default="drop",
+        expect=("refuse", "drop", "refuse"),
+    ),
+    "underscore_headers": OptionCase(
+        file_key="listeners[0].underscore_headers",
+        file="drop",
+        env="Refuse",
+        flag="pass",
+        invalid="strip",
+        read=lambda c: c.listeners[0].underscore_headers.value,
+        default="pass",
+        expect=("drop", "refuse", "pass"),
+    ),
     "trusted_callers": OptionCase(
         file_key="privacy.trusted_callers",
         file=["10.0.0.0/8"],
@@ -321,6 +339,24 @@ CASES: dict[str, OptionCase] = {
         read=lambda c: c.privacy.trusted_callers,
         default=("*",),
         expect=(("10.0.0.0/8",), ("192.168.0.0/16", "127.0.0.1"), ("*",)),
+    ),
+    "amqp_url": OptionCase(
+        file_key="messages.amqp_url",
+        file="amqp://mes-trace-proxy@file.rabbit:5672/mes",
+        env="amqp://env.rabbit:5672/",
+        flag="amqps://flag.rabbit:5671/mes",
+        invalid="http://rabbit.internal/",
+        read=lambda c: c.messages.amqp_url,
+        base={"listeners": [{"upstream": MES}], "messages": {"dead_letter_queues": ["mes.dead-letters"]}},
+    ),
+    "observe_dead_letter_exchange": OptionCase(
+        file_key="messages.observe_exchange",
+        file="mes.dlx.file",
+        env="mes.dlx.env",
+        flag="mes.dlx.flag",
+        invalid="x" * 256,  # AMQP names are at most 255 bytes
+        read=lambda c: c.messages.observe_exchange,
+        base={"listeners": [{"upstream": MES}], "messages": {"amqp_url": "amqp://rabbit:5672/"}},
     ),
 }
 OPTION_BY_DEST = {option.dest: option for option in OPTIONS}
@@ -378,6 +414,36 @@ def test_invalid_value_names_its_source(dest: str, source: str) -> None:
     flags = {option.dest: case.invalid} if source == "flag" else {}
     error = _error(file_doc=file_doc, environ=environ, flags=flags, files=KEYS)
     assert error.key == {"file": case.file_key, "env": option.env, "flag": option.flag}[source]
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "queues", "blamed"),
+    [
+        ({"MES_PROXY_DEAD_LETTER_QUEUES": "a, b"}, {}, ("a", "b"), None),
+        ({"MES_PROXY_DEAD_LETTER_QUEUES": "a"}, {"dead_letter_queue": ["c", "d"]}, ("c", "d"), None),
+        ({}, {"dead_letter_queue": ["c", "c"]}, None, "--dead-letter-queue"),
+        ({"MES_PROXY_DEAD_LETTER_QUEUES": "a,a"}, {}, None, "MES_PROXY_DEAD_LETTER_QUEUES"),
+    ],
+)
+def test_dead_letter_queues_from_the_flag_or_the_variable(
+    environ: dict[str, str], flags: dict[str, object], queues: tuple[str, ...] | None, blamed: str | None
+) -> None:
+    """The repeated flag beats the comma list of the variable, which beats the file's list."""
+    doc = _with(BASE_DOC, ("messages",), {"amqp_url": "amqp://rabbit/", "dead_letter_queues": ["file"]})
+    if blamed is not None:
+        assert _error(file_doc=doc, environ=environ, flags=flags).key == blamed
+        return
+    assert _load(file_doc=doc, environ=environ, flags=flags).messages.dead_letter_queues == queues
+
+
+def test_the_amqp_password_never_shows_in_the_description() -> None:
+    """/config and check-config show the AMQP URL without its password."""
+    doc = _with(
+        BASE_DOC, ("messages",), {"amqp_url": "amqp://proxy:s3cret@rabbit/", "dead_letter_queues": ["q"]}
+    )
+    described = _load(file_doc=doc).describe()
+    assert "s3cret" not in repr(described)
+    assert described["messages"]["amqp_url"] == "amqp://proxy:***@rabbit/"  # type: ignore[index]
 
 
 def test_empty_env_value_is_unset() -> None:
@@ -807,93 +873,6 @@ def test_describe_is_plain_json() -> None:
     listeners = described["listeners"]
     assert isinstance(listeners, list)
     assert [item["name"] for item in listeners] == ["ingress", "egress"]
-
-
-# ── scalar parsers ────────────────────────────────────────────────────────────────────────
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        pytest.param("500ms", 0.5, id="ms"),
-        pytest.param("10s", 10.0, id="s"),
-        pytest.param("15m", 900.0, id="m"),
-        pytest.param("2h", 7200.0, id="h"),
-        pytest.param("7d", 604800.0, id="d"),
-        pytest.param("1.5h", 5400.0, id="fraction"),
-        pytest.param(" 10 s ", 10.0, id="spaces"),
-        pytest.param("10", 10.0, id="bare-string"),
-        pytest.param("0s", 0.0, id="zero"),
-        pytest.param(10, 10.0, id="int"),
-        pytest.param(0.25, 0.25, id="float"),
-    ],
-)
-def test_parse_duration(value: object, seconds: float) -> None:
-    """Durations take ms, s, m, h and d; bare numbers are seconds."""
-    assert parse_duration(value) == seconds
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        pytest.param("", id="empty"),
-        pytest.param("-1s", id="negative-string"),
-        pytest.param(-5, id="negative-number"),
-        pytest.param("1w", id="weeks"),
-        pytest.param("10S", id="upper-case-unit"),
-        pytest.param("ten", id="words"),
-        pytest.param("1h30m", id="compound"),
-        pytest.param("1e3s", id="exponent"),
-        pytest.param(True, id="bool"),
-        pytest.param(None, id="none"),
-        pytest.param(float("nan"), id="nan"),
-        pytest.param(float("inf"), id="inf"),
-        pytest.param("9" * 400, id="overflows-to-inf"),
-    ],
-)
-def test_parse_duration_rejects(value: object) -> None:
-    """Anything else, including negative and non-finite values, is a ValueError."""
-    with pytest.raises(ValueError, match=r"duration|negative"):
-        parse_duration(value)
-
-
-@pytest.mark.parametrize(
-    ("value", "size"),
-    [
-        pytest.param("64KiB", 65536, id="KiB"),
-        pytest.param("1MiB", 1024**2, id="MiB"),
-        pytest.param("2GiB", 2 * 1024**3, id="GiB"),
-        pytest.param("10B", 10, id="B"),
-        pytest.param("1 KiB", 1024, id="space"),
-        pytest.param("100", 100, id="bare-string"),
-        pytest.param(100, 100, id="int"),
-        pytest.param(0, 0, id="zero"),
-        pytest.param("1KB", 1000, id="decimal-KB"),
-    ],
-)
-def test_parse_size(value: object, size: int) -> None:
-    """Sizes take B, KiB, MiB and GiB; bare numbers are bytes."""
-    assert parse_size(value) == size
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        pytest.param("", id="empty"),
-        pytest.param(-1, id="negative"),
-        pytest.param("-1KiB", id="negative-string"),
-        pytest.param("1.5KiB", id="fraction"),
-        pytest.param(1.5, id="float"),
-        pytest.param("1kib", id="wrong-case"),
-        pytest.param("1TiB", id="unknown-unit"),
-        pytest.param(True, id="bool"),
-        pytest.param("lots", id="words"),
-    ],
-)
-def test_parse_size_rejects(value: object) -> None:
-    """Anything else is a ValueError."""
-    with pytest.raises(ValueError, match="size"):
-        parse_size(value)
 
 
 def test_custom_lifecycle_without_entry_uses_its_own_first_statuses(default_rules: dict[str, object]) -> None:

@@ -1,19 +1,17 @@
-"""Order correlation: the chosen-trace-id generator, the mode table, and the three modes through the proxy."""
+"""Order correlation: a chosen root trace id, the mode table, and the three modes through the proxy."""
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import pytest
-from opentelemetry import trace as trace_api
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from mes_trace_proxy.correlation import OrderTraceIds, order_trace_for
 from mes_trace_proxy.sim.otlp_sink import OtlpSink, ReceivedSpan
 from mes_trace_proxy.tracecontext import format_trace_id, order_trace_id
+from mes_trace_proxy.tracing import Tracing, build_tracing
 from tests.conftest import MakeConfig, StartProxy, otlp_env
 from tests.upstream import RecordingUpstream
 
@@ -22,80 +20,41 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 @pytest.fixture
-def provider() -> tuple[TracerProvider, OrderTraceIds, InMemorySpanExporter]:
-    """An SDK provider whose id generator is ours, exporting to memory."""
-    ids = OrderTraceIds()
-    exporter = InMemorySpanExporter()
-    sdk = TracerProvider(id_generator=ids)
-    sdk.add_span_processor(SimpleSpanProcessor(exporter))
-    return sdk, ids, exporter
+def tracing(make_config: MakeConfig) -> Tracing:
+    """The proxy's tracing, exporting to memory."""
+    config = make_config("http://127.0.0.1:9")
+    return build_tracing(
+        config,
+        {"OTEL_TRACES_EXPORTER": "none"},
+        extra_processors=(SimpleSpanProcessor(InMemorySpanExporter()),),
+    )
 
 
-def test_root_span_takes_the_chosen_trace_id_only_inside_using(
-    provider: tuple[TracerProvider, OrderTraceIds, InMemorySpanExporter],
-) -> None:
-    """Inside using(id) a root span gets that trace id; before, after and with None, ids are random."""
-    sdk, ids, _ = provider
-    tracer = sdk.get_tracer("test")
-    before = tracer.start_span("before")
-    with ids.using(CHOSEN):
-        chosen = tracer.start_span("chosen")
-        with ids.using(None):
-            nested_none = tracer.start_span("nested-none")
-    after = tracer.start_span("after")
+def test_a_root_span_takes_the_chosen_trace_id(tracing: Tracing) -> None:
+    """spans.start(trace_id=) makes a root span in that trace; without it, trace ids are random."""
+    chosen = tracing.spans.start("chosen", kind=SpanKind.SERVER, parent=None, trace_id=CHOSEN)
+    before = tracing.spans.start("a", kind=SpanKind.SERVER, parent=None)
+    after = tracing.spans.start("b", kind=SpanKind.SERVER, parent=None, trace_id=None)
     assert chosen.get_span_context().trace_id == CHOSEN
-    assert nested_none.get_span_context().trace_id == CHOSEN  # None changes nothing, not even back
     assert CHOSEN not in {before.get_span_context().trace_id, after.get_span_context().trace_id}
     assert before.get_span_context().trace_id != after.get_span_context().trace_id
 
 
-def test_a_span_with_a_parent_keeps_the_parent_trace(
-    provider: tuple[TracerProvider, OrderTraceIds, InMemorySpanExporter],
-) -> None:
-    """The generator is asked only for roots: a child stays in its parent's trace whatever is chosen."""
-    sdk, ids, _ = provider
-    tracer = sdk.get_tracer("test")
-    parent = tracer.start_span("parent")
-    with ids.using(CHOSEN):
-        child = tracer.start_span("child", context=trace_api.set_span_in_context(parent))
+def test_no_root_claims_the_random_trace_id_flag(tracing: Tracing) -> None:
+    """Derived or random, no root's flags carry Level 2's random bit (a derived id is not random)."""
+    assert OrderTraceIds().is_trace_id_random() is False
+    for trace_id in (CHOSEN, None):
+        span = tracing.spans.start("root", kind=SpanKind.SERVER, parent=None, trace_id=trace_id)
+        assert span.get_span_context().trace_flags & 0x02 == 0
+
+
+def test_a_span_with_a_parent_keeps_the_parent_trace(tracing: Tracing) -> None:
+    """The chosen id is for roots only: a child stays in its parent's trace."""
+    parent = tracing.spans.start("parent", kind=SpanKind.SERVER, parent=None)
+    child = tracing.spans.start(
+        "child", kind=SpanKind.CLIENT, parent=parent.get_span_context(), trace_id=CHOSEN
+    )
     assert child.get_span_context().trace_id == parent.get_span_context().trace_id != CHOSEN
-
-
-async def test_choice_does_not_leak_into_a_concurrent_task(
-    provider: tuple[TracerProvider, OrderTraceIds, InMemorySpanExporter],
-) -> None:
-    """A choice made in one task is invisible to another task running meanwhile."""
-    sdk, ids, _ = provider
-    tracer = sdk.get_tracer("test")
-    chosen_set = asyncio.Event()
-    other_done = asyncio.Event()
-    seen: list[int] = []
-
-    async def chooser() -> None:
-        with ids.using(CHOSEN):
-            chosen_set.set()
-            await other_done.wait()
-            seen.append(tracer.start_span("mine").get_span_context().trace_id)
-
-    async def other() -> None:
-        await chosen_set.wait()
-        seen.append(tracer.start_span("theirs").get_span_context().trace_id)
-        other_done.set()
-
-    async with asyncio.timeout(5):
-        await asyncio.gather(chooser(), other())
-    theirs, mine = seen
-    assert (mine, theirs != CHOSEN) == (CHOSEN, True)
-
-
-@pytest.mark.parametrize("bad", [0, 1 << 128, -1], ids=["zero", "too-wide", "negative"])
-def test_invalid_trace_ids_are_refused(
-    provider: tuple[TracerProvider, OrderTraceIds, InMemorySpanExporter], bad: int
-) -> None:
-    """W3C forbids the all-zero trace id, and it has 128 bits."""
-    _, ids, _ = provider
-    with pytest.raises(ValueError, match="128-bit"):
-        ids.using(bad)
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,10 @@ from mes_trace_proxy import demo
 from mes_trace_proxy.cli import build_parser as build_cli_parser
 from mes_trace_proxy.cli import load_from_args
 from mes_trace_proxy.demo import OPTIONS, DemoError, load_demo_config, proxy_argv, proxy_environment
+from mes_trace_proxy.messages.demo import HOW_TO_ENABLE
 from mes_trace_proxy.sim import crm
 from mes_trace_proxy.sim.mes import share_hit
+from mes_trace_proxy.sim.rabbitmq import rabbitmq_script
 
 # A cold interpreter with every import, four seconds of traffic and the drain: well under this.
 RUN_TIMEOUT: Final = 90.0
@@ -45,6 +47,9 @@ def _clean_environ(**extra: str) -> dict[str, str]:
     """The test's environment without the developer's demo, proxy or collector settings."""
     prefixes = ("DEMO_", "MES_PROXY_", "OTEL_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    # The demo runs with another working directory: this checkout's code, not an installed copy.
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -228,6 +233,13 @@ def test_demo_runs_summarises_and_writes_clean_spans(tmp_path: Path) -> None:
     assert stuck
     assert share_hit(0, "price-drop", stuck[0], 0.1) or share_hit(0, "pickup-drop", stuck[0], 0.1)
     assert "mes-trace-proxy ready" in (out / "proxy.log").read_text(encoding="utf-8")
+    # The message path: with rabbitmq-server, dead letters listed with causes and one re-drive;
+    # without it, one line that says how to turn it on.
+    if rabbitmq_script() is not None:
+        assert "price request expired in mes.price.requests after 1 s" in result.stdout
+        assert "re-drive ORD-MQ-0001: redriven; MES priced it: back on track" in result.stdout
+    else:
+        assert HOW_TO_ENABLE in result.stdout
 
 
 async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float) -> str:  # noqa: ASYNC109

@@ -6,13 +6,19 @@ structure, rendering when a kustomize or kubectl binary is on PATH, and the side
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import importlib
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,11 +44,14 @@ K8S_VERSION: Final = "1.30.0"
 VALIDATORS: Final[Mapping[str, str]] = {
     "kubernetes_validate": "kubernetes-validate==1.37.0",
     "yamllint": "yamllint==1.38.0",
+    "jsonschema": "jsonschema (kubernetes-validate depends on it)",
 }
 # Rendering a kustomization takes well under a second; the bound only stops a hung binary.
 RENDER_TIMEOUT_S: Final = 120
 
 PROXY: Final = "mes-trace-proxy"
+CONSTRAINTS: Final = "constraints.txt"
+BUILD_PIP: Final = "/opt/build/bin/pip"
 MES: Final = "mes"
 PROXY_CONFIG_MAP: Final = "mes-trace-proxy-config"
 STATE_DIR: Final = "/var/lib/mes-trace-proxy"
@@ -73,8 +82,70 @@ def _require(module: str) -> ModuleType:
         pytest.fail(f"{module} is not installed: pip install '{VALIDATORS[module]}' (dev extra)")
 
 
+def _closed(properties: Mapping[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
+    """A JSON schema object that admits only ``properties`` (a misspelt field fails)."""
+    return {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+
+
+_STRING_MAP: Final = {"type": "object", "additionalProperties": {"type": "string"}}
+_OBJECT_META: Final = _closed({"name": {"type": "string"}, "labels": _STRING_MAP}, ["name"])
+# Custom resources have no schema in kubernetes-validate: each kind the manifests use is checked
+# against the subset of its CRD's schema they use, closed like strict validation. PodMonitor:
+# the Prometheus Operator's monitoring.coreos.com/v1 (podMetricsEndpoints[].authorization is
+# a SafeAuthorization: a type and a Secret key selector in the monitor's namespace).
+CUSTOM_SCHEMAS: Final[Mapping[tuple[str, str], Mapping[str, Any]]] = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): _closed(
+        {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PodMonitor"},
+            "metadata": _OBJECT_META,
+            "spec": _closed(
+                {
+                    "selector": _closed({"matchLabels": _STRING_MAP}, ["matchLabels"]),
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _closed(
+                            {
+                                "port": {"type": "string"},
+                                "path": {"type": "string", "pattern": "^/"},
+                                "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "authorization": _closed(
+                                    {
+                                        "type": {"const": "Bearer"},
+                                        "credentials": _closed(
+                                            {"name": {"type": "string"}, "key": {"type": "string"}},
+                                            ["name", "key"],
+                                        ),
+                                    },
+                                    ["credentials"],
+                                ),
+                            },
+                            ["port"],
+                        ),
+                    },
+                },
+                ["selector", "podMetricsEndpoints"],
+            ),
+        },
+        ["apiVersion", "kind", "metadata", "spec"],
+    ),
+}
+
+
 def _validate(doc: Mapping[str, Any]) -> None:
     """Validate one object against the strict Kubernetes schema, failing with a one-line reason."""
+    custom = CUSTOM_SCHEMAS.get((str(doc.get("apiVersion")), str(doc.get("kind"))))
+    if custom is not None:
+        jsonschema = _require("jsonschema")
+        try:
+            jsonschema.validate(dict(doc), custom)
+        except jsonschema.ValidationError as error:
+            where = "/".join(str(part) for part in error.absolute_path)
+            reason = f"{'/'.join(_key(doc))} (custom resource): {error.message} at /{where}"
+        else:
+            return
+        pytest.fail(reason)
     validator = _require("kubernetes_validate")
     try:
         validator.validate(dict(doc), K8S_VERSION, strict=True)
@@ -460,15 +531,271 @@ def test_proxy_config_uses_only_documented_keys() -> None:
     assert list(_undocumented_keys(_proxy_config(), _documented_config_keys(), "config")) == []
 
 
-def test_proxy_config_loads_with_the_real_loader() -> None:
-    """The ConfigMap's config passes mes_trace_proxy.config.load_config with the default rules."""
+def _read_bytes(name: str) -> bytes:
+    return Path(name).read_bytes()
+
+
+def test_proxy_config_loads_with_the_real_loader(tmp_path: Path) -> None:
+    """The ConfigMap's config, with the pod's files in place, passes the real config loader."""
     # Imported here so a broken config module fails this test, not the whole file's collection.
     from mes_trace_proxy.config import load_config
 
+    pod = _materialize_proxy(_objects(BASE), tmp_path)
+    file_doc = yaml.safe_load(pod.config_file.read_text(encoding="utf-8"))
     rules = yaml.safe_load(resources.files("mes_trace_proxy").joinpath("defaults/rules.yaml").read_text())
-    config = load_config(flags={}, environ={}, file_doc=_proxy_config(), defaults=rules)
+    config = load_config(flags={}, environ={}, file_doc=file_doc, defaults=rules, read_file=_read_bytes)
     assert [listener.name for listener in config.listeners] == ["ingress", "egress"]
     assert config.server.grace_period == _seconds(_proxy_config()["server"]["grace_period"])
+    assert config.admin.tokens.enabled
+
+
+# ── the proxy started from the manifests ────────────────────────────────────────────────────
+
+ADMIN_TOKENS_SECRET: Final = "mes-trace-proxy-admin-tokens"
+# What the downward API would give the proxy.
+FIELD_VALUES: Final[Mapping[str, str]] = {
+    "metadata.name": "mes-7d9f-abcde",
+    "metadata.namespace": "mes",
+    "spec.nodeName": "node-1",
+}
+EXPOSURE_WARNING: Final = "the admin listener is reachable beyond loopback without tokens"
+# Start-up takes a second or two; the bound only stops a hung child.
+START_TIMEOUT_S: Final = 60
+
+
+def _secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
+    decoded = {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
+    return {**decoded, **secret.get("stringData", {})}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaterializedPod:
+    """The proxy container of the rendered manifests, laid out under a temporary directory."""
+
+    #: the container's args with every mount path pointing into the directory
+    args: tuple[str, ...]
+    #: the container's environment (downward-API fields filled in)
+    env: Mapping[str, str]
+    #: the config file the args name
+    config_file: Path
+
+
+def _materialize_proxy(objects: Sequence[Mapping[str, Any]], root: Path) -> MaterializedPod:
+    """Write what each of the proxy's volumes holds (ConfigMap, Secret, emptyDir) under ``root``.
+
+    Mount paths in the args and in the mounted files are rewritten to their directories, so the
+    real proxy runs the manifests' config, args, environment and secrets unchanged otherwise.
+    """
+    by_key = {_key(doc): doc for doc in objects}
+    deployment = by_key[("Deployment", MES)]
+    container = _container(deployment, PROXY)
+    volumes = {volume["name"]: volume for volume in _pod_spec(deployment)["volumes"]}
+    mounts: dict[str, Path] = {}
+    written: list[Path] = []
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        directory = root / mount["name"]
+        directory.mkdir()
+        data: Mapping[str, str] = {}
+        items: Sequence[Mapping[str, str]] = ()
+        if "configMap" in volume:
+            data = by_key[("ConfigMap", volume["configMap"]["name"])]["data"]
+            items = volume["configMap"].get("items", ())
+        elif "secret" in volume:
+            data = _secret_data(by_key[("Secret", volume["secret"]["secretName"])])
+            items = volume["secret"].get("items", ())
+        # emptyDir and persistentVolumeClaim: an empty writable directory.
+        paths = {item["key"]: item["path"] for item in items} if items else {key: key for key in data}
+        for key, name in paths.items():
+            (directory / name).write_text(data[key], encoding="utf-8")
+            written.append(directory / name)
+        mounts[mount["mountPath"].rstrip("/")] = directory
+
+    def rewrite(text: str) -> str:
+        for mount_path in sorted(mounts, key=len, reverse=True):
+            text = text.replace(f"{mount_path}/", f"{mounts[mount_path]}/")
+        return text
+
+    for file in written:
+        file.write_text(rewrite(file.read_text(encoding="utf-8")), encoding="utf-8")
+    args = tuple(rewrite(str(arg)) for arg in container["args"])
+    env = {
+        entry["name"]: (
+            str(entry["value"])
+            if "value" in entry
+            else FIELD_VALUES[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        )
+        for entry in container.get("env", ())
+    }
+    (config_file,) = (Path(arg) for arg in args if arg.endswith(".yaml"))
+    return MaterializedPod(args=args, env=env, config_file=config_file)
+
+
+def _rendered(directory: Path) -> tuple[Doc, ...]:
+    """The kustomization rendered by kustomize where a binary is on PATH, else its resources."""
+    command = _kustomize_command()
+    if command is None:
+        return _objects(directory)
+    result = subprocess.run(
+        (*command, str(directory)), capture_output=True, text=True, timeout=RENDER_TIMEOUT_S, check=True
+    )
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc is not None)
+
+
+def _isolated_network() -> tuple[str, ...]:
+    """A command prefix that runs in a new network namespace with only loopback up.
+
+    The manifests bind 0.0.0.0:8080 and 0.0.0.0:9901; in a namespace of its own the proxy binds
+    exactly that, reachable from nothing but itself, and takes no port of this machine.
+    """
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare (util-linux) and ip (iproute2) to bind 0.0.0.0 in a private network")
+    lo_up = 'ip link set lo up && exec "$0" "$@"'
+    prefix = ("unshare", "--user", "--map-root-user", "--net", "sh", "-c", lo_up)
+    probe = subprocess.run((*prefix, "true"), capture_output=True, text=True, timeout=30, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a private network namespace here: {probe.stderr.strip()}")
+    return prefix
+
+
+async def _in_namespace_get(pid: int, url: str, token: str | None) -> int:
+    """The status of a GET made from inside the network namespace of process ``pid``."""
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        "request = urllib.request.Request(sys.argv[1])\n"
+        "if len(sys.argv) > 2: request.add_header('Authorization', 'Bearer ' + sys.argv[2])\n"
+        "try: print(urllib.request.urlopen(request, timeout=10).status)\n"
+        "except urllib.error.HTTPError as error: print(error.code)\n"
+    )
+    enter = ("nsenter", f"--target={pid}", "--net", "--user", "--preserve-credentials")
+    child = await asyncio.create_subprocess_exec(
+        *enter, sys.executable, "-c", script, url, *((token,) if token else ()), stdout=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(child.communicate(), START_TIMEOUT_S)
+    return int(out)
+
+
+@dataclass(slots=True)
+class StartedFromManifests:
+    """A proxy started from the manifests: its PID, the ready record and every JSON line."""
+
+    pid: int
+    ready: Doc
+    records: list[Doc]
+
+
+@contextlib.asynccontextmanager
+async def _start_from_manifests(pod: MaterializedPod) -> AsyncIterator[StartedFromManifests]:
+    """Run the real proxy with the pod's args and environment; stop it by PID with SIGTERM."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **pod.env}
+    # The build the test run asked for (pure or native), not a stale one beside the sources.
+    if "MES_TRACE_PROXY_PURE_PYTHON" in os.environ:
+        env["MES_TRACE_PROXY_PURE_PYTHON"] = os.environ["MES_TRACE_PROXY_PURE_PYTHON"]
+    child = await asyncio.create_subprocess_exec(
+        *_isolated_network(),
+        sys.executable,
+        "-m",
+        "mes_trace_proxy",
+        *pod.args,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert child.stdout is not None
+    lines: list[str] = []
+
+    def records() -> list[Doc]:
+        parsed = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    parsed.append(value)
+        return parsed
+
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while not any(r.get("message") == "mes-trace-proxy ready" for r in records()):
+                raw = await child.stdout.readline()
+                if not raw:
+                    pytest.fail("the proxy exited before it was ready:\n" + "\n".join(lines))
+                lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+        (ready,) = (r for r in records() if r.get("message") == "mes-trace-proxy ready")
+        started = StartedFromManifests(pid=child.pid, ready=ready, records=[])
+        yield started
+    finally:
+        if child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(START_TIMEOUT_S):
+            rest, _ = await child.communicate()
+        lines.extend(rest.decode("utf-8", "replace").splitlines())
+    started.records.extend(records())
+
+
+def _warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [str(r.get("message")) for r in records if r.get("level") in {"warning", "error", "critical"}]
+
+
+async def test_manifests_start_the_proxy_without_a_warning(tmp_path: Path) -> None:
+    """The real proxy, run with the rendered ConfigMap, args, environment and token Secret, binds
+    0.0.0.0 as the manifests say and logs no warning from start to drain; the admin API wants a token
+    and Prometheus's (the Secret's ``viewer`` key) reads /metrics."""
+    objects = _rendered(BASE)
+    pod = _materialize_proxy(objects, tmp_path)
+    secret = next(doc for doc in objects if _key(doc) == ("Secret", ADMIN_TOKENS_SECRET))
+    viewer = _secret_data(secret)["viewer"]
+    async with _start_from_manifests(pod) as proxy:
+        assert proxy.ready["admin"] == "0.0.0.0:9901"
+        metrics = "http://127.0.0.1:9901/metrics"
+        assert await _in_namespace_get(proxy.pid, "http://127.0.0.1:9901/healthz", None) == 200
+        assert await _in_namespace_get(proxy.pid, metrics, None) == 401
+        assert await _in_namespace_get(proxy.pid, metrics, viewer) == 200
+    assert _warnings(proxy.records) == []
+
+
+def test_token_secret_gives_the_proxy_both_roles_and_prometheus_the_viewer() -> None:
+    """The Secret's ``tokens`` file parses with the real parser and holds a viewer and an admin token;
+    its ``viewer`` key is that viewer token, and the proxy mounts the file alone."""
+    from mes_trace_proxy.admin_auth import Role, Verdict, authorize, parse_tokens
+
+    data = _secret_data(_base("Secret", ADMIN_TOKENS_SECRET))
+    table = parse_tokens(data["tokens"])
+    assert authorize(table, f"Bearer {data['viewer']}", Role.VIEWER) is Verdict.ALLOWED
+    assert authorize(table, f"Bearer {data['viewer']}", Role.ADMIN) is Verdict.FORBIDDEN
+    assert sorted(line.partition(":")[0] for line in data["tokens"].splitlines()) == ["admin", "viewer"]
+    (volume,) = (v for v in _pod_spec(_base("Deployment", MES))["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == ADMIN_TOKENS_SECRET
+    assert [item["key"] for item in volume["secret"]["items"]] == ["tokens"]
+
+
+def test_pod_monitor_scrapes_the_admin_port_with_the_viewer_token() -> None:
+    """The PodMonitor selects the MES pod, scrapes the proxy's admin port and sends the Secret's
+    viewer token (the Operator reads the Secret from the monitor's namespace: the same kustomization)."""
+    objects = _objects(OVERLAYS / "prometheus-operator")
+    (monitor,) = (doc for doc in objects if doc["kind"] == "PodMonitor")
+    deployment = next(doc for doc in objects if _key(doc) == ("Deployment", MES))
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert _port_of(_container(deployment, PROXY), endpoint["port"]) == 9901
+    assert endpoint["path"] == "/metrics"
+    credentials = endpoint["authorization"]["credentials"]
+    secret = next(doc for doc in objects if _key(doc) == ("Secret", credentials["name"]))
+    assert credentials["key"] == "viewer"
+    assert credentials["key"] in _secret_data(secret)
+
+
+async def test_without_the_token_file_the_manifests_would_warn(tmp_path: Path) -> None:
+    """The control: the same pod without admin.tokens_file logs the exposure warning, so the test
+    above can tell a quiet start from a deaf one."""
+    pod = _materialize_proxy(_rendered(BASE), tmp_path)
+    config = yaml.safe_load(pod.config_file.read_text(encoding="utf-8"))
+    del config["admin"]["tokens_file"]
+    pod.config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    async with _start_from_manifests(pod) as proxy:
+        assert proxy.ready["admin"] == "0.0.0.0:9901"
+    assert len([m for m in _warnings(proxy.records) if m.startswith(EXPOSURE_WARNING)]) == 1
 
 
 DOWNWARD_API: Final = (
@@ -654,7 +981,22 @@ DOCKERFILE_CHECKS: Final[Sequence[tuple[str, Callable[[], bool]]]] = (
     (
         "builder-venv-pip-constraints",
         lambda: any(
-            a.startswith("pip install -c constraints.txt /wheels/")
+            a.startswith(f"{BUILD_PIP} --python /opt/venv/bin/python install -c {CONSTRAINTS} /wheels/")
+            for a in _args(_dockerfile_stages()[1], "RUN")
+        ),
+    ),
+    # pip and setuptools serve nothing at run time: the runtime venv is made without them.
+    (
+        "runtime-venv-without-pip",
+        lambda: any(
+            "python -m venv --without-pip /opt/venv" in a for a in _args(_dockerfile_stages()[1], "RUN")
+        ),
+    ),
+    # Run in WORKDIR /src, `python -c` imports the source tree, not the installed wheel.
+    (
+        "native-check-imports-the-installed-wheel",
+        lambda: any(
+            "cd / && /opt/venv/bin/python -I -c" in a and "native.current()" in a
             for a in _args(_dockerfile_stages()[1], "RUN")
         ),
     ),

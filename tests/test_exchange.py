@@ -15,6 +15,7 @@ from mes_trace_proxy.exchange import (
     user_pseudonym,
 )
 from mes_trace_proxy.extract import NO_FACTS
+from mes_trace_proxy.framing import DEFAULT_UNDERSCORE
 from mes_trace_proxy.redact import Redactor, pseudonymize
 from mes_trace_proxy.rules import RouteMatch, compile_rules
 
@@ -81,7 +82,14 @@ def test_refusal_table(
 ) -> None:
     """Each refusal a gateway owes, in the handler's order; its slug is what metrics and logs carry."""
     found = refusal(
-        method, target, headers, [v for _, v in headers], content_length=length, max_body_size=limit
+        method,
+        target,
+        headers,
+        [v for _, v in headers],
+        chunked=False,
+        underscore=DEFAULT_UNDERSCORE,
+        content_length=length,
+        max_body_size=limit,
     )
     assert (found.slug if found is not None else None) == slug
     if found is not None:

@@ -20,14 +20,13 @@ from mes_trace_proxy.forwarding import (
     upstream_request_headers,
     websocket_subprotocols,
 )
+from mes_trace_proxy.framing import LOOKALIKES
 from mes_trace_proxy.problems import PROBLEM_TYPE_PREFIX
 
 UPSTREAM = "mes.internal:8080"
 # No forwarding fields: isolates hop-by-hop removal and Host handling.
-PLAIN = ForwardPolicy(upstream_host=UPSTREAM, forwarded_headers=False, forwarded_rfc7239=False)
+PLAIN = ForwardPolicy(upstream_host=UPSTREAM, forwarded_headers=False)
 DEFAULT = ForwardPolicy(upstream_host=UPSTREAM)
-XFF_ONLY = ForwardPolicy(upstream_host=UPSTREAM, forwarded_rfc7239=False)
-RFC7239_ONLY = ForwardPolicy(upstream_host=UPSTREAM, forwarded_headers=False)
 
 
 def _up(
@@ -140,17 +139,6 @@ def test_repeated_fields_kept_in_order_with_original_case() -> None:
     assert _up(headers) == [("Host", UPSTREAM), *headers]
 
 
-def test_strip_headers_removes_extra_names() -> None:
-    """Names in ``strip_headers`` are removed whatever their case."""
-    policy = ForwardPolicy(
-        upstream_host=UPSTREAM,
-        forwarded_headers=False,
-        forwarded_rfc7239=False,
-        strip_headers=frozenset({"x-internal"}),
-    )
-    assert _up([("X-Internal", "1"), ("X-Other", "2")], policy) == [("Host", UPSTREAM), ("X-Other", "2")]
-
-
 @pytest.mark.parametrize(
     ("drop", "expected"),
     [(False, ["00-aa-bb-01", "k=v"]), (True, [])],
@@ -239,31 +227,32 @@ def test_host_policy(
 )
 def test_x_forwarded_for_appends(headers: HeaderList, client_ip: str, xff: str) -> None:
     """X-Forwarded-For keeps the client's chain and ends with our peer address, in one field."""
-    out = _up(headers, XFF_ONLY, client_ip=client_ip)
+    out = _up(headers, DEFAULT, client_ip=client_ip)
     assert _named(out, "x-forwarded-for") == [xff]
 
 
 def test_x_forwarded_proto_and_host_overwritten() -> None:
     """A client cannot make MES believe the call came over TLS or to another host."""
     headers = [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "bank.example"), ("Accept", "*/*")]
-    out = _up(headers, XFF_ONLY, scheme="http", host="proxy.example:8080")
+    out = _up(headers, DEFAULT, scheme="http", host="proxy.example:8080")
     assert out == [
         ("Host", UPSTREAM),
         ("Accept", "*/*"),
         ("X-Forwarded-For", "192.0.2.10"),
         ("X-Forwarded-Proto", "http"),
         ("X-Forwarded-Host", "proxy.example:8080"),
+        ("Forwarded", 'for=192.0.2.10;proto=http;host="proxy.example:8080"'),
     ]
 
 
 def test_x_forwarded_host_omitted_without_client_host() -> None:
     """With no client Host there is no X-Forwarded-Host, and a spoofed one is still removed."""
-    out = _up([("X-Forwarded-Host", "bank.example")], XFF_ONLY, host=None)
+    out = _up([("X-Forwarded-Host", "bank.example")], DEFAULT, host=None)
     assert _named(out, "x-forwarded-host") == []
 
 
 def test_forwarding_fields_pass_untouched_when_disabled() -> None:
-    """With forwarding fields off, the client's own pass through exactly as sent."""
+    """With forwarding fields off, the client's own pass through exactly as sent, and none is added."""
     headers = [
         ("X-Forwarded-For", "203.0.113.7"),
         ("X-Forwarded-Proto", "https"),
@@ -313,17 +302,20 @@ def test_forwarding_fields_pass_untouched_when_disabled() -> None:
 )
 def test_forwarded_element(client_ip: str, scheme: str, host: str | None, element: str) -> None:
     """Forwarded gets one RFC 7239 element; IPv6 and host:port are quoted (§6, §4)."""
-    out = _up([], RFC7239_ONLY, client_ip=client_ip, scheme=scheme, host=host)
+    out = _up([], DEFAULT, client_ip=client_ip, scheme=scheme, host=host)
     assert _named(out, "forwarded") == [element]
 
 
 def test_forwarded_appends_new_line_after_clients() -> None:
     """The client's Forwarded lines stay as sent; ours is a new field line at the end (RFC 7239 §4)."""
     headers = [("Forwarded", "for=203.0.113.7;proto=https"), ("Accept", "*/*")]
-    out = _up(headers, RFC7239_ONLY)
+    out = _up(headers, DEFAULT)
     assert out == [
         ("Host", UPSTREAM),
         *headers,
+        ("X-Forwarded-For", "192.0.2.10"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "proxy.example"),
         ("Forwarded", "for=192.0.2.10;proto=http;host=proxy.example"),
     ]
 
@@ -553,27 +545,24 @@ def test_unreserved_paths_always_accepted(segments: list[str], query: str | None
 
 
 @pytest.mark.parametrize(
-    ("headers", "require", "status"),
+    ("headers", "status"),
     [
-        pytest.param([("Host", "proxy.example")], True, None, id="one-host"),
-        pytest.param([("Host", "proxy.example:8080")], True, None, id="host-port"),
-        pytest.param([("host", "[2001:db8::1]:8080")], True, None, id="ipv6-literal"),
-        pytest.param([("Host", "")], True, None, id="empty-allowed"),
-        pytest.param([], False, None, id="none-http10"),
-        pytest.param([], True, 400, id="none-http11"),
-        pytest.param([("Host", "a.example"), ("Host", "a.example")], False, 400, id="duplicate-same"),
-        pytest.param(
-            [("Host", "a.example"), ("X-A", "1"), ("HOST", "b.example")], False, 400, id="duplicate-case"
-        ),
-        pytest.param([("Host", "a.example/evil")], False, 400, id="slash"),
-        pytest.param([("Host", "user@a.example")], False, 400, id="userinfo"),
-        pytest.param([("Host", "a.example b.example")], False, 400, id="space"),
-        pytest.param([("Host", "a.example:80x")], False, 400, id="bad-port"),
+        pytest.param([("Host", "proxy.example")], None, id="one-host"),
+        pytest.param([("Host", "proxy.example:8080")], None, id="host-port"),
+        pytest.param([("host", "[2001:db8::1]:8080")], None, id="ipv6-literal"),
+        pytest.param([("Host", "")], None, id="empty-allowed"),
+        pytest.param([], None, id="none-the-parser-decides"),
+        pytest.param([("Host", "a.example"), ("Host", "a.example")], 400, id="duplicate-same"),
+        pytest.param([("Host", "a.example"), ("X-A", "1"), ("HOST", "b.example")], 400, id="duplicate-case"),
+        pytest.param([("Host", "a.example/evil")], 400, id="slash"),
+        pytest.param([("Host", "user@a.example")], 400, id="userinfo"),
+        pytest.param([("Host", "a.example b.example")], 400, id="space"),
+        pytest.param([("Host", "a.example:80x")], 400, id="bad-port"),
     ],
 )
-def test_check_host_headers(headers: HeaderList, require: bool, status: int | None) -> None:
-    """Several Host fields, an invalid one, or none on HTTP/1.1 get a 400 (RFC 9112 §3.2)."""
-    rej = check_host_headers(headers, require=require)
+def test_check_host_headers(headers: HeaderList, status: int | None) -> None:
+    """Several Host fields or an invalid one get a 400 (RFC 9112 §3.2)."""
+    rej = check_host_headers(headers)
     assert (None if rej is None else rej.status) == status
 
 
@@ -624,19 +613,11 @@ def test_upstream_host_value_rejects_bad_input(host: str, port: int) -> None:
         upstream_host_value("http", host, port)
 
 
-@pytest.mark.parametrize(
-    ("upstream_host", "strip"),
-    [
-        pytest.param("", frozenset[str](), id="empty-host"),
-        pytest.param("mes.internal/api", frozenset[str](), id="host-with-path"),
-        pytest.param(UPSTREAM, frozenset({"X-Upper"}), id="strip-not-lowercase"),
-        pytest.param(UPSTREAM, frozenset({"host"}), id="strip-host"),
-    ],
-)
-def test_policy_rejects_invalid_settings(upstream_host: str, strip: frozenset[str]) -> None:
+@pytest.mark.parametrize("upstream_host", ["", "mes.internal/api"], ids=["empty-host", "host-with-path"])
+def test_policy_rejects_invalid_settings(upstream_host: str) -> None:
     """An invalid ForwardPolicy cannot be built."""
-    with pytest.raises(ValueError, match=r"upstream_host|strip_headers|Host"):
-        ForwardPolicy(upstream_host=upstream_host, strip_headers=strip)
+    with pytest.raises(ValueError, match=r"upstream_host"):
+        ForwardPolicy(upstream_host=upstream_host)
 
 
 def test_input_is_not_mutated() -> None:
@@ -650,7 +631,8 @@ def test_input_is_not_mutated() -> None:
 # ── property: everything end to end passes through ────────────────────────────────────────
 
 _TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_NOT_PASSED_THROUGH = HOP_BY_HOP | {"host"}
+# The lookalikes ("keep_alive") are dropped by default: tested in test_framing.py.
+_NOT_PASSED_THROUGH = HOP_BY_HOP | LOOKALIKES | {"host"}
 _field_names = st.text(alphabet=_TCHAR, min_size=1, max_size=24).filter(
     lambda n: n.lower() not in _NOT_PASSED_THROUGH
 )

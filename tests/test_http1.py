@@ -298,11 +298,14 @@ async def test_websocket_upgrade_is_handed_to_aiohttp_with_the_connection() -> N
 
 
 async def test_connections_beyond_the_cap_are_refused_and_not_counted() -> None:
-    """Past max_connections a new connection gets 503 and closes; the count stays at the cap."""
+    """Past max_connections, with no connection idle, a new connection gets 503 and closes."""
     async with serving(echo_path, replace(LIMITS, max_connections=1)) as (server, port):
         held = await asyncio.open_connection("127.0.0.1", port)
+        held[1].write(b"GET / HTTP/1.1\r\nHo")  # a head in progress: not idle, not evictable
         async with asyncio.timeout(WAIT):
-            await _until(lambda: server.open_connections == 1)
+            await _until(
+                lambda: len(server.connections) == 1 and next(iter(server.connections)).idle_since is None
+            )
         raw = await _exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         held[1].close()
     assert raw.startswith(b"HTTP/1.1 503")

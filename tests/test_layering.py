@@ -14,18 +14,32 @@ import mes_trace_proxy
 PACKAGE: Final = Path(mes_trace_proxy.__file__).parent
 TESTS: Final = Path(__file__).parent
 
-#: The sans-I/O core (docs/architecture.md, style rule 1): plain values in, frozen values out.
+#: The sans-I/O core (docs/architecture.md, "Pure core, thin I/O shell"): plain values in, frozen
+#: values out. Each name is a module (``rules.py``), a package (``config/``, every file in it) or
+#: a module of a subpackage (``messages.deadletter``).
 CORE: Final = (
     "config",
+    "messages.deadletter",
+    "messages.record",
+    "messages.settings",
+    "messages.explain",
     "rules",
     "extract",
     "redact",
     "attributes",
     "tracecontext",
     "forwarding",
+    "cards",
+    "textfold",
+    "framing",
     "lifecycle",
     "orders",
+    "order_records",
+    "order_index",
+    "order_values",
+    "store_codec",
     "problems",
+    "h1",
     "exchange",
     "explain",
     "admin_page",
@@ -64,19 +78,40 @@ ALLOWED_THIRD_PARTY: Final = {
 }
 #: Whole-program modules that need no test file of their own.
 NO_TEST_NEEDED: Final = frozenset({"__init__", "__main__"})
+#: Subpackages outside the one-test-file-per-module rule: the simulators are demo code, tested
+#: by tests/test_sim_*.py and tests/test_otlp_sink.py.
+NO_TEST_NEEDED_PACKAGES: Final = frozenset({"sim"})
+
+
+def _sources(module: str, package: Path = PACKAGE) -> list[Path]:
+    """The files of one core unit: ``module.py``, or every file of the package ``module/``."""
+    folder = package.joinpath(*module.split("."))
+    if folder.is_dir():
+        return sorted(folder.rglob("*.py"))
+    return [folder.with_suffix(".py")]
 
 
 def _imports(module: str, package: Path = PACKAGE) -> list[str]:
-    """Every module a source file imports, anywhere in it; ``from a import b`` yields a and a.b."""
-    tree = ast.parse((package / f"{module}.py").read_text(encoding="utf-8"))
+    """Every module a core unit imports, anywhere in it; ``from a import b`` yields a and a.b."""
+    found: list[str] = []
+    for source in _sources(module, package):
+        # The dotted package a relative import in this file starts from.
+        parts = ["mes_trace_proxy", *source.parent.relative_to(package).parts]
+        found.extend(_file_imports(source, parts))
+    return found
+
+
+def _file_imports(source: Path, package_parts: list[str]) -> list[str]:
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     found: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                # A relative import inside the package: ``from . import proxy``.
-                base = ".".join(["mes_trace_proxy", *([node.module] if node.module else [])])
+                # A relative import inside the package: ``from . import proxy``, ``from .. import x``.
+                parent = package_parts[: len(package_parts) - node.level + 1]
+                base = ".".join([*parent, *([node.module] if node.module else [])])
             else:
                 base = node.module or ""
             found.append(base)
@@ -106,7 +141,7 @@ def _under(name: str, prefixes: tuple[str, ...] | frozenset[str]) -> bool:
 
 def test_core_modules_exist() -> None:
     """The core list names real modules, so a rename cannot silently drop a module from the checks."""
-    missing = [module for module in CORE if not (PACKAGE / f"{module}.py").is_file()]
+    missing = [module for module in CORE if not _sources(module)[0].is_file()]
     assert missing == []
 
 
@@ -114,14 +149,14 @@ def test_core_modules_exist() -> None:
 def test_core_imports_nothing_banned(module: str) -> None:
     """No core module imports aiohttp, asyncio, the OpenTelemetry SDK, sqlite3, redis or socket."""
     bad = sorted({name for name in _imports(module) if _under(name, BANNED)})
-    assert bad == [], f"mes_trace_proxy/{module}.py imports {', '.join(bad)}"
+    assert bad == [], f"mes_trace_proxy.{module} imports {', '.join(bad)}"
 
 
 @pytest.mark.parametrize("module", CORE)
 def test_core_reads_no_environment_clock_or_disk(module: str) -> None:
     """No core module imports the standard library's environment, clock, file or network modules."""
     bad = sorted({name for name in _imports(module) if _under(name, BANNED_STDLIB_IO)})
-    assert bad == [], f"mes_trace_proxy/{module}.py imports {', '.join(bad)}"
+    assert bad == [], f"mes_trace_proxy.{module} imports {', '.join(bad)}"
 
 
 @pytest.mark.parametrize("module", CORE)
@@ -131,7 +166,7 @@ def test_core_imports_only_core_from_the_package(module: str) -> None:
     own = [name for name in _imports(module) if _under(name, ("mes_trace_proxy",))]
     # "from mes_trace_proxy import attributes" yields both the package and the module.
     bad = sorted({name for name in own if name != "mes_trace_proxy" and not _under(name, core)})
-    assert bad == [], f"mes_trace_proxy/{module}.py imports shell modules {', '.join(bad)}"
+    assert bad == [], f"mes_trace_proxy.{module} imports shell modules {', '.join(bad)}"
 
 
 @pytest.mark.parametrize("module", CORE)
@@ -148,7 +183,7 @@ def test_core_third_party_imports_are_allow_listed(module: str) -> None:
             and not _under(name, allowed)
         }
     )
-    assert bad == [], f"mes_trace_proxy/{module}.py imports {', '.join(bad)}"
+    assert bad == [], f"mes_trace_proxy.{module} imports {', '.join(bad)}"
 
 
 def test_the_checker_sees_every_import_form(tmp_path: Path) -> None:
@@ -163,17 +198,59 @@ def test_the_checker_sees_every_import_form(tmp_path: Path) -> None:
     )
     found = _imports("probe", tmp_path)
     assert {"socket", "opentelemetry.sdk", "mes_trace_proxy.proxy", "asyncio.tasks", "redis"} <= set(found)
+    # A core package is checked file by file, relative imports resolved from each file's folder.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("from .inner import x\n")
+    (tmp_path / "pkg" / "inner.py").write_text("from .. import server\nimport aiohttp\n")
+    assert {"mes_trace_proxy.pkg.inner", "mes_trace_proxy.server", "aiohttp"} <= set(
+        _imports("pkg", tmp_path)
+    )
     assert all(_under(name, BANNED) for name in ("socket", "opentelemetry.sdk", "asyncio.tasks", "redis"))
     assert not _under("redistribute", BANNED)
 
 
 # ── one test file per module (mitmproxy's filename_matching) ─────────────────────────────
 
-MODULES: Final = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem not in NO_TEST_NEEDED)
+
+def _test_files(path: Path) -> list[Path]:
+    """Where the tests of a module may be: flat, or in a folder mirroring its package.
+
+    ``rules.py`` → ``test_rules.py``; ``config/overlay.py`` → ``test_config_overlay.py`` or
+    ``config/test_overlay.py``; a package's ``__init__`` → ``test_config.py`` or the
+    package's own test folder.
+    """
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+        return [TESTS / f"test_{'_'.join(parts)}.py", TESTS.joinpath(*parts, "__init__.py")]
+    flat = TESTS / f"test_{'_'.join(parts)}.py"
+    return [flat] if len(parts) == 1 else [flat, TESTS.joinpath(*parts[:-1], f"test_{parts[-1]}.py")]
+
+
+def test_test_file_names() -> None:
+    """The names the rule below accepts, for a module, a package module and a package."""
+    assert _test_files(PACKAGE / "rules.py") == [TESTS / "test_rules.py"]
+    assert _test_files(PACKAGE / "config" / "overlay.py") == [
+        TESTS / "test_config_overlay.py",
+        TESTS / "config" / "test_overlay.py",
+    ]
+    assert _test_files(PACKAGE / "config" / "__init__.py") == [
+        TESTS / "test_config.py",
+        TESTS / "config" / "__init__.py",
+    ]
+
+
+MODULES: Final = sorted(
+    str(path.relative_to(PACKAGE))
+    for path in PACKAGE.rglob("*.py")
+    if path.stem not in NO_TEST_NEEDED or (path.stem == "__init__" and path.parent != PACKAGE)
+    if not set(path.relative_to(PACKAGE).parts[:-1]) & NO_TEST_NEEDED_PACKAGES
+)
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_has_a_test_file(module: str) -> None:
-    """Every mes_trace_proxy/<name>.py has tests/test_<name>.py."""
-    expected = TESTS / f"test_{module}.py"
-    assert expected.is_file(), f"mes_trace_proxy/{module}.py has no tests/{expected.name}"
+    """Every module of the package, subpackages included, has its own test file (_test_files)."""
+    candidates = _test_files(PACKAGE / module)
+    names = " or ".join(str(path.relative_to(TESTS.parent)) for path in candidates)
+    assert any(path.is_file() for path in candidates), f"mes_trace_proxy/{module} has no {names}"

@@ -11,6 +11,8 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from mes_trace_proxy.cli import read_default_rules
+from mes_trace_proxy.config import ConfigError, load_config
 from mes_trace_proxy.http1 import Http1Server
 from mes_trace_proxy.limits import classify_parse_error, raw_problem
 from mes_trace_proxy.problems import ClientRejection
@@ -258,15 +260,17 @@ async def test_idle_connection_is_closed_after_idle_timeout(
 async def test_connections_beyond_the_cap_get_503_until_one_closes(
     limited: StartLimited,
 ) -> None:
-    """With max_connections open, a new one is answered 503 with Retry-After; after one closes, it works."""
+    """With max_connections busy, a new one is answered 503 with Retry-After; after one closes, it works."""
     proxy = await limited(max_connections=3)
     address = _address(proxy)
     server: Http1Server = proxy.servers["ingress"]
     held = [await asyncio.open_connection(*address) for _ in range(3)]
+    for _, writer in held:
+        writer.write(b"GET /api/v1/health HTTP/1.1\r\nHo")  # a head in progress: not idle
     try:
         async with asyncio.timeout(WAIT):
-            while True:  # accepted by the server, not just queued in the kernel's backlog
-                if server.open_connections == 3:
+            while True:  # accepted and reading a head, not just queued in the kernel's backlog
+                if server.open_connections == 3 and all(c.idle_since is None for c in server.connections):
                     break
                 await asyncio.sleep(0.01)
         answer = await _exchange(address, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -316,3 +320,50 @@ async def test_500_half_open_connections_do_not_stop_normal_traffic(
         for writer in stalled:
             writer.close()
         await asyncio.gather(*(w.wait_closed() for w in stalled), return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("limits", "per_client", "body_timeout"),
+    [
+        ({}, None, 60.0),
+        ({"max_connections_per_client": 8, "body_read_timeout": "5s"}, 8, 5.0),
+        ({"max_connections_per_client": 0, "body_read_timeout": "0s"}, None, None),
+    ],
+    ids=["defaults", "set", "zero-turns-off"],
+)
+def test_the_new_limits_are_read_from_the_config_file(
+    limits: dict[str, object], per_client: int | None, body_timeout: float | None
+) -> None:
+    """max_connections_per_client and body_read_timeout: defaults, values, 0 for off; /config shows them."""
+    config = load_config(
+        flags={"upstream": "http://127.0.0.1:1"},
+        environ={},
+        file_doc={"listeners": [{"name": "ingress", "limits": limits}]},
+        defaults=read_default_rules(),
+    )
+    got = config.listeners[0].limits
+    assert (got.max_connections_per_client, got.body_read_timeout) == (per_client, body_timeout)
+    described = config.describe()["listeners"][0]["limits"]  # type: ignore[index]
+    assert described["max_connections_per_client"] == (per_client or 0)
+    assert described["body_read_timeout"] == (body_timeout or 0.0)
+
+
+@pytest.mark.parametrize(
+    ("limits", "key"),
+    [
+        ({"max_connections_per_client": -1}, "listeners[0].limits.max_connections_per_client"),
+        ({"max_connections_per_client": "many"}, "listeners[0].limits.max_connections_per_client"),
+        ({"body_read_timeout": "soon"}, "listeners[0].limits.body_read_timeout"),
+    ],
+    ids=["negative", "not-a-number", "not-a-duration"],
+)
+def test_a_bad_new_limit_stops_start_up_naming_its_key(limits: dict[str, object], key: str) -> None:
+    """A bad value names its key, as every config error does."""
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            flags={"upstream": "http://127.0.0.1:1"},
+            environ={},
+            file_doc={"listeners": [{"name": "ingress", "limits": limits}]},
+            defaults=read_default_rules(),
+        )
+    assert key in str(info.value)

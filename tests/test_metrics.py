@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, TransitionKind
-from mes_trace_proxy.metrics import ProxyMetrics
+from mes_trace_proxy.metrics import ConnectionStats, ProxyMetrics
 from mes_trace_proxy.orders import Findings, OrderBook, SpanRef, Transition
 from mes_trace_proxy.tracing import ExportStats
 
@@ -69,7 +69,7 @@ def test_findings_from_a_real_order_book_are_counted() -> None:
 
 def test_scrape_time_gauges_read_their_sources() -> None:
     """Order, stuck, span-export and store figures are computed when scraped, from the bound callables."""
-    metrics = ProxyMetrics()
+    metrics = ProxyMetrics(known_statuses=REFERENCE_LIFECYCLE.statuses)
     metrics.bind(
         export_stats=lambda: ExportStats(queued=5, exported=3, dropped_queue_full=2, failed=0),
         order_counts=lambda: {"SUBMITTED": 4},
@@ -82,6 +82,24 @@ def test_scrape_time_gauges_read_their_sources() -> None:
     assert 'mes_orders_stuck{status="SUBMITTED"} 1.0' in text
     assert "mes_state_store_errors_total 7.0" in text
     assert "mes_state_store_pending 2.0" in text
+
+
+def test_order_gauges_fold_statuses_outside_the_lifecycle() -> None:
+    """mes_orders and mes_orders_stuck sum every status the lifecycle does not name under _OTHER."""
+    metrics = ProxyMetrics(known_statuses=REFERENCE_LIFECYCLE.statuses)
+    book = OrderBook(REFERENCE_LIFECYCLE)
+    span = SpanRef(trace_id=1, span_id=2)
+    for order_id, status in (("A", "SUBMITTED"), ("B", "Petrov Sergei Ivanovich"), ("C", "ON_HOLD")):
+        book.apply(order_id=order_id, status=status, observed=None, now=0.0, span=span)
+    book.overdue(86400.0)
+    metrics.bind(order_counts=book.counts, stuck_counts=lambda: book.snapshot().stuck_by_status)
+    text = _text(metrics)
+    assert "Petrov" not in text
+    assert "ON_HOLD" not in text
+    assert 'mes_orders{status="_OTHER"} 2.0' in text
+    assert 'mes_orders{status="SUBMITTED"} 1.0' in text
+    assert 'mes_orders{status="CLOSED"} 0.0' in text  # known statuses keep their zero
+    assert 'mes_orders_stuck{status="SUBMITTED"} 1.0' in text
 
 
 def test_process_figures_are_exposed() -> None:
@@ -224,3 +242,45 @@ def test_created_series_follow_prometheus_clients_switch() -> None:
         enable_created_metrics()  # type: ignore[no-untyped-call]
     assert "mes_proxy_requests_total{" in text
     assert "_created" not in text
+
+
+def test_refusals_count_by_listener_and_slug_from_every_source() -> None:
+    """The handler's refusals (slug or type URI alike), each listener's limits, the admin's: one family."""
+    metrics = ProxyMetrics()
+    for error_type in (
+        "payload_too_large",
+        "urn:mes-trace-proxy:problem:payload_too_large",
+        "upstream_dns_failure",
+    ):
+        metrics.request_done(
+            listener="ingress",
+            route="",
+            method="POST",
+            status=413,
+            duration=0.001,
+            upstream_duration=None,
+            error_type=error_type,
+        )
+    metrics.refused("admin", "admin_invalid_token")
+    metrics.bind(
+        connection_stats=lambda: {
+            "ingress": ConnectionStats(
+                open=1,
+                refused_cap=2,
+                header_timeouts=1,
+                malformed=0,
+                refused={"service_unavailable": 2, "request_timeout": 1},
+            )
+        },
+        admin_stats=lambda: ConnectionStats(
+            open=0, refused_cap=0, header_timeouts=3, malformed=0, refused={"request_timeout": 3}
+        ),
+    )
+    text = _text(metrics)
+    assert 'mes_proxy_refusals_total{listener="ingress",reason="payload_too_large"} 2.0' in text
+    assert 'mes_proxy_refusals_total{listener="ingress",reason="service_unavailable"} 2.0' in text
+    assert 'mes_proxy_refusals_total{listener="ingress",reason="request_timeout"} 1.0' in text
+    assert 'mes_proxy_refusals_total{listener="admin",reason="request_timeout"} 3.0' in text
+    assert 'mes_proxy_refusals_total{listener="admin",reason="admin_invalid_token"} 1.0' in text
+    assert 'mes_proxy_open_connections{listener="admin"} 0.0' in text
+    assert "upstream_dns_failure" not in "".join(line for line in text.splitlines() if "refusals" in line)

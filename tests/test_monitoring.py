@@ -18,6 +18,7 @@ from typing import Any, Final
 import pytest
 import yaml
 
+from mes_trace_proxy.messages.service import METRIC_FAMILIES
 from mes_trace_proxy.metrics import ProxyMetrics
 from mes_trace_proxy.tracing import ExportStats
 
@@ -44,6 +45,9 @@ def _exported_names() -> frozenset[str]:
     names: set[str] = set()
     for family in metrics.registry.collect():
         names.update(f"{family.name}{suffix}" for suffix in _SUFFIXES.get(family.type, ("",)))
+    # The message path's collector, registered when --amqp-url is set (messages/service.py).
+    for name, kind in METRIC_FAMILIES.items():
+        names.update(f"{name}{suffix}" for suffix in _SUFFIXES[kind])
     return frozenset(names)
 
 
@@ -253,6 +257,60 @@ ALERT_TESTS: Final = {
                             "The state store (SQLite file or Redis) has been failing for 10 minutes; "
                             "requests still pass, order state is kept in memory and written once the "
                             'store is back. p1 logs "state store write failed" with the cause.',
+                        )
+                    ],
+                },
+            ],
+        },
+        {
+            "name": "dead letters arrive from one queue; a watcher stays away from the broker",
+            "interval": "1m",
+            "input_series": [
+                # Two replicas, competing consumers: 1 + 1 dead letters in the window.
+                _series(
+                    "mes_messages_dead_lettered_total",
+                    "0 0 1 1 1",
+                    queue="mes.price.requests",
+                    reason="expired",
+                    pod="p1",
+                ),
+                _series(
+                    "mes_messages_dead_lettered_total",
+                    "0 0 1 1 1",
+                    queue="mes.price.requests",
+                    reason="expired",
+                    pod="p2",
+                ),
+                _series("mes_messages_broker_connected", "1 0x14", pod="p1"),
+                _series("mes_messages_broker_connected", "1x15", pod="p2"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "MesDeadLettersArriving", "exp_alerts": []},
+                {
+                    "eval_time": "4m",
+                    "alertname": "MesDeadLettersArriving",
+                    "exp_alerts": [
+                        _alert(
+                            {"queue": "mes.price.requests", "reason": "expired"},
+                            "Messages dead-lettered from mes.price.requests (expired)",
+                            "RabbitMQ gave up on 2 message(s) from mes.price.requests in the last 10 "
+                            'minutes (expired). The admin page\'s "Dead letters" section lists the orders '
+                            "with the cause; fix the consumer, then re-drive them there or with POST "
+                            "/orders/{id}/redrive.",
+                        )
+                    ],
+                },
+                {"eval_time": "5m", "alertname": "MesDeadLetterWatcherDisconnected", "exp_alerts": []},
+                {
+                    "eval_time": "12m",
+                    "alertname": "MesDeadLetterWatcherDisconnected",
+                    "exp_alerts": [
+                        _alert(
+                            {"pod": "p1"},
+                            "mes-trace-proxy cannot reach RabbitMQ",
+                            "p1 has not been connected to RabbitMQ for 10 minutes; dead letters wait on "
+                            'the broker (nothing is lost) and are not shown. Its log says why ("cannot '
+                            'connect", "does not exist", "access refused").',
                         )
                     ],
                 },

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mes_trace_proxy import native
+from mes_trace_proxy import native, order_records
 from mes_trace_proxy import orders as orders_module
 from mes_trace_proxy.lifecycle import REFERENCE_LIFECYCLE, Lifecycle, TransitionKind
 from mes_trace_proxy.orders import (
@@ -318,6 +318,7 @@ def test_stuck_reported_exactly_once_per_stay(book: OrderBook, call: Calls) -> N
         over_by=60.0,
         span=span(1),
         first_span=span(1),
+        first_seen=T0,
     )
     assert book.overdue(T0 + SUBMITTED_LIMIT + 120) == []
     assert book.overdue(T0 + 10 * SUBMITTED_LIMIT) == []
@@ -353,9 +354,64 @@ def test_overdue_oldest_first_and_stuck_sorted(book: OrderBook, call: Calls) -> 
     assert [s.over_by for s in book.stuck(now)] == [10.0, 9.0, 8.0, 7.0, 6.0]
 
 
+def test_stuck_pages_are_the_slices_of_the_whole_list() -> None:
+    """Any page of ``stuck`` is that slice of every stuck order sorted by lateness, across statuses."""
+    rng = random.Random(7)
+    book = OrderBook(REFERENCE_LIFECYCLE)
+    call = Calls(book)
+    statuses = ("SUBMITTED", "PRICE_CALCULATED", "MANUFACTURING_APPROVED", "SHIPPED")
+    for i in range(300):
+        call(f"o-{i}", rng.choice(statuses), at=T0 + rng.uniform(0, 3 * 86400))
+    now = T0 + 30 * 86400
+    book.overdue(now)
+    # A replica's stay, reported there, newer than orders this book has not flagged yet.
+    entry = HistoryEntry(status="SUBMITTED", at=now - SUBMITTED_LIMIT - 1, span=span(999), kind=K.FIRST)
+    book.merge(OrderRecord.from_entries("replica", [entry], stuck_reported=True))
+    call("late-comer", "SUBMITTED", at=now - SUBMITTED_LIMIT - 100)
+    later = now + 60
+    book.overdue(later)  # flags late-comer, older than the replica's stay
+    every = book.stuck(later)
+    assert len(every) == book.stuck_total() == sum(book.snapshot().stuck_by_status.values())
+    assert [s.over_by for s in every] == sorted((s.over_by for s in every), reverse=True)
+    assert {"replica", "late-comer"} <= {s.order_id for s in every}
+    for offset, limit in ((0, 10), (5, 7), (290, 50), (400, 5), (0, 0)):
+        assert book.stuck(later, offset=offset, limit=limit) == every[offset : offset + limit]
+    with pytest.raises(ValueError, match="negative"):
+        book.stuck(later, offset=-1)
+
+
 @pytest.mark.skipif(
     "orders" in native.current().modules,
-    reason="the native build calls _since directly, past the patch; make test's pure pass runs this",
+    reason="the native build calls since_of directly, past the patch; make test's pure pass runs this",
+)
+def test_a_stuck_page_reads_only_its_orders(
+    book: OrderBook, call: Calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of ``limit`` stuck orders reads about ``limit`` of them, not all 2,000."""
+    for i in range(1000):
+        call(f"s-{i}", "SUBMITTED", at=T0 + i)
+        call(f"a-{i}", "MANUFACTURING_APPROVED", at=T0 + i)
+    book.overdue(T0 + 86400)
+    reads = 0
+    real: Callable[[bytes], float] = order_records.since_of
+
+    def counting(hist: bytes) -> float:
+        nonlocal reads
+        reads += 1
+        return real(hist)
+
+    monkeypatch.setattr(orders_module, "since_of", counting)
+    page = book.stuck(T0 + 86400, offset=0, limit=10)
+    assert [s.order_id for s in page] == [f"s-{i}" for i in range(10)]
+    # One read per merged order (10 taken, plus the head of each of the two statuses)
+    # and one per order built into a StuckOrder.
+    assert reads <= 10 + 2 + 10
+    assert book.stuck_total() == 2000
+
+
+@pytest.mark.skipif(
+    "orders" in native.current().modules,
+    reason="the native build calls since_of directly, past the patch; make test's pure pass runs this",
 )
 def test_overdue_touches_only_due_orders(
     book: OrderBook, call: Calls, monkeypatch: pytest.MonkeyPatch
@@ -364,14 +420,14 @@ def test_overdue_touches_only_due_orders(
     for i in range(1000):
         call(f"o-{i}", "SUBMITTED", at=T0 + i)
     reads = 0
-    real: Callable[[bytes], float] = orders_module._since
+    real: Callable[[bytes], float] = order_records.since_of
 
     def counting(hist: bytes) -> float:
         nonlocal reads
         reads += 1
         return real(hist)
 
-    monkeypatch.setattr(orders_module, "_since", counting)
+    monkeypatch.setattr(orders_module, "since_of", counting)
     found = book.overdue(T0 + SUBMITTED_LIMIT + 2.5)  # o-0, o-1, o-2 are due
     assert [s.order_id for s in found] == ["o-0", "o-1", "o-2"]
     # 1 per due order + 1 to stop, plus 1 per due order to build its StuckOrder.

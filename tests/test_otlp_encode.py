@@ -10,9 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTracePartialSuccess,
     ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -31,7 +29,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes
 
-from mes_trace_proxy.otlp_encode import ATTRIBUTE_CACHE_SIZE, OtlpSpanEncoder, encode_request, rejected_spans
+from mes_trace_proxy.otlp_encode import ATTRIBUTE_CACHE_SIZE, OtlpSpanEncoder, encode_request
 
 _REMOTE = SpanContext(
     trace_id=0x0AF7651916CD43DD8448EB211C80319C,
@@ -239,29 +237,6 @@ def test_random_attributes_match_the_sdk_encoder(attributes: dict[str, object]) 
         end_time=1_700_000_000_000_100_000,
     )
     _assert_same_as_sdk([span])
-
-
-def _response(rejected: int, message: str) -> bytes:
-    partial = ExportTracePartialSuccess(rejected_spans=rejected, error_message=message)
-    encoded: bytes = ExportTraceServiceResponse(partial_success=partial).SerializeToString()
-    return encoded
-
-
-@pytest.mark.parametrize(
-    ("answer", "expected"),
-    [
-        pytest.param(b"", (0, ""), id="empty-full-success"),
-        pytest.param(_response(0, ""), (0, ""), id="explicit-none"),
-        pytest.param(_response(7, "spans too old"), (7, "spans too old"), id="partial"),
-        pytest.param(_response(0, "warning only"), (0, "warning only"), id="message-only"),
-        pytest.param(b"\x0a\x05\x08", (0, ""), id="truncated"),
-        pytest.param(b"\xff\xff\xff", (0, ""), id="garbage"),
-        pytest.param(b"<html>ok</html>", (0, ""), id="not-protobuf"),
-    ],
-)
-def test_rejected_spans_reads_partial_success(answer: bytes, expected: tuple[int, str]) -> None:
-    """The rejected count and message come from partial_success; unreadable answers reject nothing."""
-    assert rejected_spans(answer) == expected
 
 
 @pytest.mark.parametrize(

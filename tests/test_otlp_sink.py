@@ -32,7 +32,17 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, Tracer
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+    TraceState,
+)
 from opentelemetry.util.types import AttributeValue
 
 from mes_trace_proxy.sim.otlp_sink import OtlpSink, ReceivedSpan, build_parser, serve
@@ -584,7 +594,25 @@ async def test_jsonl_file_gets_one_object_per_span(tmp_path: Path) -> None:
     assert child["links"] == [
         {"trace_id": hex_ids(LINKED)[0], "span_id": hex_ids(LINKED)[1], "attributes": {}}
     ]
+    assert parent["trace_state"] == ""
     assert parent["resource"] == RESOURCE_ATTRIBUTES
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+async def test_trace_state_of_spans_and_links_is_decoded(transport: str) -> None:
+    """A span's W3C tracestate arrives as the exporter wrote it (the exporters write none on links)."""
+    state = TraceState([("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE")])
+    parent = SpanContext(LINKED.trace_id, LINKED.span_id, True, TraceFlags(1), state)
+
+    def build(tracer: Tracer) -> None:
+        context = trace.set_span_in_context(NonRecordingSpan(parent))
+        tracer.start_span("child", context=context, links=[Link(parent), Link(LINKED)]).end()
+
+    async with OtlpSink() as sink:
+        await export_spans(make_exporter(sink, transport), build)
+        (span,) = await sink.wait_for_spans(1, timeout=WAIT_SECONDS)
+    assert span.trace_state == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    assert len(span.links) == 2
 
 
 # ── lifecycle ──────────────────────────────────────────────────────────────────────────────────

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Final
 from urllib.parse import quote, quote_plus
 
 import aiohttp
@@ -34,6 +35,7 @@ from hypothesis import strategies as st
 from mes_trace_proxy.admin import ROUTE_ROLES
 from mes_trace_proxy.redact import pseudonymize
 from mes_trace_proxy.sim.otlp_sink import OtlpSink, ReceivedSpan
+from mes_trace_proxy.textfold import fold
 from tests.conftest import MakeConfig, StartProxy, otlp_env
 from tests.proxy_process import ProxyProcess, proxy_process
 
@@ -192,6 +194,14 @@ NESTED_BODY = {
 }
 
 
+#: A trusted caller's trace context: its tracestate holds an e-mail and a phone between vendor entries.
+CALLER_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+CALLER_TRACEPARENT = f"00-{CALLER_TRACE_ID}-b7ad6b7169203331-01"
+CALLER_TRACESTATE = f"rojo=00f067aa0ba902b7,crm={EMAIL},tel={PHONE_RU},congo=t61rcWkgMzE"
+#: What is left of it: the vendor entries, in order.
+CLEAN_TRACESTATE = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+
+
 def _query(**params: str) -> str:
     return "&".join(f"{name}={quote(value, safe='')}" for name, value in params.items())
 
@@ -216,8 +226,18 @@ REQUESTS: tuple[tuple[str, str, object, Mapping[str, str]], ...] = (
     # Personal status values set by the body (top level), read back from the response.
     ("PATCH", f"/api/v1/orders/{CARD_DASHED}", {"status": EMAIL, "customerEmail": EMAIL}, {}),
     ("POST", "/api/v1/orders", {"orderId": CARD_PLAIN, "status": PHONE_RU_8, "customer": NAME}, {}),
-    # A clean order: the positive control (its id and observed status must show up).
-    ("GET", "/api/v1/orders/ORD-CLEAN-1", None, {"Authorization": f"Bearer {JWT}"}),
+    # A clean order: the positive control (its id and observed status must show up), from a
+    # caller whose tracestate carries personal data among its vendor entries.
+    (
+        "GET",
+        "/api/v1/orders/ORD-CLEAN-1",
+        None,
+        {
+            "Authorization": f"Bearer {JWT}",
+            "traceparent": CALLER_TRACEPARENT,
+            "tracestate": CALLER_TRACESTATE,
+        },
+    ),
     # No rule matches: the fallback span still scrubs the path and drops unlisted parameters.
     (
         "GET",
@@ -264,9 +284,13 @@ async def _send_all(client: aiohttp.ClientSession, base: str) -> None:
 REQUEST_COUNT = len(REQUESTS) + 1
 
 
-async def _admin_texts(proxy: ProxyProcess, client: aiohttp.ClientSession) -> dict[str, str]:
+SENT_ORDER_IDS: Final = ("ORD-CLEAN-1", "ORD-CHUNKED", EMAIL, PHONE_RU, CARD_DASHED, CARD_PLAIN, "[REDACTED]")
+
+
+async def _admin_texts(
+    proxy: ProxyProcess, client: aiohttp.ClientSession, order_ids: Iterable[str] = SENT_ORDER_IDS
+) -> dict[str, str]:
     """Every admin endpoint's answer: the fixed GET routes, and order lookups by every id sent."""
-    order_ids = ["ORD-CLEAN-1", "ORD-CHUNKED", EMAIL, PHONE_RU, CARD_DASHED, CARD_PLAIN, "[REDACTED]"]
     paths: list[str] = []
     for method, route in ROUTE_ROLES:
         if method != "GET":
@@ -327,6 +351,8 @@ async def test_no_canary_leaves_the_proxy(canary_upstream: str, otlp_sink: OtlpS
     assert len(servers) == REQUEST_COUNT
     clean = next(span for span in servers if span.attributes.get("mes.order.id") == "ORD-CLEAN-1")
     assert clean.attributes["mes.order.status.observed"] == "MANUFACTURING_STARTED"
+    assert clean.trace_id == CALLER_TRACE_ID
+    assert clean.trace_state == CLEAN_TRACESTATE
     assert "/api/v1/orders/{orderId}" in span_text
     assert 'route="/api/v1/orders/{orderId}/status"' in metrics_text
     assert len(access_lines) == REQUEST_COUNT
@@ -446,3 +472,138 @@ async def test_generated_requests_leak_nothing(
         assert leaks(text) == [], exchange
 
     await asyncio.to_thread(check)
+
+
+# ── the caller's tracestate ────────────────────────────────────────────────────────────────
+
+
+async def test_tracestate_personal_members_are_neither_exported_nor_forwarded(otlp_sink: OtlpSink) -> None:
+    """A trusted caller's tracestate members holding an e-mail or a phone are dropped from both
+    spans and from the tracestate sent upstream; the vendor entries around them stay, in order."""
+    forwarded: list[list[str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        forwarded.append(request.headers.getall("tracestate", []))
+        return web.json_response({"orderId": "ORD-TS-1", "status": "PACKAGING"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    upstream = TestServer(app, host="127.0.0.1", port=0)
+    await upstream.start_server()
+    args = ["--upstream", f"http://127.0.0.1:{upstream.port}", "--listen", "127.0.0.1:0"]
+    args += ["--admin-listen", "127.0.0.1:0", "--state", "memory"]
+    # Two fields, as a caller behind another proxy may send them: one list, combined in order.
+    first, _, second = CALLER_TRACESTATE.partition(",tel=")
+    headers = [("traceparent", CALLER_TRACEPARENT), ("tracestate", first), ("tracestate", "tel=" + second)]
+    try:
+        async with (
+            proxy_process(args, otlp_env(otlp_sink)) as proxy,
+            aiohttp.ClientSession(headers=headers) as client,
+            client.get(proxy.url() + "/api/v1/orders/ORD-TS-1") as resp,
+        ):
+            assert resp.status == 200
+            await resp.read()
+        spans = await otlp_sink.wait_for_spans(2, timeout=WAIT)
+    finally:
+        await upstream.close()
+    assert sorted(span.kind for span in spans) == ["CLIENT", "SERVER"]
+    for span in spans:
+        assert span.trace_id == CALLER_TRACE_ID
+        assert span.trace_state == CLEAN_TRACESTATE, span.kind
+    assert forwarded == [[CLEAN_TRACESTATE]]
+    text = json.dumps([span.to_json_dict() for span in spans], default=str) + repr(forwarded)
+    assert leaks(text) == []
+
+
+# ── personal data hidden by Unicode or written in RFC 5321's rarer forms (issue 15) ────────
+
+NBSP: Final = "\u00a0"
+#: (canary, tell): each written so that a pattern reading ASCII alone misses it, or finds only
+#: part of it; the tell is the part such a partial find would leave behind.
+HIDDEN: Final = (
+    (f"+7{NBSP}912{NBSP}345{NBSP}67{NBSP}01", "79123456701"),  # phone spaced with no-break spaces
+    (f"8{NBSP}(912){NBSP}345-67-02", "89123456702"),  # a national shape, the same
+    ("ivanzw\u200bcanary@example.org", "ivanzw"),  # zero-width space in the local part
+    ("softhyphen\u00adcanary@example.org", "softhyphen"),  # soft hyphen
+    ("fullwidthcanary\uff20example.org", "fullwidthcanary"),  # fullwidth commercial at
+    ('"quoted canary"@example.org', "quoted canary"),  # RFC 5321 quoted local part
+    ("literalcanary@[192.0.2.17]", "literalcanary"),  # IPv4 address literal
+    ("literalsixcanary@[IPv6:2001:db8::17]", "literalsixcanary"),  # IPv6 address literal
+)
+
+
+def hidden_leaks(text: str) -> list[str]:
+    """The hidden canaries ``text`` holds: as sent or as folded, in any form of :func:`_variants`,
+    or the tell a partial redaction would leave."""
+    lowered = text.lower()
+    found = []
+    for canary, tell in HIDDEN:
+        forms = _variants(canary) | _variants(fold(canary))
+        if any(form in text for form in forms) or tell in lowered:
+            found.append(canary)
+    return found
+
+
+def test_the_hidden_canary_detector_finds_every_form() -> None:
+    """The search works: each hidden canary is found as sent, folded, encoded, and by its tell alone."""
+    for canary, tell in HIDDEN:
+        for form in (canary, fold(canary), quote(canary, safe=""), json.dumps(canary), f"x{tell.upper()}x"):
+            assert hidden_leaks(f"x {form} y") == [canary], (canary, form)
+    assert hidden_leaks(f"ORD-HIDDEN-0 [REDACTED] 0af7651916cd43dd8448eb211c80319c {NBSP}") == []
+
+
+async def test_hidden_personal_data_leaves_the_proxy_nowhere(
+    canary_upstream: str, otlp_sink: OtlpSink
+) -> None:
+    """No-break-spaced phones, e-mails with U+200B, U+00AD or U+FF20 inside, quoted local parts and
+    address literals, sent in url.path (an order id and a path no rule knows), allow-listed query
+    values (url.query), an allow-listed header and the status a rule reads from the body: none
+    reaches a span, a log line, /metrics or an admin page of a real proxy process."""
+    args = [*("--upstream", canary_upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")]
+    args += ["--state", "memory", "--log-level", "debug"]
+    sent = 0
+    async with proxy_process(args, otlp_env(otlp_sink)) as proxy, aiohttp.ClientSession() as client:
+        base = proxy.url()
+        for index, (canary, _tell) in enumerate(HIDDEN):
+            encoded = quote(canary, safe="")
+            query = f"status={encoded}&sort={encoded}&page=1"
+            headers = {"X-Request-Id": canary, "User-Agent": f"crm/1.0 ({canary})"}
+            for method, target, body in (
+                ("GET", f"/api/v1/orders/{encoded}?{query}", None),
+                ("GET", f"/customers/{encoded}/orders?{query}", None),
+                ("PUT", f"/api/v1/orders/ORD-HIDDEN-{index}/status?{query}", {"status": canary}),
+            ):
+                async with client.request(method, base + target, json=body, headers=headers) as resp:
+                    assert resp.status == 200, (method, target, resp.status)
+                    await resp.read()
+                sent += 1
+        spans = await otlp_sink.wait_for_spans(2 * sent, timeout=WAIT)
+        async with asyncio.timeout(WAIT):
+            while True:  # the child's output is read by a pump task; wait for every access line
+                if (
+                    len([r for r in proxy.json_lines() if r.get("logger") == "mes_trace_proxy.access"])
+                    >= sent
+                ):
+                    break
+                await asyncio.sleep(0.02)
+        async with client.get(proxy.admin_url + "/metrics") as resp:
+            metrics_text = await resp.text()
+        order_ids = [canary for canary, _ in HIDDEN] + [f"ORD-HIDDEN-{i}" for i in range(len(HIDDEN))]
+        admin_texts = await _admin_texts(proxy, client, order_ids)
+    span_text = json.dumps([span.to_json_dict() for span in spans], ensure_ascii=False, default=str)
+    assert hidden_leaks(span_text) == []
+    assert hidden_leaks(json.dumps([span.to_json_dict() for span in spans], default=str)) == []
+    assert hidden_leaks("\n".join(proxy.lines)) == []
+    assert hidden_leaks(metrics_text) == []
+    for path, text in admin_texts.items():
+        assert hidden_leaks(text) == [], path
+    # Positive controls: every request made its spans, and the values were recorded, as the marker.
+    servers = [span for span in spans if span.kind == "SERVER"]
+    assert len(servers) == sent
+    fallback = [
+        span for span in servers if str(span.attributes.get("url.path", "")).startswith("/customers/")
+    ]
+    assert len(fallback) == len(HIDDEN)
+    assert all(span.attributes["url.path"] == "/customers/[REDACTED]/orders" for span in fallback)
+    assert all("status=[REDACTED]" in str(span.attributes.get("url.query")) for span in servers)
+    assert admin_texts["/orders/ORD-HIDDEN-0"].startswith("200 ")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mes_trace_proxy.redact import (
     DEFAULT_MARKER,
+    MAX_HEADER_CHARS_PER_REQUEST,
     NEVER_HEADERS,
     PrivacyPolicy,
     Redactor,
@@ -21,6 +22,7 @@ from mes_trace_proxy.redact import (
     pseudonymize,
     user_id_from_headers,
 )
+from tests.test_cards import reference_holds_card
 
 M = DEFAULT_MARKER
 R = Redactor()
@@ -227,6 +229,158 @@ def test_fast_path_is_exact(text: str) -> None:
     if R._plain.fullmatch(text) is not None:
         assert R._email.search(text) is None
         assert R._run.search(text) is None
+
+
+# ── what the patterns read: NFKC, no format characters (issue 15) ──────────────────────────────
+
+NBSP = "\u00a0"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"+7{NBSP}900{NBSP}123{NBSP}45{NBSP}67",
+        f"call 8{NBSP}(900){NBSP}123-45-67 now",
+        "+7\u202f900\u202f123\u202f45\u202f67",
+        "+7\u2011900\u2011123\u201145\u201167",
+        "\uff0b\uff17 \uff19\uff10\uff10 \uff11\uff12\uff13 \uff14\uff15 \uff16\uff17",
+        "+7900\u200b1234567",
+        "ivan\u200b.canary@example.com",
+        "ivan.canary\u00ad@example.com",
+        "ivan.canary\uff20example.com",
+        "ivan.canary@exa\u2060mple.com",
+        "mail ivan.canary\uff20example.com, ª №5",
+        "\u0438\u0432\u0430\u043d@[192.0.2.1]",
+    ],
+    ids=[
+        "phone-nbsp",
+        "national-phone-nbsp-in-text",
+        "phone-narrow-nbsp",
+        "phone-non-breaking-hyphens",
+        "phone-fullwidth",
+        "phone-zero-width-space",
+        "email-zero-width-space",
+        "email-soft-hyphen",
+        "email-fullwidth-at",
+        "email-word-joiner-in-domain",
+        "hidden-address-in-text",
+        "email-cyrillic-local-ip-literal",
+    ],
+)
+def test_value_reads_folded_text(text: str) -> None:
+    """No-break spaces, fullwidth forms, non-breaking hyphens and format characters hide
+    nothing: a value whose folded reading holds personal data becomes the marker whole."""
+    assert R.value(text) == M
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('"ivan canary"@example.com', M),
+        ('"ivan\\"canary"@example.com', M),
+        ("to: <ivan@[192.0.2.1]>", f"to: <{M}>"),
+        ("ivan@[IPv6:2001:db8::1]", M),
+        ("ivan@example.com, ª №5", f"{M}, ª №5"),
+        (f"ivan@example.com,{NBSP}ORD-1", f"{M},{NBSP}ORD-1"),
+    ],
+    ids=[
+        "quoted-local-part",
+        "quoted-escaped-quote",
+        "ip-literal-in-text",
+        "ipv6-literal",
+        "plain-find-beside-foldable-text",
+        "plain-find-beside-nbsp",
+    ],
+)
+def test_value_redacts_quoted_and_literal_addresses_exactly(text: str, expected: str) -> None:
+    """RFC 5321 quoted local parts and address literals are addresses; a find the plain reading
+    makes is replaced alone, whatever non-ASCII text is around it."""
+    assert R.value(text) == expected
+    assert R.value(expected) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ª",
+        "Заказ №\u00a012",
+        "\u200bORD-2026-000123",
+        "①②③",
+        "цена\u00a01\u00a0200,00\u00a0₽",
+        "“quoted” @ noon",
+    ],
+)
+def test_value_keeps_non_ascii_text_that_holds_nothing(text: str) -> None:
+    """Folding is only how the patterns read: text with nothing personal is kept as sent."""
+    assert R.value(text) == text
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/users/%2B7%C2%A0900%C2%A0123%C2%A045%C2%A067/orders", f"/users/{M}/orders"),
+        ("/users/8%C2%A0900%C2%A0123%C2%A045%C2%A067", f"/users/{M}"),
+        ("/u/ivan%E2%80%8B.canary@example.com/x", f"/u/{M}/x"),
+        ("/u/ivan%EF%BC%A0example.com", f"/u/{M}"),
+        ("/u/%22ivan%20canary%22@example.com", f"/u/{M}"),
+        ("/o/%C2%A0ORD-1", "/o/%C2%A0ORD-1"),
+    ],
+    ids=["phone-nbsp", "national-phone-nbsp", "email-zwsp", "email-fullwidth-at", "quoted-local", "kept"],
+)
+def test_path_reads_folded_segments(raw: str, expected: str) -> None:
+    """url.path: a segment that is personal once decoded and folded becomes the marker."""
+    assert R.path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("status=%2B7%C2%A0900%C2%A0123%C2%A045%C2%A067", f"status={M}"),
+        ("status=8%C2%A0900%C2%A0123%C2%A045%C2%A067&page=1", f"status={M}&page=1"),
+        ("status=ivan%E2%80%8B%40example.com", f"status={M}"),
+        ("status=ivan%EF%BC%A0example.com", f"status={M}"),
+        ("status=%C2%A0NEW", "status=%C2%A0NEW"),
+    ],
+    ids=["phone-nbsp", "national-phone-nbsp", "email-zwsp", "email-fullwidth-at", "kept"],
+)
+def test_query_reads_folded_values(raw: str, expected: str) -> None:
+    """url.query: an allow-listed value that is personal once decoded and folded becomes the marker."""
+    assert R.query(raw) == expected
+
+
+# ── bounded work: crafted values (issue 15: 120 X-Request-Id values of 1,020 characters) ─────────
+
+
+def _crafted(group: str, index: int, length: int = 1020) -> str:
+    """A value like the security test's: digit groups joined by spaces, a distinct tail each."""
+    tail = f" {index:04d}"
+    body = (group + " ") * (length // (len(group) + 1) + 1)
+    return body[: length - len(tail)].rstrip() + tail
+
+
+@pytest.mark.parametrize("group", ["411", "412", "4111", "7", "1234-5678"])
+@pytest.mark.parametrize("index", [1, 119])
+def test_crafted_long_runs_are_redacted_whole(group: str, index: int) -> None:
+    """The security test's input: a 1,020-character run of digit groups is one run longer than
+    any personal shape, so it is redacted whole without examining each window, and stays so."""
+    text = _crafted(group, index)
+    assert R.value(text) == M
+
+
+@pytest.mark.parametrize("group", ["411", "412", "4111", "1234-5678"])
+def test_runs_up_to_the_cap_are_examined_window_by_window(group: str) -> None:
+    """A run of up to 128 characters is judged exactly as the brute-force reference says."""
+    text = _crafted(group, 3, length=128)
+    parts = text.replace("-", " ").split(" ")
+    joints = [" " if c == " " else "-" for c in text if c in " -"]
+    expected = M if reference_holds_card(parts, joints) else text
+    assert R.value(text) == expected
+
+
+def test_crafted_values_that_hold_no_run_are_kept() -> None:
+    """'+7 900 ' repeated has no run of seven digits: nothing personal, nothing replaced."""
+    text = ("+7 900 " * 146)[:1020]
+    assert R.value(text) == text
 
 
 # ── keys and JSON scalars ──────────────────────────────────────────────────────────────────────
@@ -501,6 +655,29 @@ def test_headers_keep_allow_list_only_lowercased_and_scrubbed() -> None:
         "accept": ("application/json", "text/plain"),
         "x-request-id": ("req-1",),
     }
+
+
+def test_header_values_past_the_request_budget_are_the_marker_unread() -> None:
+    """Values are read until MAX_HEADER_CHARS_PER_REQUEST characters of them; each one after is the
+    marker, whatever it holds, so repeating an allow-listed header cannot buy more scanning."""
+    # Eight values of 1,024 characters: the budget, exactly.
+    clean = [("X-Request-Id", f"req-{i:04d}-" + "x" * 1015) for i in range(8)]
+    assert sum(len(v) for _, v in clean) == MAX_HEADER_CHARS_PER_REQUEST
+    late = [("X-Request-Id", "req-late"), ("User-Agent", "bot/1.0"), ("Accept", "ivan@example.com")]
+    redactor = Redactor()
+    kept = redactor.headers([*clean, *late])
+    assert kept["x-request-id"] == (*(v for _, v in clean), M)
+    assert kept["user-agent"] == (M,)
+    assert kept["accept"] == (M,)
+    # Unread: the values past the budget never reached value(); its memo holds those read and the
+    # marker (the constructor checks that the marker is left alone).
+    assert set(redactor._memo) == {v for _, v in clean} | {M}
+
+
+def test_an_ordinary_request_is_far_inside_the_header_budget() -> None:
+    """A request's usual allow-listed headers are read whole."""
+    pairs = [("User-Agent", "crm-client/4.2 (+python-aiohttp/3.9)"), ("X-Request-Id", "6f1c2a9e-4b7d")]
+    assert R.headers(pairs) == {"user-agent": (pairs[0][1],), "x-request-id": (pairs[1][1],)}
 
 
 def test_headers_follow_a_custom_allow_list() -> None:

@@ -1,20 +1,23 @@
-"""The proxy as a real process: start-up, bounded memory while streaming, drain on SIGTERM, bind errors."""
+"""The proxy as a real process (start-up, bounded memory, drain on SIGTERM, bind errors) and in-process."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+import logging
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from mes_trace_proxy.server import BindError, running
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
-from tests.conftest import otlp_env
+from tests.conftest import MakeConfig, otlp_env
 from tests.proxy_process import proxy_process
 from tests.upstream import RecordingUpstream
 
@@ -215,3 +218,73 @@ async def test_two_workers_share_the_listen_socket_and_stop_together(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# ── the lifecycle in-process: teardown is start-up in reverse ────────────────────────────────
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _can_bind(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _other_tasks() -> set[asyncio.Task[object]]:
+    return {task for task in asyncio.all_tasks() if task is not asyncio.current_task()}
+
+
+async def test_a_failed_start_unwinds_everything_started_before_it(
+    make_config: MakeConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The admin port is taken: both proxy listeners, already bound, are closed again, the store's
+    writer, the span export and the access log stop, and the shutdown is logged like any other."""
+    ingress, egress = _free_port(), _free_port()
+    before = _other_tasks()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        config = make_config(
+            "http://127.0.0.1:9",
+            listen=f"127.0.0.1:{ingress}",
+            egress_listen=f"127.0.0.1:{egress}",
+            egress_upstream="http://127.0.0.1:9",
+            admin_listen=f"127.0.0.1:{holder.getsockname()[1]}",
+            state=f"sqlite:///{tmp_path / 'orders.db'}",
+        )
+        caplog.set_level(logging.INFO, logger="mes_trace_proxy.server")
+        with pytest.raises(BindError, match="admin listener"):
+            async with running(config, environ={"OTEL_TRACES_EXPORTER": "none"}):
+                pytest.fail("started on a taken port")
+    assert _can_bind(ingress)
+    assert _can_bind(egress)
+    assert _other_tasks() == before
+    messages = [record.getMessage() for record in caplog.records]
+    assert "mes-trace-proxy ready" not in messages
+    assert messages[-1] == "mes-trace-proxy stopped"
+
+
+async def test_a_clean_exit_marks_draining_first_and_leaves_nothing_running(
+    make_config: MakeConfig, recording_upstream: tuple[str, RecordingUpstream]
+) -> None:
+    """Leaving ``running`` drains and stops every task and socket it started; /readyz turns 503 first."""
+    base, _upstream = recording_upstream
+    before = _other_tasks()
+    async with running(make_config(base), environ={"OTEL_TRACES_EXPORTER": "none"}) as proxy:
+        readiness = proxy.shared.readiness
+        assert (readiness.listeners_bound, readiness.draining) == (True, False)
+        async with aiohttp.ClientSession() as client, client.get(f"{proxy.url('ingress')}/t/ok") as resp:
+            assert resp.status == 200
+        port = proxy.listeners["ingress"][1]
+        assert len(_other_tasks() - before) >= 3  # at least the writer, the watchdog, the log flush
+    assert (readiness.listeners_bound, readiness.draining) == (False, True)
+    assert _can_bind(port)
+    assert _other_tasks() == before

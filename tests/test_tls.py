@@ -16,7 +16,7 @@ from aiohttp import web
 from cryptography import x509
 
 from mes_trace_proxy.config import ConfigError, ServerTls, UpstreamTls
-from mes_trace_proxy.tls import CertReloader, client_context, server_context
+from mes_trace_proxy.tls import CertReloader, ClientCertReloader, client_context, server_context
 from tests.certs import TestCA
 from tests.conftest import MakeConfig, StartProxy
 from tests.proxy_process import proxy_process
@@ -237,9 +237,12 @@ async def test_sighup_reloads_a_running_process(
 
 @contextlib.asynccontextmanager
 async def _tls_upstream(
-    ca: TestCA, tmp_path: Path, *, require_client: bool
+    ca: TestCA, tmp_path: Path, *, require_client: bool, close: bool = False
 ) -> AsyncIterator[tuple[str, list[str]]]:
-    """An HTTPS upstream on loopback; yields its URL and the client-certificate CNs it saw."""
+    """An HTTPS upstream on loopback; yields its URL and the client-certificate CNs it saw.
+
+    With ``close``, every answer closes its connection, so each request is a new handshake.
+    """
     seen: list[str] = []
 
     async def whoami(request: web.Request) -> web.Response:
@@ -247,7 +250,10 @@ async def _tls_upstream(
         peer = request.transport.get_extra_info("peercert") or {}
         names = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
         seen.extend(names)
-        return web.json_response({"client": names})
+        response = web.json_response({"client": names})
+        if close:
+            response.force_close()
+        return response
 
     cert, key = ca.issue("mes").write(tmp_path, "mes")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -319,3 +325,109 @@ async def test_upstream_from_an_unknown_ca_is_a_tls_error(
         assert resp.status == 502
         assert body["type"].endswith("upstream_tls_error")
     assert seen == []
+
+
+# ── upstream client certificate rotation ────────────────────────────────────────────────────
+
+
+async def _client_seen_through(url: str) -> list[str]:
+    """The client-certificate CNs the upstream reports for one call through the proxy."""
+    async with aiohttp.ClientSession() as client, client.get(f"{url}/api/v1/health") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    names: list[str] = body["client"]
+    return names
+
+
+async def test_upstream_client_certificate_rotates_on_reload(
+    tmp_path: Path, ca: TestCA, make_config: MakeConfig, start_proxy: StartProxy
+) -> None:
+    """Replaced client files and a reload (what SIGHUP runs): the next upstream handshake presents
+    the new client certificate, with no restart."""
+    ca_file = ca.write(tmp_path)
+    cert, key = ca.issue("proxy-2026-a", client=True).write(tmp_path, "client")
+    async with _tls_upstream(ca, tmp_path, require_client=True, close=True) as (url, seen):
+        config = make_config(url, upstream_ca=str(ca_file), upstream_cert=str(cert), upstream_key=str(key))
+        proxy = await start_proxy(config)
+        assert await _client_seen_through(proxy.url("ingress")) == ["proxy-2026-a"]
+        ca.issue("proxy-2026-b", client=True).write(tmp_path, "client")
+        proxy.reload()
+        assert proxy.upstream_certificates["ingress"].generation == 1
+        assert await _client_seen_through(proxy.url("ingress")) == ["proxy-2026-b"]
+    assert seen == ["proxy-2026-a", "proxy-2026-b"]
+
+
+async def test_a_bad_new_client_pair_keeps_the_current_one(
+    tmp_path: Path,
+    ca: TestCA,
+    make_config: MakeConfig,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A half-finished rotation (new certificate, old key) is logged without key material; the
+    upstream goes on receiving the old client certificate."""
+    ca_file = ca.write(tmp_path)
+    cert, key = ca.issue("proxy-current", client=True).write(tmp_path, "client")
+    async with _tls_upstream(ca, tmp_path, require_client=True, close=True) as (url, _seen):
+        config = make_config(url, upstream_ca=str(ca_file), upstream_cert=str(cert), upstream_key=str(key))
+        proxy = await start_proxy(config)
+        cert.write_bytes(ca.issue("proxy-next", client=True).cert_pem)
+        with caplog.at_level(logging.ERROR, logger="mes_trace_proxy.tls"):
+            assert proxy.upstream_certificates["ingress"].reload() is False
+        assert await _client_seen_through(proxy.url("ingress")) == ["proxy-current"]
+    errors = [r for r in caplog.records if r.name == "mes_trace_proxy.tls" and r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "BEGIN" not in str(vars(errors[0]))
+
+
+async def test_changed_client_files_are_picked_up_without_a_signal(tmp_path: Path, ca: TestCA) -> None:
+    """The watcher notices client files renamed into place (as secret volumes do) and the next
+    connection made with its context presents the new certificate."""
+    ca_file = ca.write(tmp_path)
+    cert, key = ca.issue("first-client", client=True).write(tmp_path, "client")
+    tls = UpstreamTls(ca_file=str(ca_file), cert_file=str(cert), key_file=str(key), verify=True, source="t")
+    reloader = ClientCertReloader("ingress", tls, interval=0.02)
+    reloader.start()
+    try:
+        async with _tls_upstream(ca, tmp_path, require_client=True, close=True) as (url, seen):
+            ca.issue("second-client", client=True).write(tmp_path, "next")
+            (tmp_path / "next.crt").replace(cert)
+            (tmp_path / "next.key").replace(key)
+            await _until(lambda: reloader.generation == 1)
+            connector = aiohttp.TCPConnector(ssl=reloader.context)
+            async with aiohttp.ClientSession(connector=connector) as client, client.get(url) as resp:
+                assert resp.status == 200
+        assert seen == ["second-client"]
+    finally:
+        await reloader.aclose()
+
+
+async def test_sighup_rotates_the_upstream_client_certificate_of_a_running_process(
+    tmp_path: Path, ca: TestCA
+) -> None:
+    """A real SIGHUP to a serving process: its next upstream handshake presents the replaced client
+    certificate; a bad pair at the next SIGHUP is logged and the last good one stays."""
+    ca_file = ca.write(tmp_path)
+    cert, key = ca.issue("process-a", client=True).write(tmp_path, "client")
+    async with _tls_upstream(ca, tmp_path, require_client=True, close=True) as (url, seen):
+        args = [
+            *("--upstream", url, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+            *("--state", "memory", "--upstream-ca", str(ca_file)),
+            *("--upstream-cert", str(cert), "--upstream-key", str(key)),
+        ]
+        async with proxy_process(args, {"OTEL_TRACES_EXPORTER": "none"}) as proc:
+            assert await _client_seen_through(proc.url()) == ["process-a"]
+            ca.issue("process-b", client=True).write(tmp_path, "client")
+            proc.process.send_signal(signal.SIGHUP)
+            await _until(
+                lambda: any(
+                    line.get("message") == "upstream TLS client certificate reloaded"
+                    for line in proc.json_lines()
+                )
+            )
+            assert await _client_seen_through(proc.url()) == ["process-b"]
+            key.write_bytes(ca.issue("stranger", client=True).key_pem)
+            proc.process.send_signal(signal.SIGHUP)
+            await _until(lambda: any(line.get("level") == "error" for line in proc.json_lines()))
+            assert await _client_seen_through(proc.url()) == ["process-b"]
+    assert seen == ["process-a", "process-b", "process-b"]

@@ -13,12 +13,17 @@ from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mes_trace_proxy.tracecontext import (
+    MAX_TRACESTATE_LENGTH,
+    NO_TRACESTATE,
+    ParsedTraceState,
     TrustPolicy,
+    caller_traceparent,
     format_span_id,
     format_trace_id,
     format_traceparent,
     order_trace_id,
     parse_traceparent,
+    parse_tracestate,
     traceresponse,
 )
 
@@ -338,3 +343,138 @@ def test_format_traceparent_is_what_the_propagator_injects(trace_id: int, span_i
     context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=trace.TraceFlags(flags))
     _W3C.inject(carrier, context=trace.set_span_in_context(trace.NonRecordingSpan(context)))
     assert format_traceparent(trace_id, span_id, flags) == carrier["traceparent"]
+
+
+# ── every field of the message (the official W3C suite, docs/tracecontext.md) ────────────
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param([VALID], (int(TRACE, 16), int(SPAN, 16), 1), id="one-field"),
+        pytest.param([], None, id="no-field"),
+        pytest.param([VALID, VALID], None, id="two-equal-fields"),
+        pytest.param([VALID, f"00-{'1' * 32}-{SPAN}-01"], None, id="two-fields"),
+        pytest.param([f"00-{TRACE}-{SPAN}-01-x"], None, id="one-invalid-field"),
+    ],
+)
+def test_caller_traceparent_needs_exactly_one_field(
+    values: list[str], expected: tuple[int, int, int] | None
+) -> None:
+    """traceparent is not a list (§3.2): two fields, even equal ones, are no trace context."""
+    assert caller_traceparent(values) == expected
+
+
+KEY_ALL = "abcdefghijklmnopqrstuvwxyz0123456789_-*/"
+VALUE_ALL = "".join(map(chr, [*range(0x20, 0x2C), *range(0x2D, 0x3D), *range(0x3E, 0x7F)]))
+
+#: (id, fields as received, members kept or None when the whole list is discarded)
+TRACESTATE_CASES: tuple[tuple[str, list[str], list[tuple[str, str]] | None], ...] = (
+    # The spec's own examples (W3C Trace Context §3.3.1, §3.3.1.3 and "Mutating the tracestate").
+    (
+        "spec-two-vendors",
+        ["rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"],
+        [("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE")],
+    ),
+    (
+        "spec-updated-vendor-first",
+        ["congo=ucfJifl5GOE,rojo=00f067aa0ba902b7"],
+        [("congo", "ucfJifl5GOE"), ("rojo", "00f067aa0ba902b7")],
+    ),
+    (
+        "spec-two-fields-one-list",
+        ["rojo=00f067aa0ba902b7", "congo=t61rcWkgMzE"],
+        [("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE")],
+    ),
+    (
+        "spec-base64-value",
+        ["congo=BleGNlZWRzIHRohbCBwbGVhc3VyZS4"],
+        [("congo", "BleGNlZWRzIHRohbCBwbGVhc3VyZS4")],
+    ),
+    ("spec-tenant-at-vendor", ["fw529a3039@dt=FJ8b,rojo=1"], [("fw529a3039@dt", "FJ8b"), ("rojo", "1")]),
+    # The suite's cases (test/test.py at w3c/trace-context acab820).
+    (
+        "fields-combined-in-order",
+        ["foo=1,bar=2", "rojo=1,congo=2", "baz=3"],
+        [("foo", "1"), ("bar", "2"), ("rojo", "1"), ("congo", "2"), ("baz", "3")],
+    ),
+    ("empty-field-alone", [""], []),
+    ("empty-field-after", ["foo=1", ""], [("foo", "1")]),
+    ("empty-field-before", ["", "foo=1"], [("foo", "1")]),
+    ("empty-members", [",foo=1,, ,\t,bar=2,"], [("foo", "1"), ("bar", "2")]),
+    ("ows-around-members", ["foo=1 \t , \t bar=2, \t baz=3"], [("foo", "1"), ("bar", "2"), ("baz", "3")]),
+    ("ows-around-field", ["\t foo=1 \t"], [("foo", "1")]),
+    ("duplicate-key-same-value", ["foo=1,foo=1"], [("foo", "1")]),
+    ("duplicate-key-first-wins", ["foo=1,foo=2"], [("foo", "1")]),
+    ("duplicate-key-across-fields", ["foo=1,bar=2", "foo=2"], [("foo", "1"), ("bar", "2")]),
+    ("all-allowed-characters", [f"{KEY_ALL}={VALUE_ALL}"], [(KEY_ALL, VALUE_ALL)]),
+    (
+        "all-allowed-with-vendor",
+        [f"{KEY_ALL}@a-z0-9_-*/={VALUE_ALL}"],
+        [(f"{KEY_ALL}@a-z0-9_-*/", VALUE_ALL)],
+    ),
+    ("digit-first-key", ["0abc=1"], [("0abc", "1")]),
+    ("at-last", ["foo@=1,bar=2"], [("foo@", "1"), ("bar", "2")]),
+    ("at-twice", ["foo@@bar=1,bar=2"], [("foo@@bar", "1"), ("bar", "2")]),
+    ("at-twice-apart", ["foo@bar@baz=1,bar=2"], [("foo@bar@baz", "1"), ("bar", "2")]),
+    ("key-256", ["foo=1", "z" * 256 + "=1"], [("foo", "1"), ("z" * 256, "1")]),
+    ("long-tenant-short-vendor", ["foo=1", "t" * 242 + "@v=1"], [("foo", "1"), ("t" * 242 + "@v", "1")]),
+    ("short-tenant-long-vendor", ["foo=1", "t@" + "v" * 15 + "=1"], [("foo", "1"), ("t@" + "v" * 15, "1")]),
+    ("value-256", ["foo=" + "x" * 256], [("foo", "x" * 256)]),
+    (
+        "32-members",
+        [",".join(f"bar{i:02}={i:02}" for i in range(1, 33))],
+        [(f"bar{i:02}", f"{i:02}") for i in range(1, 33)],
+    ),
+    # Discarded whole (the trace is kept: test_span_context.py).
+    ("33-members", [",".join(f"bar{i:02}={i:02}" for i in range(1, 31)), "bar31=31,bar32=32,bar33=33"], None),
+    ("key-257", ["foo=1", "z" * 257 + "=1"], None),
+    ("at-first", ["@foo=1,bar=2"], None),
+    ("upper-case-key", ["FOO=1"], None),
+    ("dot-in-key", ["foo.bar=1"], None),
+    ("space-in-key", ["foo =1"], None),
+    ("equals-in-value", ["foo=bar=baz"], None),
+    ("empty-value", ["foo=,bar=3"], None),
+    ("del-in-value", ["foo=1", "bar=2\x7f"], None),
+    ("value-257", ["foo=" + "x" * 257], None),
+    ("non-ascii-value", ["foo=\u00e9"], None),
+    ("no-equals", ["foo"], None),
+    ("invalid-in-a-later-field", ["foo=1", "bar=2", "Baz=3"], None),
+)
+
+
+@pytest.mark.parametrize(
+    ("values", "members"), [c[1:] for c in TRACESTATE_CASES], ids=[c[0] for c in TRACESTATE_CASES]
+)
+def test_parse_tracestate(values: list[str], members: list[tuple[str, str]] | None) -> None:
+    """W3C Trace Context §3.3 with the editor's-draft key grammar: combined, validated, or discarded whole."""
+    parsed = parse_tracestate(values)
+    if members is None:
+        assert parsed.members == ()
+        assert parsed.problem is not None
+    else:
+        assert parsed == ParsedTraceState(tuple(members))
+
+
+def test_tracestate_over_the_length_bound_is_not_read() -> None:
+    """Fields longer than MAX_TRACESTATE_LENGTH in all are discarded before any member is parsed."""
+    member = "k=" + "v" * 100
+    fields = [",".join([member] * 20)] * 5
+    assert sum(map(len, fields)) > MAX_TRACESTATE_LENGTH
+    parsed = parse_tracestate(fields)
+    assert parsed.members == ()
+    assert parsed.problem == f"longer than {MAX_TRACESTATE_LENGTH} characters"
+
+
+def test_no_tracestate_is_the_empty_parse() -> None:
+    """No field at all parses to the shared empty value."""
+    assert parse_tracestate([]) == NO_TRACESTATE
+
+
+def test_personal_members_are_left_out_and_counted() -> None:
+    """A member the predicate flags is dropped, the others stay, and a later duplicate cannot replace it."""
+    flagged = {"crm=canary@example.com", "tel=79001234567"}
+    parsed = parse_tracestate(
+        ["rojo=1,crm=canary@example.com", "tel=79001234567,congo=2,crm=clean"], personal=flagged.__contains__
+    )
+    assert parsed == ParsedTraceState((("rojo", "1"), ("congo", "2")), None, 2)

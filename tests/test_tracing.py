@@ -12,7 +12,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -20,7 +20,6 @@ from mes_trace_proxy.config import Config
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from mes_trace_proxy.tracing import (
     BatchExportProcessor,
-    RouteSampler,
     build_tracing,
     is_default_w3c,
     resource_attributes,
@@ -46,25 +45,6 @@ class _Recording(SpanExporter):
 
 def _config(make_config: MakeConfig) -> Config:
     return make_config("http://127.0.0.1:1")
-
-
-@pytest.mark.parametrize(
-    ("route", "kind", "expected"),
-    [
-        ("/api/v1/orders", SpanKind.SERVER, Decision.DROP),
-        ("/api/v1/orders/{orderId}/status", SpanKind.SERVER, Decision.RECORD_AND_SAMPLE),
-        ("/other", SpanKind.SERVER, Decision.DROP),
-        ("/api/v1/orders/{orderId}/status", SpanKind.CLIENT, Decision.DROP),
-    ],
-    ids=["per-route-zero", "per-route-always", "default-for-unknown", "client-spans-follow-default"],
-)
-def test_route_sampler_overrides_default_by_route(route: str, kind: SpanKind, expected: Decision) -> None:
-    """A per-route sampler wins for SERVER spans carrying http.route; others get the default."""
-    sampler = RouteSampler(
-        ALWAYS_OFF, {"/api/v1/orders": ALWAYS_OFF, "/api/v1/orders/{orderId}/status": ALWAYS_ON}
-    )
-    result = sampler.should_sample(None, 1234, "name", kind, {"http.route": route})
-    assert result.decision is expected
 
 
 def test_status_routes_always_sampled_and_polling_at_its_ratio(make_config: MakeConfig) -> None:

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mes_trace_proxy.book_sync import BookSync
 from mes_trace_proxy.config import Config
 from mes_trace_proxy.logs import JsonFormatter
 from mes_trace_proxy.metrics import ProxyMetrics
@@ -33,8 +34,9 @@ from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from mes_trace_proxy.store import MemoryStore, StateStore, StoreWriter, open_store
 from mes_trace_proxy.tracecontext import order_trace_id
 from mes_trace_proxy.tracing import build_tracing
-from mes_trace_proxy.watchdog import STUCK_MESSAGE, Watchdog
+from mes_trace_proxy.watchdog import REPORTS_PER_CHECK, STUCK_MESSAGE, UNREPORTED_MESSAGE, Watchdog
 from tests.conftest import MakeConfig, ManualClock, RedisServer, StartProxy, otlp_env
+from tests.proxy_process import ProxyProcess, proxy_process
 from tests.upstream import RecordingUpstream
 
 SUBMITTED_LIMIT = 15 * 60.0  # the reference dwell limit of SUBMITTED (mes-api.md)
@@ -102,6 +104,7 @@ def make_rig(make_config: MakeConfig) -> MakeRig:
         store: StateStore | None = None,
         retention: str = "1d",
         clock: Callable[[], float] = time.time,
+        max_reports: int = REPORTS_PER_CHECK,
         **flags: object,
     ) -> Rig:
         config = make_config(
@@ -113,16 +116,17 @@ def make_rig(make_config: MakeConfig) -> MakeRig:
         store = store if store is not None else MemoryStore()
         writer = StoreWriter(store)
         metrics = ProxyMetrics(known_statuses=config.lifecycle.statuses)
+        sync = BookSync(book=book, store=store, writer=writer)
         watchdog = Watchdog(
             book=book,
-            store=store,
-            writer=writer,
+            sync=sync,
             tracing=tracing,
             config=config.watchdog,
             metrics=metrics,
             clock=clock,
+            max_reports=max_reports,
         )
-        metrics.bind(stuck_counts=watchdog.stuck_counts, store_stats=watchdog.store_stats)
+        metrics.bind(stuck_counts=watchdog.stuck_counts, store_stats=sync.store_stats)
         return Rig(watchdog=watchdog, book=book, store=store, writer=writer, metrics=metrics, spans=exporter)
 
     return make
@@ -134,7 +138,7 @@ T0 = 1_700_000_000.0
 def _move(rig: Rig, order_id: str, status: str, at: float, span: int) -> None:
     """Apply one status change the way the proxy does, including the store hook."""
     rig.book.apply(order_id=order_id, status=status, observed=None, now=at, span=_span(span))
-    rig.watchdog.order_changed(order_id)
+    rig.watchdog.sync.order_changed(order_id)
 
 
 async def test_normal_order_is_never_stuck(make_rig: MakeRig, caplog: pytest.LogCaptureFixture) -> None:
@@ -288,6 +292,46 @@ async def test_purge_forgets_closed_orders_after_retention_in_book_and_store(mak
     assert set(rig.store.records) == {"ORD-OPEN"}
 
 
+async def test_a_mass_event_reports_the_most_late_and_sums_up_the_rest(
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the per-check cap, the most late orders get a line and a span each; one line counts the rest."""
+    rig = make_rig(max_reports=3)
+    for n in range(10):
+        _move(rig, f"ORD-{n}", "SUBMITTED", T0 + n, n + 1)
+    _move(rig, "ORD-A", "MANUFACTURING_APPROVED", T0, 20)
+    now = T0 + APPROVED_LIMIT + 60
+    report = await rig.watchdog.check_once(now)
+    assert len(report.found) == 11
+    assert report.reported == 3
+    # SUBMITTED's limit is 15 min, so ORD-0..2 are hours later than ORD-A (2 h limit).
+    assert sorted(getattr(r, "order_id", "") for r in _stuck_lines(caplog)) == ["ORD-0", "ORD-1", "ORD-2"]
+    assert sorted(str(dict(s.attributes or {})["mes.order.id"]) for s in rig.stuck_spans()) == [
+        "ORD-0",
+        "ORD-1",
+        "ORD-2",
+    ]
+    (summary,) = [r for r in caplog.records if r.getMessage() == UNREPORTED_MESSAGE]
+    doc = json.loads(JsonFormatter().format(summary))
+    assert (doc["count"], doc["reported"], doc["by_status"]) == (
+        8,
+        3,
+        {"MANUFACTURING_APPROVED": 1, "SUBMITTED": 7},
+    )
+    assert "ORD-" not in json.dumps(doc)  # no order id in the summary
+    assert rig.metric("mes_order_stuck_found_total", status="SUBMITTED") == 10
+    assert rig.metric("mes_order_stuck_unreported_total", status="SUBMITTED") == 7
+    assert rig.metric("mes_order_stuck_unreported_total", status="MANUFACTURING_APPROVED") == 1
+    # Every one is flagged and listed, reported one by one or not.
+    assert rig.book.stuck_total() == 11
+    assert await rig.writer.flush()
+    assert isinstance(rig.store, MemoryStore)
+    assert all(record.stuck_reported for record in rig.store.records.values())
+    # A later check with few new ones reports each of them again one by one.
+    _move(rig, "ORD-NEXT", "SUBMITTED", now, 30)
+    assert (await rig.watchdog.check_once(now + SUBMITTED_LIMIT + 1)).reported == 1
+
+
 async def test_restore_keeps_state_and_a_dead_store_starts_empty(
     make_rig: MakeRig, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -298,16 +342,16 @@ async def test_restore_keeps_state_and_a_dead_store_starts_empty(
     assert await first.writer.flush()
 
     again = make_rig(store=first.store)
-    assert await again.watchdog.restore() == 1
+    assert await again.watchdog.sync.restore() == 1
     assert [s.order_id for s in again.book.stuck(T0 + SUBMITTED_LIMIT + 2)] == ["ORD-4"]
     assert (await again.watchdog.check_once(T0 + SUBMITTED_LIMIT + 2)).found == ()
 
     dead_store = open_store(f"sqlite:///{tmp_path}/no-such-dir/orders.db")
     dead = make_rig(store=dead_store)
     try:
-        assert await dead.watchdog.restore() == 0
+        assert await dead.watchdog.sync.restore() == 0
         assert len(dead.book) == 0
-        assert dead.watchdog.store_stats()["errors"] == 1
+        assert dead.watchdog.sync.store_stats()["errors"] == 1
         assert "state store load failed" in caplog.text
     finally:
         await dead_store.close()
@@ -363,7 +407,7 @@ class Stack:
             return await resp.text()
 
     async def stuck_ids(self) -> list[str]:
-        status, doc = await self.admin("/orders/stuck")
+        status, doc = await self.admin("/orders/-/stuck")
         assert status == 200
         assert isinstance(doc, dict)
         return [item["order_id"] for item in doc["orders"]]
@@ -573,24 +617,24 @@ async def test_two_proxies_sharing_redis_agree(
                 await proxy.watchdog.first_round.wait()
         async with http.post(f"{a.url('ingress')}/api/v1/orders/ORD-R/price-calculation") as resp:
             assert resp.status == 200
-        assert await a.watchdog.writer.flush()
+        assert await a.watchdog.sync.writer.flush()
         assert (await b.watchdog.check_once(clock())).merged == 1
 
         clock.advance(SUBMITTED_LIMIT + 1)
         assert [s.order_id for s in (await a.watchdog.check_once(clock())).found] == ["ORD-R"]
-        assert await a.watchdog.writer.flush()
+        assert await a.watchdog.sync.writer.flush()
         assert (await b.watchdog.check_once(clock())).found == ()
         for proxy in (a, b):
-            async with http.get(f"{proxy.admin_url}/orders/stuck") as resp:
+            async with http.get(f"{proxy.admin_url}/orders/-/stuck") as resp:
                 assert [o["order_id"] for o in (await resp.json())["orders"]] == ["ORD-R"]
 
         async with http.put(f"{b.url('egress')}/api/orders/ORD-R/price", json={"price": 1}) as resp:
             assert resp.status == 200
-        assert await b.watchdog.writer.flush()
+        assert await b.watchdog.sync.writer.flush()
         assert (await a.watchdog.check_once(clock())).merged == 1
         views = []
         for proxy in (a, b):
-            async with http.get(f"{proxy.admin_url}/orders/stuck") as resp:
+            async with http.get(f"{proxy.admin_url}/orders/-/stuck") as resp:
                 assert (await resp.json())["orders"] == []
             async with http.get(f"{proxy.admin_url}/orders/ORD-R") as resp:
                 views.append(await resp.json())
@@ -616,7 +660,7 @@ async def test_failing_store_keeps_requests_flowing_loudly(
                 f"{proxy.url('ingress')}/api/v1/orders/ORD-S{n}/status", json={"status": "SUBMITTED"}
             ) as resp:
                 assert resp.status == 200
-        assert not await proxy.watchdog.writer.flush()
+        assert not await proxy.watchdog.sync.writer.flush()
         async with http.get(f"{proxy.admin_url}/metrics") as resp:
             text = await resp.text()
         assert (_sample(text, "mes_state_store_errors_total") or 0) >= 2  # the load and a write
@@ -627,7 +671,7 @@ async def test_failing_store_keeps_requests_flowing_loudly(
         assert "state store write failed" in caplog.text
 
         missing.mkdir()
-        assert await proxy.watchdog.writer.flush()
+        assert await proxy.watchdog.sync.writer.flush()
         async with http.get(f"{proxy.admin_url}/metrics") as resp:
             assert _sample(await resp.text(), "mes_state_store_pending") == 0
     assert "state store recovered" in caplog.text
@@ -642,3 +686,74 @@ async def test_unusable_state_url_stops_start_up_naming_the_option(
     with pytest.raises(StartupError, match=r"^--state / MES_PROXY_STATE / watchdog.state: state URL"):
         async with running(make_config(base, state=state), environ=NO_OTEL):
             pytest.fail("the proxy started")
+
+
+# ── a real proxy process: a mass event, the stuck page, metrics and links ───────────────────
+
+MASS = REPORTS_PER_CHECK + 30
+JAEGER_SECRET = "jaeger-pass-4417"
+
+
+async def _wait_for_line(proc: ProxyProcess, message: str) -> dict[str, object]:
+    """The first JSON line the child printed with ``message`` (its output is pumped by a task)."""
+    async with asyncio.timeout(3 * WAIT):
+        while True:
+            for line in proc.json_lines():
+                if line.get("message") == message:
+                    return line
+            await asyncio.sleep(0.05)
+
+
+async def test_a_mass_event_in_a_real_proxy_process(
+    recording_upstream: tuple[str, RecordingUpstream], otlp_sink: OtlpSink
+) -> None:
+    """130 orders stuck at once: 100 spans and lines, one summary; pages, metrics and links stay clean."""
+    base, _ = recording_upstream
+    args = [
+        *("--upstream", base, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+        *("--state", "memory", "--dwell-limit", "SUBMITTED=1s", "--check-interval", "4s"),
+        *("--jaeger-url", f"https://viewer:{JAEGER_SECRET}@jaeger.example:16686/ui?token={JAEGER_SECRET}"),
+    ]
+    async with proxy_process(args, otlp_env(otlp_sink)) as proc, aiohttp.ClientSession() as http:
+        # The first check ran at start; all orders go in well before the second, 4 s later.
+        await asyncio.gather(
+            *(_price(http, proc.url(), f"ORD-{n:04d}") for n in range(MASS)),
+            _set(http, proc.url(), "ORD-NAMED", "Petrov Sergei Ivanovich"),
+        )
+        summary = await _wait_for_line(proc, UNREPORTED_MESSAGE)
+        spans = await otlp_sink.wait_for_spans(
+            REPORTS_PER_CHECK, predicate=lambda s: s.name == "mes.order.stuck"
+        )
+        async with http.get(f"{proc.admin_url}/orders/-/stuck?limit=5") as resp:
+            page = await resp.json()
+        async with http.get(f"{proc.admin_url}/") as resp:
+            html_page = await resp.text()
+        async with http.get(f"{proc.admin_url}/metrics") as resp:
+            metrics_text = await resp.text()
+    lines = [line for line in proc.json_lines() if line.get("message") == STUCK_MESSAGE]
+    assert (summary["count"], summary["reported"]) == (MASS - REPORTS_PER_CHECK, REPORTS_PER_CHECK)
+    assert summary["by_status"] == {"SUBMITTED": MASS - REPORTS_PER_CHECK}
+    assert len(lines) == len(spans) == REPORTS_PER_CHECK
+    # The most late are the ones reported: the first orders sent (all in one check).
+    assert (page["total"], len(page["orders"])) == (MASS, 5)
+    assert {o["order_id"] for o in page["orders"]} <= {line["order_id"] for line in lines}
+    assert _sample(metrics_text, "mes_order_stuck_found_total", status="SUBMITTED") == MASS
+    assert _sample(metrics_text, "mes_order_stuck_unreported_total", status="SUBMITTED") == MASS - 100
+    assert _sample(metrics_text, "mes_orders", status="_OTHER") == 1
+    assert "Petrov" not in metrics_text
+    # Links point at the Jaeger UI without the credentials --jaeger-url carries.
+    for text in (json.dumps(page), html_page):
+        assert JAEGER_SECRET not in text
+        assert "viewer@" not in text
+    assert page["orders"][0]["jaeger_url"].startswith("https://jaeger.example:16686/ui/search?")
+    assert "https://jaeger.example:16686/ui/search?" in html_page
+
+
+async def _price(http: aiohttp.ClientSession, base: str, order_id: str) -> None:
+    async with http.post(f"{base}/api/v1/orders/{order_id}/price-calculation") as resp:
+        assert resp.status == 200
+
+
+async def _set(http: aiohttp.ClientSession, base: str, order_id: str, status: str) -> None:
+    async with http.put(f"{base}/api/v1/orders/{order_id}/status", json={"status": status}) as resp:
+        assert resp.status == 200

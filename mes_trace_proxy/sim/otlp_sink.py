@@ -101,6 +101,8 @@ class ReceivedSpan:
     resource: Mapping[str, object] = field(hash=False)
     scope_name: str
     transport: Transport
+    #: the span's W3C tracestate as exported ("" for none)
+    trace_state: str = ""
 
     def to_json_dict(self) -> dict[str, object]:
         """Return the span as JSON-ready data: field names as keys, tuples as lists, bytes as hex.
@@ -218,6 +220,7 @@ def decode_request(request: ExportTraceServiceRequest, transport: Transport) -> 
                     resource=resource,
                     scope_name=scope_name,
                     transport=transport,
+                    trace_state=span.trace_state,
                 )
 
 
