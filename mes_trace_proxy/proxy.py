@@ -86,7 +86,7 @@ def refuse(state: ListenerState, request: IncomingRequest, call: Call) -> bool:
         call.raw,
         call.fields,
         headers.values(),
-        chunked=request.message.chunked,
+        chunked=request.chunked,
         underscore=state.forward_policy.underscore,
         content_length=call.content_length,
         max_body_size=state.config.limits.max_body_size,
