@@ -15,7 +15,7 @@ from mes_trace_proxy.exchange import (
     user_pseudonym,
 )
 from mes_trace_proxy.extract import NO_FACTS
-from mes_trace_proxy.framing import DEFAULT_UNDERSCORE
+from mes_trace_proxy.framing import DEFAULT_UNDERSCORE, NameAction, UnderscorePolicy, closes_connection
 from mes_trace_proxy.redact import Redactor, pseudonymize
 from mes_trace_proxy.rules import RouteMatch, compile_rules
 
@@ -165,3 +165,41 @@ def test_connection_attributes(host: str, address: str, port: int | None) -> Non
     assert attrs[A.CLIENT_ADDRESS] == "127.0.0.1"
     assert attrs[A.USER_AGENT_ORIGINAL] == "crm/1.0"
     assert "secret" not in repr(attrs)
+
+
+@pytest.mark.parametrize(
+    ("headers", "chunked", "underscore", "closes"),
+    [
+        ([("Host", "mes"), ("Transfer-Encoding", "chunked")], True, DEFAULT_UNDERSCORE, None),
+        ([("Host", "mes"), ("Transfer-Encoding", "gzip, chunked")], True, DEFAULT_UNDERSCORE, True),
+        ([("Host", "mes"), ("Content_Length", "3")], False, DEFAULT_UNDERSCORE, None),
+        (
+            [("Host", "mes"), ("Content_Length", "3")],
+            False,
+            UnderscorePolicy(lookalikes=NameAction.REFUSE),
+            True,
+        ),
+        ([("Host", "mes"), ("X_Id", "3")], False, UnderscorePolicy(others=NameAction.REFUSE), True),
+    ],
+    ids=["chunked", "coding-beside-chunked", "lookalike-dropped", "lookalike-refused", "underscore-refused"],
+)
+def test_refusal_checks_framing_and_underscore_names(
+    headers: list[tuple[str, str]], chunked: bool, underscore: UnderscorePolicy, closes: bool | None
+) -> None:
+    """framing.check_framing runs in the same chain; its refusals close the connection."""
+    found = refusal(
+        "POST",
+        "/orders",
+        headers,
+        [v for _, v in headers],
+        chunked=chunked,
+        underscore=underscore,
+        content_length=None,
+        max_body_size=None,
+    )
+    if closes is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.status == 400
+        assert closes_connection(found)

@@ -20,6 +20,7 @@ from mes_trace_proxy.handler_state import (
     propagation_for,
     span_mode_for,
 )
+from mes_trace_proxy.redact import Redactor
 from mes_trace_proxy.tracing import Tracing, build_tracing
 
 CONFIG = load_config(
@@ -136,3 +137,27 @@ def test_other_propagators_read_and_write_their_own_fields() -> None:
         [("Host", "mes"), ("TraceParent", CALLER)], trace_api.NonRecordingSpan(context), None
     )
     assert out == [("Host", "mes"), ("traceparent", f"00-{0xAB:032x}-{0xCD:016x}-01")]
+
+
+def test_w3c_parent_reads_every_field_and_drops_personal_tracestate() -> None:
+    """Two traceparent fields are no trace context; tracestate fields are one list, minus personal data."""
+    redacting = Propagation(Redactor())
+    twice = _headers(("traceparent", CALLER), ("traceparent", CALLER))
+    assert redacting.parent(twice, True) == (None, (), None)
+    headers = _headers(
+        ("traceparent", CALLER),
+        ("tracestate", "vendor=abc,mail=jane.doe@example.com"),
+        ("tracestate", "other=1"),
+    )
+    parent, _, _ = redacting.parent(headers, True)
+    assert parent is not None
+    assert list(parent.trace_state.items()) == [("vendor", "abc"), ("other", "1")]
+
+
+def test_other_propagators_drop_personal_tracestate_too() -> None:
+    """Through OTEL_PROPAGATORS the caller's tracestate is cleaned the same way."""
+    propagation = propagation_for(_tracing(w3c=False), instrumented=False, redactor=Redactor())
+    headers = _headers(("traceparent", CALLER), ("tracestate", "vendor=abc,mail=jane.doe@example.com"))
+    parent, _, _ = propagation.parent(headers, True)
+    assert parent is not None
+    assert list(parent.trace_state.items()) == [("vendor", "abc")]
