@@ -2,7 +2,7 @@
 
 ``bench.run`` measures the whole proxy beside nginx, and its figures move with the machine's
 load by ±10 %. This measures only what the proxy adds to each call, in-process and without
-sockets: :func:`mes_trace_proxy.proxy.handler.handle` for the benchmark's status change (a PUT with a
+sockets: :func:`mes_trace_proxy.proxy.handle` for the benchmark's status change (a PUT with a
 ``traceparent``, the order book, metrics, the access log and both spans), against an upstream
 that answers from memory and a caller connection that throws the answer away. It is the tool
 for one optimisation step at a time: a change of a few microseconds shows here in seconds.
@@ -35,7 +35,8 @@ from multidict import CIMultiDictProxy
 from bench.wrk import STATUS_BODY
 from mes_trace_proxy.cli import read_default_rules
 from mes_trace_proxy.core.config import load_config
-from mes_trace_proxy.proxy.handler import ListenerState, handle
+from mes_trace_proxy.proxy.handler import handle
+from mes_trace_proxy.proxy.handler_state import ListenerState, PoolForwarder
 from mes_trace_proxy.server import running
 from mes_trace_proxy.wire.server import IncomingRequest
 
@@ -109,7 +110,7 @@ class _Answer:
 
 
 class _Upstream:
-    """Stands in for ``UpstreamPool``: every request gets :data:`ANSWER`."""
+    """Stands in for ``UpstreamPool`` (behind ``PoolForwarder``): every request gets :data:`ANSWER`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -178,7 +179,9 @@ async def _proxy(exporter: str, sink: str | None, access_log: bool = True) -> As
         environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = sink
     async with running(config, environ=environ) as proxy:
         state = _state(proxy)
-        yield replace(state, upstream=_Upstream(asyncio.get_running_loop()))  # type: ignore[arg-type]
+        upstream = _Upstream(asyncio.get_running_loop())
+        base_path = state.config.upstream.base_path
+        yield replace(state, forwarder=PoolForwarder(upstream, base_path))  # type: ignore[arg-type]
 
 
 async def _run(args: argparse.Namespace) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Composition root: builds the shared objects and the aiohttp applications from one Config.
+"""Composition root: builds the shared objects and each listener's server from one Config.
 
 Nothing here runs anything; :mod:`mes_trace_proxy.server` owns the order in which things
 start and stop. Every resource built here comes with the coroutine that closes it.
@@ -17,13 +17,18 @@ from mes_trace_proxy.core.config import ListenerConfig
 from mes_trace_proxy.core.forwarding import ForwardPolicy
 from mes_trace_proxy.core.framing import UnderscorePolicy
 from mes_trace_proxy.core.tracecontext import TrustPolicy
-from mes_trace_proxy.proxy.handler import (
+from mes_trace_proxy.proxy.handler import make_handler
+from mes_trace_proxy.proxy.handler_state import (
+    Forwarder,
     ListenerState,
-    make_handler,
-    make_upgrade_handler,
+    PoolForwarder,
+    SessionForwarder,
     own_response_fields,
-    upstream_error_type,
+    propagation_for,
+    span_mode_for,
 )
+from mes_trace_proxy.proxy.relay import upstream_error_type
+from mes_trace_proxy.proxy.websocket import make_upgrade_handler
 from mes_trace_proxy.telemetry.observer import Observer
 from mes_trace_proxy.wire.client import UpstreamPool
 from mes_trace_proxy.wire.limits import GuardedServer
@@ -112,34 +117,45 @@ def build_proxy_server(
     """Build one listener's server and its upstream clients; call inside a running loop.
 
     Requests are served by the lean HTTP/1.1 server (``http1.py``), WebSocket upgrades by
-    aiohttp's, which it hands them to. Plain requests go upstream through the lean pool; the
-    aiohttp session serves the WebSocket relay and, with ``tracing.client_span:
-    instrumentation``, every request (its hooks live there; the pool is then ``None``). The
-    caller (``server.py``) owns all three: it closes the session and the pool after the
-    server drained.
+    aiohttp's, which it hands them to. The handler's modes are chosen here, once (see
+    ``handler_state.py``). The upstream client of plain requests is the lean ``UpstreamPool``
+    by default; aiohttp's session only with ``tracing.client_span: instrumentation`` (its
+    hooks live there; the pool is then ``None``). The session always serves the WebSocket
+    relay. The caller (``server.py``) owns all three: it closes the session and the pool
+    after the server drained.
     """
     config = shared.config
+    tracing = shared.tracing
     # tracing.client_span: instrumentation — only when spans are exported; otherwise the
     # handler's pass-through span carries the trace on, as in SDK mode.
-    instrumented = config.tracing.client_span == "instrumentation" and shared.tracing.exporting
+    instrumented = config.tracing.client_span == "instrumentation" and tracing.exporting
     trace_configs: tuple[aiohttp.TraceConfig, ...] = ()
     if instrumented:
         from mes_trace_proxy.telemetry.client_span import instrumentation_trace_configs
 
         readiness = shared.readiness
         trace_configs = instrumentation_trace_configs(
-            shared.tracing.provider,
-            shared.tracing.propagator,
+            tracing.provider,
+            tracing.propagator,
             error_type=lambda exc: upstream_error_type(exc, draining=readiness.draining),
         )
     session = make_session(listener, trace_configs)
+    # The default upstream client: the pool. The session only when its hooks make the CLIENT span.
     pool = None if instrumented else make_pool(listener)
+    forwarder: Forwarder = (
+        SessionForwarder(session, listener)
+        if pool is None
+        else PoolForwarder(pool, listener.upstream.base_path)
+    )
     # The metrics also note each upstream answer for /readyz (ProxyMetrics.bind).
     observer: Observer = shared.metrics
     state = ListenerState(
         config=listener,
         session=session,
-        tracing=shared.tracing,
+        forwarder=forwarder,
+        tracing=tracing,
+        span_mode=span_mode_for(exporting=tracing.exporting, instrumented=instrumented),
+        propagation=propagation_for(tracing, instrumented=instrumented, redactor=shared.redactor),
         redactor=shared.redactor,
         trust=trust_policy(config.privacy.trusted_callers),
         forward_policy=ForwardPolicy(
@@ -159,8 +175,6 @@ def build_proxy_server(
         correlation=config.watchdog.correlation,
         on_order_changed=shared.on_order_changed,
         draining=lambda: shared.readiness.draining,
-        instrumented_client=instrumented,
-        upstream=pool,
         own_response_fields=own_response_fields(listener),
     )
     upgrades = GuardedServer(

@@ -141,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("method", help="HTTP method, e.g. PUT")
     explain.add_argument("target", help="path and query, e.g. /api/v1/orders/A-1/status")
     explain.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE")
-    explain.add_argument("--body", metavar="FILE", help="request body file (JSON is inspected)")
+    explain.add_argument(
+        "--body",
+        metavar="FILE",
+        help="request body file; read as JSON with -H 'Content-Type: application/json' or a *.json name",
+    )
     explain.add_argument(
         "--response-body", metavar="FILE", help="response body file, to show observed status"
     )
@@ -227,6 +231,7 @@ def _cmd_explain(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         body=read(args.body, "--body"),
         response_body=read(args.response_body, "--response-body"),
         listener=args.listener,
+        body_file=args.body,
     )
     json.dump(report, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

@@ -14,6 +14,36 @@ modules; the check re-hashes the sources against it, a millisecond at start-up.
 
 This file is standard library only and is never compiled: ``setup.py`` runs it as a script
 to learn the module list, and ``mes_trace_proxy/__init__.py`` imports it first.
+
+Constraints
+-----------
+What compiled code cannot do, written down once here. A compiled module (:data:`COMPILED`) must
+type-check under ``mypy --strict`` and follow these rules; each place in the source that bends
+for one of them carries the tag ``# mypyc:`` and a few words (``grep -rn "# mypyc:"
+mes_trace_proxy`` lists them), so the flow around it needs no explanation:
+
+1. No async generators: they stay in interpreted modules (``bodies.py``).
+2. No interpreted subclass of a compiled class, and no interpreted class passing for one: a base
+   that others extend stays interpreted (``observer.py``), or the compiled side takes a
+   ``Protocol`` (``export.SpanEncoder``).
+3. No ``__slots__`` on or under an interpreted base: ``http1.py`` and ``upstream.py`` subclass
+   aiohttp's ``BaseProtocol`` and stay interpreted.
+4. A lone surrogate cannot be a string literal: spell it with ``chr()`` (``forwarding.py``).
+5. A local read in ``finally`` has the type the ``try`` block narrowed it to: state that a
+   ``finally`` reads lives on an object (``handler_state.Call``), or in a list, never in an
+   Optional local reset to ``None`` inside the ``try``.
+6. ``()`` is typed as the empty tuple: write ``tuple()`` for an empty ``tuple[str, ...]``.
+7. Arguments are type-checked at the call: a parameter that must accept anything (an invalid
+   attribute key the SDK would count, not raise on) is typed ``object``.
+8. A compiled class has its own allocator: ``object.__new__(C)`` is refused, ``C.__new__(C)`` is
+   not; and a compiled class with an ABC base gets no ABC cache of its own (``spans.py`` gives
+   ``ProxySpan`` one).
+9. Compiled functions are not Python functions: what a tool must read of one (``bench.handler``
+   reads the listener state) is kept reachable another way (a ``functools.partial``'s ``.args``).
+10. Bound-method locals (``append = parts.append``) hide the direct C call mypyc makes of a
+    typed list's or dict's method: call the method on the object.
+
+docs/performance.md, "The native build", has how each was found and what the build saves.
 """
 
 from __future__ import annotations
@@ -41,13 +71,12 @@ __all__ = [
     "manifest_text",
 ]
 
-#: The modules the native build compiles, in the package. Each must type-check under mypy
-#: --strict and avoid what mypyc rejects (async generators, interpreted subclasses of its
-#: classes, ``__slots__`` on or under an interpreted base); docs/performance.md says why the
-#: others stay pure.
+#: The modules the native build compiles, in the package; each follows the constraints above
+#: (docs/performance.md says why the others stay pure).
 COMPILED: Final = (
     "core.attributes",
     "core.cards",
+    "core.exchange",
     "core.extract",
     "core.forwarding",
     "core.framing",
@@ -61,6 +90,9 @@ COMPILED: Final = (
     "core.textfold",
     "core.tracecontext",
     "proxy.handler",
+    "proxy.handler_state",
+    "proxy.recording",
+    "proxy.relay",
     "telemetry.export",
     "telemetry.logs",
     "telemetry.metrics",

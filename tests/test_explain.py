@@ -280,3 +280,74 @@ def test_explain_never_raises(method: str, segments: list[str], query: str, body
     report = explain(CONFIG, method=method, target=target, headers=[JSON], body=body, response_body=body)
     assert json.loads(json.dumps(report)) == report
     assert ("refused" in report) != ("span_name" in report)
+
+
+def test_a_body_not_inspected_says_why_and_how_to_fix_it() -> None:
+    """Issue 15: a JSON body sent without a JSON Content-Type is not read, and the report says so."""
+    report = explain(
+        CONFIG,
+        method="PUT",
+        target="/api/v1/orders/A-1001/status",
+        headers=[],
+        body=b'{"status": "SHIPPED"}',
+    )
+    assert report["body_inspected"] is False
+    why = report["body_not_inspected"]
+    assert isinstance(why, dict)
+    assert "Content-Type is not JSON" in str(why["reason"])
+    assert "Content-Type: application/json" in str(why["fix"])
+    assert "mes.order.status" not in report["attributes"]  # type: ignore[operator]
+
+
+def test_a_json_file_is_assumed_json_and_the_report_says_so() -> None:
+    """--body status.json with no Content-Type is read as JSON; the assumption is reported."""
+    report = explain(
+        CONFIG,
+        method="PUT",
+        target="/api/v1/orders/A-1001/status",
+        headers=[],
+        body=b'{"status": "SHIPPED"}',
+        body_file="samples/Status.JSON",
+    )
+    assert report["body_inspected"] is True
+    assert "application/json" in str(report["assumed"])
+    assert "body_not_inspected" not in report
+    attributes = report["attributes"]
+    assert isinstance(attributes, dict)
+    assert attributes["mes.order.status"] == "SHIPPED"
+
+
+def test_a_declared_content_type_wins_over_the_file_name() -> None:
+    """A Content-Type the user gave is never replaced: text/plain stays text/plain, and is not read."""
+    report = explain(
+        CONFIG,
+        method="PUT",
+        target="/api/v1/orders/A-1001/status",
+        headers=[("Content-Type", "text/plain")],
+        body=b'{"status": "SHIPPED"}',
+        body_file="status.json",
+    )
+    assert report["body_inspected"] is False
+    assert "assumed" not in report
+
+
+def test_explain_refuses_what_the_handler_refuses() -> None:
+    """The handler's refusals, all of them: a header value that is not UTF-8 and a body over max_body_size."""
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")
+    refused = explain(CONFIG, method="GET", target="/api/v1/health", headers=[("X-Note", latin1)], body=None)
+    assert refused["refused"] == {
+        "status": 400,
+        "type": "urn:mes-trace-proxy:problem:bad_request",
+        "title": "Bad request",
+    }
+    small = load_config(
+        flags={"upstream": "http://mes.internal:8081", "max_body_size": "16"},
+        environ={},
+        file_doc=None,
+        defaults=read_default_rules(),
+    )
+    too_large = explain(
+        small, method="PUT", target="/api/v1/orders/A-1/status", headers=[JSON], body=b"x" * 17
+    )
+    assert isinstance(too_large["refused"], dict)
+    assert too_large["refused"]["status"] == 413

@@ -133,8 +133,8 @@ _REJECT_NOT_UTF8: Final = rejection(
 
 # aiohttp decodes field values as UTF-8 with "surrogateescape": a byte that is not UTF-8
 # (RFC 9110 §5.5 obs-text, a Latin-1 "é" say) becomes a lone surrogate U+DC80..U+DCFF, and
-# aiohttp's header writer drops those silently when the request is forwarded. Spelled with
-# chr(): mypyc (the native build) cannot put a lone surrogate in a string literal.
+# aiohttp's header writer drops those silently when the request is forwarded.
+# mypyc: chr(), no lone surrogate in a string literal (native.py, constraint 4).
 _UNDECODED_BYTE: Final = re.compile("[" + chr(0xDC80) + "-" + chr(0xDCFF) + "]")
 
 

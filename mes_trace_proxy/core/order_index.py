@@ -31,7 +31,7 @@ class NameTable:
     __slots__ = ("_cap", "_codes", "names")
 
     def __init__(self, initial: Iterable[str], extra: int) -> None:
-        # tuple(), not (): mypyc would type the literal as the empty tuple type.
+        # mypyc: tuple(), not () (native.py, constraint 6).
         self.names: tuple[str, ...] = tuple()
         self._codes: dict[str, int] = {}
         for name in initial:

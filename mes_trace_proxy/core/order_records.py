@@ -177,8 +177,7 @@ def trusted_record(
 ) -> OrderRecord:
     # For bytes the book packed itself: the same fields without ``__post_init__``'s decoding
     # of every entry, which would cost more than the rest of a change on the hot path.
-    # OrderRecord.__new__, not object.__new__: the native build gives the class its own
-    # allocator, which object.__new__ refuses to stand in for.
+    # mypyc: OrderRecord.__new__, not object.__new__ (native.py, constraint 8).
     record = OrderRecord.__new__(OrderRecord)
     setattr_ = object.__setattr__
     setattr_(record, "order_id", order_id)

@@ -25,6 +25,7 @@ __all__ = [
     "UpstreamFailure",
     "failure_response",
     "problem_body",
+    "problem_fields",
     "problem_type_uri",
     "rejection",
     "rejection_response",
@@ -91,6 +92,11 @@ class Rejection:
     detail: str
     headers: HeaderTuple = ()
 
+    @property
+    def slug(self) -> str:
+        """The problem's slug: the span's ``error.type`` and the metric label (``payload_too_large``)."""
+        return self.problem_type.removeprefix(PROBLEM_TYPE_PREFIX)
+
 
 def problem_body(
     *,
@@ -146,16 +152,6 @@ class UpstreamFailure(enum.Enum):
     INVALID_RESPONSE = "upstream_invalid_response"
     TLS_ERROR = "upstream_tls_error"
     PAYLOAD_ERROR = "upstream_payload_error"
-
-    @property
-    def spec(self) -> ProblemSpec:
-        """This failure's row in :data:`UPSTREAM_FAILURES`."""
-        return UPSTREAM_FAILURES[self]
-
-    @property
-    def error_type(self) -> str:
-        """The low-cardinality ``error.type`` span attribute and metric label."""
-        return self.value
 
 
 def _upstream(failure: UpstreamFailure, status: int, title: str, detail: str) -> ProblemSpec:
@@ -264,11 +260,6 @@ class ClientRejection(enum.Enum):
     SERVICE_UNAVAILABLE = "service_unavailable"
     REQUEST_TIMEOUT = "request_timeout"
 
-    @property
-    def spec(self) -> ProblemSpec:
-        """This rejection's row in :data:`CLIENT_REJECTIONS`."""
-        return CLIENT_REJECTIONS[self]
-
 
 def _client(kind: ClientRejection, status: int, title: str, detail: str) -> ProblemSpec:
     return ProblemSpec(status=status, slug=kind.value, title=title, detail=detail)
@@ -353,6 +344,11 @@ def rejection(kind: ClientRejection, *, detail: str | None = None, headers: Head
         detail=spec.detail if detail is None else detail,
         headers=headers,
     )
+
+
+def problem_fields(rej: Rejection) -> list[tuple[str, str]]:
+    """The header fields of a rejection's answer: the problem media type, then ``rej.headers``."""
+    return [("Content-Type", PROBLEM_CONTENT_TYPE), *rej.headers]
 
 
 def rejection_response(

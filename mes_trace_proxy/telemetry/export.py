@@ -70,11 +70,9 @@ class ExportStats:
 
 
 class SpanEncoder(Protocol):
-    """What the processor needs of an encoder: :class:`OtlpSpanEncoder`, or a test's stand-in.
+    """What the processor needs of an encoder: :class:`OtlpSpanEncoder`, or a test's stand-in."""
 
-    A protocol rather than the class itself: with the native build the class is compiled, and
-    an interpreted class (a test's broken encoder) can neither subclass it nor pass for it.
-    """
+    # mypyc: a Protocol, so an interpreted stand-in passes (native.py, constraint 2).
 
     def encode_span(self, span: EncodableSpan) -> EncodedSpan:
         """One finished span, encoded."""

@@ -8,11 +8,9 @@ __all__ = ["Observer"]
 
 
 class Observer:
-    """Receives every finished exchange (metrics, order book side effects); a no-op by default.
+    """Receives every finished exchange (metrics, order book side effects); a no-op by default."""
 
-    In a module of its own, not in :mod:`mes_trace_proxy.proxy.handler`: the native build compiles the
-    handler, and interpreted classes (``app.py``'s, the tests') cannot inherit a compiled one.
-    """
+    # mypyc: interpreted, so interpreted classes may extend it (native.py, constraint 2).
 
     def request_done(
         self,

@@ -195,9 +195,10 @@ class ProxySpan(trace_api.Span):
     def set_attribute(self, key: object, value: AttributeValue) -> None:
         """Set one attribute; an invalid key is dropped and counted, as ``BoundedAttributes`` does.
 
-        ``key`` is typed ``object``, wider than the API's ``str``: the native build checks
-        argument types at the call, and a non-string key must be counted, not raise.
+        ``key`` is typed ``object``, wider than the API's ``str``, so a non-string key is
+        counted, not refused.
         """
+        # mypyc: ``object``, as arguments are type-checked at the call (native.py, constraint 7).
         if self.end_time is not None:
             log.warning("Setting attribute on ended span.")
             return
@@ -396,8 +397,7 @@ class ProxySpan(trace_api.Span):
         )
 
 
-# The native build compiles this module, and mypyc makes ProxySpan without an ABC cache of its
-# own: it would share trace_api.Span's, and isinstance(any_span, ProxySpan) would answer True
-# once the base had seen that span's class. abc's own initialiser gives it one (in the pure
-# build it has one already, and this only empties it).
+# mypyc: ProxySpan's own ABC cache (native.py, constraint 8); without it, it would share
+# trace_api.Span's, and isinstance(any_span, ProxySpan) would answer True once the base had
+# seen that span's class. In the pure build it has one already, and this only empties it.
 _abc._abc_init(ProxySpan)

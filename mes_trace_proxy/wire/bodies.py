@@ -1,9 +1,6 @@
-"""Request bodies as they go upstream: async generators over the caller's stream.
+"""Request bodies as they go upstream: async generators over the caller's stream."""
 
-Kept apart from :mod:`mes_trace_proxy.proxy.handler` because they are async generators, which mypyc
-does not compile; the handler module is compiled when the native build is in use
-(docs/performance.md, "The native build").
-"""
+# mypyc: async generators, so an interpreted module (native.py, constraint 1).
 
 from __future__ import annotations
 

@@ -93,6 +93,7 @@ class IncomingRequest:
         "_conn",
         "_head_only",
         "body_exists",
+        "chunked",
         "close_after",
         "content",
         "headers",
@@ -114,6 +115,10 @@ class IncomingRequest:
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content = payload
         self.body_exists = payload is not EMPTY_PAYLOAD
+        #: the request body is framed by ``Transfer-Encoding: chunked``. Read here, in pure
+        #: Python: compiled code reading ``message.chunked`` checks that ``message`` is the
+        #: NamedTuple aiohttp's stubs declare, and the C parser's message is not one.
+        self.chunked: bool = message.chunked
         self.remote = conn.remote
         self.scheme = conn.scheme
         #: the connection closes once this answer is out (the caller or the proxy asked so)

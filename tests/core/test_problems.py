@@ -63,13 +63,13 @@ def test_failure_response_status_type_and_keys(
     got_status, body = failure_response(failure, trace_id=TRACE_ID)
     doc = _doc(body)
     assert got_status == status
-    assert failure.error_type == error_type
+    assert failure.value == error_type
     assert list(doc) == ["type", "title", "status", "detail", "trace_id"]
     assert doc["type"] == f"urn:mes-trace-proxy:problem:{error_type}"
     assert doc["status"] == status
     assert type(doc["status"]) is int
-    assert doc["title"] == failure.spec.title
-    assert doc["detail"] == failure.spec.detail
+    assert doc["title"] == UPSTREAM_FAILURES[failure].title
+    assert doc["detail"] == UPSTREAM_FAILURES[failure].detail
     assert doc["trace_id"] == TRACE_ID
 
 
@@ -158,10 +158,12 @@ def test_client_rejection_status_and_body(kind: ClientRejection, status: int) ->
     got_status, body = rejection_response(rej, trace_id=TRACE_ID)
     doc = _doc(body)
     assert got_status == status == rej.status == doc["status"]
-    assert doc["type"] == problem_type_uri(kind.value) == kind.spec.type_uri
+    assert doc["type"] == problem_type_uri(kind.value) == CLIENT_REJECTIONS[kind].type_uri
     assert doc["type"].startswith(PROBLEM_TYPE_PREFIX)
-    assert doc["title"] == kind.spec.title
-    assert doc["detail"] == kind.spec.detail
+    assert doc["title"] == CLIENT_REJECTIONS[kind].title
+    assert doc["detail"] == CLIENT_REJECTIONS[kind].detail
+    # The slug, not the URN, is the error.type and the metric label of a refusal.
+    assert rej.slug == kind.value
     assert list(doc) == ["type", "title", "status", "detail", "trace_id"]
 
 

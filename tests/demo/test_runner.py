@@ -48,7 +48,7 @@ def _clean_environ(**extra: str) -> dict[str, str]:
     prefixes = ("DEMO_", "MES_PROXY_", "OTEL_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     # The demo runs with another working directory: this checkout's code, not an installed copy.
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env

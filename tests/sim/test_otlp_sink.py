@@ -47,7 +47,7 @@ from opentelemetry.util.types import AttributeValue
 
 from mes_trace_proxy.sim.otlp_sink import OtlpSink, ReceivedSpan, build_parser, serve
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 # A fixed 2023 timestamp so start/end times compare exactly, not against a clock.
 START_NS = 1_700_000_000_000_000_000

@@ -19,7 +19,7 @@ from tests.proxy_process import proxy_process
 
 TRACE = "12345678901234567890123456789012"
 TRACEPARENT = f"00-{TRACE}-1234567890123456-01"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Recorder:

@@ -1,8 +1,11 @@
-"""The handler's observer: a no-op by default, so a subclass overrides only what it needs."""
+"""The handler's observer: the metrics implement every hook; a subclass overrides only what it needs."""
 
 from __future__ import annotations
 
+import pytest
+
 from mes_trace_proxy.core.orders import Findings
+from mes_trace_proxy.telemetry.metrics import ProxyMetrics
 from mes_trace_proxy.telemetry.observer import Observer
 
 
@@ -24,19 +27,13 @@ class _Counting(Observer):
         self.done.append((route, status, error_type))
 
 
-def test_the_default_observer_ignores_everything() -> None:
-    observer = Observer()
-    observer.request_done(
-        listener="ingress",
-        route="/x",
-        method="GET",
-        status=200,
-        duration=0.1,
-        upstream_duration=None,
-        error_type=None,
-    )
-    observer.order_findings(listener="ingress", findings=Findings())
-    assert vars(observer) == {}
+@pytest.mark.parametrize("hook", [name for name in vars(Observer) if not name.startswith("_")])
+def test_the_metrics_observer_overrides_every_hook(hook: str) -> None:
+    """ProxyMetrics, the observer app.py installs, implements each hook: none falls back to the no-op.
+
+    A hook added to Observer and forgotten in ProxyMetrics would silently count nothing.
+    """
+    assert getattr(ProxyMetrics, hook) is not getattr(Observer, hook)
 
 
 def test_a_subclass_keeps_the_defaults_it_does_not_override() -> None:

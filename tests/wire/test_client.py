@@ -18,7 +18,7 @@ import pytest
 
 from mes_trace_proxy.core.config import ListenerConfig
 from mes_trace_proxy.core.problems import UpstreamFailure
-from mes_trace_proxy.proxy.handler import CHUNK_SIZE, classify_failure
+from mes_trace_proxy.proxy.relay import CHUNK_SIZE, classify_failure
 from mes_trace_proxy.wire.bodies import BodyTooLarge, capped
 from mes_trace_proxy.wire.client import UpstreamError, UpstreamPool
 from tests.conftest import MakeConfig

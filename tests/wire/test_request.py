@@ -75,6 +75,17 @@ async def test_what_the_handler_reads() -> None:
     assert (bare.host, bare.content_length, bare.body_exists) == (None, None, False)
 
 
+async def test_chunked_is_read_from_the_parsed_message() -> None:
+    """``chunked`` is a plain attribute: compiled handler code never reads the parser's message."""
+    wire = _Wire()
+    chunked = _request(
+        b"POST / HTTP/1.1\r\nHost: mes\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", wire
+    )
+    declared = _request(b"POST / HTTP/1.1\r\nHost: mes\r\nContent-Length: 3\r\n\r\nabc", wire)
+    assert (chunked.chunked, declared.chunked) == (True, False)
+    assert await chunked.content.read() == b"abc"
+
+
 @pytest.mark.parametrize(
     ("raw", "closing", "expect_close"),
     [

@@ -16,7 +16,7 @@ from mes_trace_proxy.core.config import OPTIONS, ConfigError, load_config
 from mes_trace_proxy.core.config.keys import _TOP_KEYS
 from mes_trace_proxy.core.config.schema import config_schema, schema_text
 
-REPO: Final = Path(__file__).resolve().parent.parent
+REPO: Final = Path(__file__).resolve().parents[3]
 SCHEMA_FILE: Final = REPO / "docs" / "config.schema.json"
 YAML_BLOCK: Final = re.compile(r"^```ya?ml\n(.*?)^```", re.MULTILINE | re.DOTALL)
 VALIDATOR: Final = jsonschema.Draft7Validator(config_schema())

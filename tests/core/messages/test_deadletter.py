@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mes_trace_proxy.core.messages import deadletter
 from mes_trace_proxy.core.messages.deadletter import (
     DEFAULT_MESSAGE_RULES,
     DeadLetterError,
@@ -20,7 +21,6 @@ from mes_trace_proxy.core.messages.deadletter import (
     parse_x_death,
 )
 from mes_trace_proxy.core.rules import RuleError
-from mes_trace_proxy.core.messages import deadletter
 
 T0 = datetime.datetime(2026, 12, 7, 12, 0, 0, tzinfo=datetime.UTC)
 
