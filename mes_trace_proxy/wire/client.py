@@ -2,12 +2,15 @@
 
 The default path of :func:`mes_trace_proxy.proxy.handler.handle`; aiohttp's ``ClientSession`` stays for
 the WebSocket relay and for ``tracing.client_span: instrumentation``.
+
+Here: the pool and its call (connect, acquire and release, send the request, timeouts, the one
+retry). One connection's protocol is in :mod:`mes_trace_proxy.wire.upstream_connection`; how a
+failure becomes a row of the failure table, in :mod:`mes_trace_proxy.wire.upstream_failures`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, Iterable
@@ -15,7 +18,6 @@ from types import TracebackType
 from typing import Final, Protocol
 
 import aiohttp
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpResponseParser, RawResponseMessage
 from multidict import CIMultiDictProxy
 
@@ -23,6 +25,8 @@ from mes_trace_proxy.core import h1
 from mes_trace_proxy.core.config import ListenerConfig
 from mes_trace_proxy.core.problems import UpstreamFailure
 from mes_trace_proxy.wire.tls import ClientCertReloader
+from mes_trace_proxy.wire.upstream_connection import UpstreamConnection
+from mes_trace_proxy.wire.upstream_failures import UpstreamError, connect_failure
 
 __all__ = ["Answer", "RequestBody", "UpstreamError", "UpstreamPool"]
 
@@ -37,14 +41,6 @@ _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 _ONE_WRITE: Final = 64 * 1024
 # aiohttp's client defaults: a status line or one header field longer than 8 KiB is refused.
 _MAX_LINE: Final = 8190
-
-
-class UpstreamError(aiohttp.ClientError):
-    """An upstream call failed; ``failure`` is its row of the upstream-failure table."""
-
-    def __init__(self, failure: UpstreamFailure, message: str) -> None:
-        super().__init__(message)
-        self.failure = failure
 
 
 class Answer(Protocol):
@@ -64,210 +60,6 @@ class Answer(Protocol):
 
     @property
     def content(self) -> aiohttp.StreamReader: ...
-
-
-class _Connection(BaseProtocol):
-    """One keep-alive connection; parses the answer to the request in flight, if any.
-
-    aiohttp's ``BaseProtocol`` brings the flow control its parser and StreamReader call
-    (``pause_reading``/``resume_reading``, ``pause_writing``/``resume_writing``, drain).
-    """
-
-    __slots__ = (
-        "_read_timer",
-        "closed",
-        "got_data",
-        "head",
-        "last_read",
-        "message",
-        "payload",
-        "read_armed",
-        "read_timeout",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        #: resolved with the final (non-1xx) answer's head, or failed
-        self.head: asyncio.Future[RawResponseMessage] | None = None
-        self.message: RawResponseMessage | None = None
-        self.payload: aiohttp.StreamReader | None = None
-        self.closed = False
-        #: any byte of an answer arrived on this exchange (a retry is then never safe)
-        self.got_data = False
-        self.last_read = 0.0
-        #: the read timeout runs for the exchange in flight (armed once its request is all out)
-        self.read_armed = False
-        self.read_timeout = 0.0
-        # One timer per connection, re-armed only when it fires: a call_at and a cancel per
-        # request cost 1.6 % of the proxy's CPU in the profile (docs/performance.md).
-        self._read_timer: asyncio.TimerHandle | None = None
-
-    def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None:
-            if data:
-                # Bytes on an idle connection: it is out of step with us.
-                self.close()
-            return
-        if data:
-            self.got_data = True
-            self.last_read = self._loop.time()
-        try:
-            messages, _, _ = parser.feed_data(data)
-        except Exception as exc:
-            self.fail(_parse_failure(exc, head_done=self.message is not None))
-            return
-        for message, payload in messages:
-            if self.message is not None:
-                # A second answer to one request: the connection is out of step.
-                self.close()
-                return
-            if 100 <= message.code < 200 and message.code != 101:
-                continue  # 1xx informational (100 Continue, 103 Early Hints): the final one follows
-            self.message = message
-            self.payload = payload
-            head = self.head
-            if head is not None and not head.done():
-                head.set_result(message)
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost finishes the exchange
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        self.closed = True
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-        parser = self._parser
-        if parser is None:
-            return
-        head = self.head
-        if head is not None and not head.done():
-            head.set_exception(
-                UpstreamError(UpstreamFailure.DISCONNECTED, "upstream closed before answering")
-            )
-            return
-        payload = self.payload
-        if payload is None or payload.is_eof():
-            return
-        try:
-            # A close-delimited body ends here; a length or chunked one is cut short.
-            parser.feed_eof()
-        except Exception as cut:
-            payload.set_exception(aiohttp.ClientPayloadError(f"upstream answer cut short: {cut}"))
-            return
-        if not payload.is_eof():
-            payload.set_exception(aiohttp.ClientPayloadError("upstream closed the connection mid-answer"))
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        """The caller drained the answer's buffer: the read timeout counts from now again."""
-        self.last_read = self._loop.time()
-        super().resume_reading(resume_parser)
-
-    @property
-    def reading_paused(self) -> bool:
-        """Whether we paused reading the upstream because the caller is slow."""
-        return self._reading_paused
-
-    def begin(self, parser: HttpResponseParser) -> asyncio.Future[RawResponseMessage]:
-        """Start an exchange: the head future the answer resolves."""
-        self._parser = parser
-        self.message = None
-        self.payload = None
-        self.got_data = False
-        self.last_read = self._loop.time()
-        head: asyncio.Future[RawResponseMessage] = self._loop.create_future()
-        self.head = head
-        return head
-
-    def arm_read(self, timeout: float) -> None:
-        """Start the read timeout of the exchange in flight: ``timeout`` seconds without a byte fail it."""
-        loop = self._loop
-        self.last_read = loop.time()
-        self.read_timeout = timeout
-        self.read_armed = True
-        if self._read_timer is None:
-            self._read_timer = loop.call_at(self.last_read + timeout, self._on_read_timer)
-
-    def _on_read_timer(self) -> None:
-        self._read_timer = None
-        if not self.read_armed or self.closed:
-            return  # idle, or the exchange ended: the next exchange arms it again
-        payload = self.payload
-        if payload is not None and payload.is_eof():
-            return  # the answer is all in; the caller reads at its own pace
-        loop = self._loop
-        now = loop.time()
-        if self._reading_paused:
-            # We paused the upstream (the caller is slow): not the upstream's silence.
-            self._read_timer = loop.call_at(now + self.read_timeout, self._on_read_timer)
-            return
-        due = self.last_read + self.read_timeout
-        if now < due:
-            self._read_timer = loop.call_at(due, self._on_read_timer)
-            return
-        self.fail(aiohttp.SocketTimeoutError("upstream sent nothing within the read timeout"))
-
-    def finish(self) -> None:
-        """End the exchange; the connection is idle (or closed) from here on."""
-        self.read_armed = False
-        self._parser = None
-        self.head = None
-        self.message = None
-        self.payload = None
-
-    def reusable(self) -> bool:
-        """The answer arrived whole, was read whole, and neither side asked to close."""
-        message = self.message
-        payload = self.payload
-        return (
-            not self.closed
-            and message is not None
-            and not message.should_close
-            and payload is not None
-            and payload.at_eof()
-            and not self._reading_paused
-        )
-
-    def fail(self, exc: BaseException) -> None:
-        """Fail the exchange in flight with ``exc`` and close the connection."""
-        head = self.head
-        if head is not None and not head.done():
-            head.set_exception(exc)
-        else:
-            payload = self.payload
-            if payload is not None and not payload.is_eof():
-                payload.set_exception(exc)
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection now (the exchange in flight, if any, sees it as lost)."""
-        self.closed = True
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-        if self.transport is not None:
-            self.transport.close()
-
-    async def drain(self) -> None:
-        """Wait until the transport's write buffer is below its high-water mark again."""
-        await self._drain_helper()
-
-
-def _parse_failure(exc: Exception, *, head_done: bool) -> aiohttp.ClientError:
-    if head_done:
-        # A broken chunk framing or an over-long body: the answer's body is unusable.
-        return aiohttp.ClientPayloadError(f"upstream answer body is malformed: {exc}")
-    return UpstreamError(UpstreamFailure.INVALID_RESPONSE, f"upstream answer is not HTTP/1.1: {exc}")
-
-
-def _connect_failure(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return UpstreamError(UpstreamFailure.TLS_ERROR, f"TLS to the upstream failed: {exc}")
-    if isinstance(exc, socket.gaierror):
-        return UpstreamError(UpstreamFailure.DNS_FAILURE, f"upstream host not found: {exc}")
-    return UpstreamError(UpstreamFailure.CONNECT_REFUSED, f"cannot connect to the upstream: {exc}")
 
 
 class _Call:
@@ -304,7 +96,7 @@ class _Call:
         self._target = target
         self._headers = headers
         self._body = body
-        self._conn: _Connection | None = None
+        self._conn: UpstreamConnection | None = None
         self._writer: asyncio.Task[None] | None = None
         self._total_timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
@@ -376,7 +168,7 @@ class _Call:
             return
         self._drop()
 
-    async def _exchange(self, conn: _Connection) -> RawResponseMessage:
+    async def _exchange(self, conn: UpstreamConnection) -> RawResponseMessage:
         """Send the request on ``conn`` and wait for the final answer's head."""
         self._conn = conn
         pool = self._pool
@@ -421,7 +213,7 @@ class _Call:
             self._writer = pool.loop.create_task(self._send_stream(conn, body, chunked=chunked))
         return await head
 
-    async def _send_stream(self, conn: _Connection, body: RequestBody, *, chunked: bool) -> None:
+    async def _send_stream(self, conn: UpstreamConnection, body: RequestBody, *, chunked: bool) -> None:
         chunks: AsyncIterable[bytes]
         if isinstance(body, aiohttp.StreamReader):
             chunks = body.iter_any()
@@ -530,7 +322,7 @@ class UpstreamPool:
         self._size = size
         self._keepalive = keepalive
         #: idle connections, most recently used last (reused first: its socket is warm)
-        self._idle: list[tuple[_Connection, float]] = []
+        self._idle: list[tuple[UpstreamConnection, float]] = []
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -562,7 +354,9 @@ class UpstreamPool:
         """How many pooled connections are idle and still open."""
         return sum(1 for conn, _ in self._idle if not conn.closed)
 
-    async def acquire(self, deadline: float | None, *, fresh: bool = False) -> tuple[_Connection, bool]:
+    async def acquire(
+        self, deadline: float | None, *, fresh: bool = False
+    ) -> tuple[UpstreamConnection, bool]:
         """A connection for one request, and whether it was reused from the pool."""
         if self._closed:
             raise UpstreamError(UpstreamFailure.DISCONNECTED, "the upstream pool is closed")
@@ -600,7 +394,7 @@ class UpstreamPool:
             self._wake()
             raise
 
-    async def _connect(self, deadline: float | None) -> _Connection:
+    async def _connect(self, deadline: float | None) -> UpstreamConnection:
         loop = self.loop
         connect = self.timeouts.connect
         limit = connect
@@ -611,7 +405,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop),
+                    lambda: UpstreamConnection(loop),
                     self._host,
                     self._port,
                     ssl=context,
@@ -624,10 +418,10 @@ class UpstreamPool:
                 ) from None
             raise
         except OSError as exc:
-            raise _connect_failure(exc) from exc
+            raise connect_failure(exc) from exc
         return conn
 
-    def release(self, conn: _Connection) -> None:
+    def release(self, conn: UpstreamConnection) -> None:
         """Put a connection whose exchange ended cleanly back in the pool."""
         if self._closed or conn.closed:
             self.discard(conn)
@@ -637,7 +431,7 @@ class UpstreamPool:
             self._sweeper = self.loop.call_later(self._keepalive, self._sweep)
         self._wake()
 
-    def discard(self, conn: _Connection) -> None:
+    def discard(self, conn: UpstreamConnection) -> None:
         """Give up a busy connection: close it (never pooled again) and free its place."""
         conn.close()
         self._open -= 1
@@ -653,7 +447,7 @@ class UpstreamPool:
     def _sweep(self) -> None:
         self._sweeper = None
         now = self.loop.time()
-        keep: list[tuple[_Connection, float]] = []
+        keep: list[tuple[UpstreamConnection, float]] = []
         for conn, since in self._idle:
             if conn.closed or now - since >= self._keepalive:
                 conn.close()

@@ -1,171 +1,24 @@
-"""The lean upstream client against a raw scripted HTTP/1.1 server on loopback.
+"""The lean upstream client's pool and call against a raw scripted HTTP/1.1 server on loopback.
 
-The server answers each request with bytes the test scripts (or closes without answering),
-so framing, keep-alive, retry, timeout and cancellation behaviour is seen on the wire.
+Keep-alive reuse, request framing, the one retry of an unanswered call, connect/read/total
+timeouts, cancellation, the pool bound and streamed uploads, as seen on the wire. The connection
+protocol's own tests are in test_upstream_connection.py, the failure rows in test_upstream_failures.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Final
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
-from mes_trace_proxy.core.config import ListenerConfig
 from mes_trace_proxy.core.problems import UpstreamFailure
 from mes_trace_proxy.proxy.relay import CHUNK_SIZE, classify_failure
 from mes_trace_proxy.wire.bodies import BodyTooLarge, capped
-from mes_trace_proxy.wire.client import UpstreamError, UpstreamPool
+from mes_trace_proxy.wire.client import UpstreamError
 from tests.conftest import MakeConfig
-
-# Generous bounds for waits on loopback: a healthy run never comes near them.
-WAIT: Final = 5.0
-# A pool bound and keep-alive for tests; the read buffer matches app.READ_BUFFER's order.
-POOL: Final = 4
-KEEPALIVE: Final = 30.0
-READ_BUFFER: Final = 64 * 1024
-
-#: what the server does with one request: the bytes to send back, or None to close silently
-Answer = Callable[["Seen"], bytes | None]
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """One request as it reached the server."""
-
-    connection: int
-    method: str
-    target: str
-    head: bytes
-    body: bytes
-
-
-@dataclass(slots=True)
-class Scripted:
-    """A raw HTTP/1.1 server: requests are recorded, answers come from ``answers`` in turn."""
-
-    answers: list[Answer]
-    seen: list[Seen] = field(default_factory=list)
-    connections: int = 0
-    closed: int = 0
-    #: indexes of requests (0-based, all connections) after whose answer the server hangs up
-    close_after: set[int] = field(default_factory=set)
-    port: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    _server: asyncio.Server | None = None
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-
-    async def start(self) -> None:
-        """Listen on 127.0.0.1, port 0."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stop listening and drop every connection."""
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        """Until ``predicate()`` holds (bounded)."""
-        async with asyncio.timeout(WAIT), self.changed:
-            await self.changed.wait_for(predicate)
-
-    async def _note(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        number = self.connections
-        self._writers.add(writer)
-        await self._note()
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ")
-                fields = {
-                    k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
-                }
-                body = b""
-                if "content-length" in fields:
-                    body = await reader.readexactly(int(fields["content-length"]))
-                elif fields.get("transfer-encoding") == "chunked":
-                    while True:
-                        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
-                        body += (await reader.readexactly(size + 2))[:-2]
-                        if size == 0:
-                            break
-                seen = Seen(number, method, target, head, body)
-                self.seen.append(seen)
-                await self._note()
-                reply = self.answers.pop(0)(seen)
-                if reply is None:
-                    return
-                writer.write(reply)
-                await writer.drain()
-                if len(self.seen) - 1 in self.close_after:
-                    return
-        finally:
-            writer.close()
-            self._writers.discard(writer)
-            self.closed += 1
-            await self._note()
-
-
-def ok(body: bytes = b"ok", *extra: str) -> Answer:
-    """A 200 with a Content-Length body and extra header lines."""
-    head = "".join(f"{line}\r\n" for line in extra)
-    return lambda _: f"HTTP/1.1 200 OK\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[Scripted]:
-    """A started scripted server (answers appended by the test)."""
-    server = Scripted(answers=[])
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-def listener_for(make_config: MakeConfig, port: int, **timeouts: float | None) -> ListenerConfig:
-    """The listener config of a proxy in front of 127.0.0.1:``port``."""
-    listener = make_config(f"http://127.0.0.1:{port}").listeners[0]
-    if timeouts:
-        listener = dataclasses.replace(listener, timeouts=dataclasses.replace(listener.timeouts, **timeouts))
-    return listener
-
-
-@contextlib.asynccontextmanager
-async def pool_for(listener: ListenerConfig, size: int = POOL) -> AsyncIterator[UpstreamPool]:
-    """A pool, closed on leaving."""
-    pool = UpstreamPool(listener, size=size, keepalive=KEEPALIVE, read_buffer=READ_BUFFER)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-async def fetch(
-    pool: UpstreamPool, method: str = "GET", body: bytes | None = None
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One call; status, headers and the whole body."""
-    async with pool.request(method, "/t", [("Host", "mes")], body) as answer:
-        data = await answer.content.read()
-        return answer.status, list(answer.headers.items()), data
+from tests.wire.scripted_upstream import WAIT, Scripted, Seen, fetch, listener_for, ok, pool_for
 
 
 async def test_answers_keep_header_order_repetition_and_the_connection_is_reused(
@@ -214,49 +67,6 @@ async def test_request_head_and_body_framing_go_out_as_aiohttp_sent_them(
     assert streamed.body == b"abcdefgh"
 
 
-@pytest.mark.parametrize(
-    ("reply", "reused"),
-    [
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", True),
-        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nabcde", False),
-        (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nabcde", False),
-        (b"HTTP/1.1 200 OK\r\n\r\nabcde", False),  # close-delimited
-        (
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nLink: x\r\n\r\n"
-            + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabcde",
-            True,
-        ),
-    ],
-    ids=["chunked", "connection-close", "http-1.0", "close-delimited", "1xx-skipped"],
-)
-async def test_body_framings_are_read_whole_and_reuse_follows_keep_alive(
-    scripted: Scripted, make_config: MakeConfig, reply: bytes, reused: bool
-) -> None:
-    """Every framing yields the whole body; only a keep-alive answer's connection is reused."""
-    scripted.answers += [lambda _: reply, ok(b"next")]
-    if reply.startswith(b"HTTP/1.1 200 OK\r\n\r\n"):
-        scripted.close_after.add(0)  # a close-delimited body ends with the connection
-    async with pool_for(listener_for(make_config, scripted.port)) as pool:
-        status, _, body = await fetch(pool)
-        assert (status, body) == (200, b"abcde")
-        assert (await fetch(pool))[2] == b"next"
-    assert [s.connection for s in scripted.seen] == ([1, 1] if reused else [1, 2])
-
-
-@pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
-async def test_answers_without_content_keep_the_connection(
-    scripted: Scripted, make_config: MakeConfig, method: str, status: int
-) -> None:
-    """HEAD, 204 and 304 carry no body whatever Content-Length says, and the connection is reused."""
-    scripted.answers += [lambda _: f"HTTP/1.1 {status} X\r\nContent-Length: 9\r\n\r\n".encode(), ok(b"next")]
-    async with pool_for(listener_for(make_config, scripted.port)) as pool:
-        async with pool.request(method, "/t", [("Host", "mes")]) as answer:
-            assert answer.status == status
-            assert answer.content.at_eof()
-        assert (await fetch(pool))[2] == b"next"
-    assert [s.connection for s in scripted.seen] == [1, 1]
-
-
 async def test_a_pooled_connection_closed_under_the_request_is_retried_only_when_safe(
     scripted: Scripted, make_config: MakeConfig
 ) -> None:
@@ -291,49 +101,6 @@ async def test_an_idle_connection_the_upstream_closed_is_not_used(
     assert [(s.method, s.connection) for s in scripted.seen] == [("GET", 1), ("POST", 2)]
 
 
-@pytest.mark.parametrize(
-    ("reply", "failure"),
-    [
-        (lambda _: b"NOT HTTP AT ALL\r\n\r\n", UpstreamFailure.INVALID_RESPONSE),
-        (lambda _: None, UpstreamFailure.DISCONNECTED),
-    ],
-    ids=["garbage", "closed-unanswered"],
-)
-async def test_failures_before_the_head_map_to_the_failure_table(
-    scripted: Scripted, make_config: MakeConfig, reply: Answer, failure: UpstreamFailure
-) -> None:
-    """A head that is not HTTP is an invalid response; a close before it, a disconnect."""
-    scripted.answers.append(reply)
-    async with pool_for(listener_for(make_config, scripted.port)) as pool:
-        with pytest.raises(aiohttp.ClientError) as raised:
-            await fetch(pool, "POST", b"x")
-    assert classify_failure(raised.value) is failure
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
-    ],
-    ids=["short-length", "unterminated-chunks"],
-)
-async def test_a_body_cut_short_is_a_payload_error(
-    scripted: Scripted, make_config: MakeConfig, reply: bytes
-) -> None:
-    """An answer whose body ends early raises ClientPayloadError from the body, not a short read."""
-    scripted.answers.append(lambda _: reply)
-    scripted.close_after.add(0)
-    async with (
-        pool_for(listener_for(make_config, scripted.port)) as pool,
-        pool.request("GET", "/t", [("Host", "mes")]) as answer,
-    ):
-        assert answer.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError) as raised:
-            await answer.content.read()
-    assert classify_failure(raised.value) is UpstreamFailure.PAYLOAD_ERROR
-
-
 async def test_connect_refused_read_timeout_and_total_timeout(
     scripted: Scripted, make_config: MakeConfig
 ) -> None:
@@ -365,30 +132,6 @@ async def test_connect_refused_read_timeout_and_total_timeout(
             await fetch(pool)
     assert classify_failure(refused.value) is UpstreamFailure.CONNECT_REFUSED
     await scripted.start()  # for the fixture's stop
-
-
-async def test_the_read_timeout_holds_on_a_reused_connection(
-    scripted: Scripted, make_config: MakeConfig
-) -> None:
-    """A kept-alive connection's next exchange gets a full read timeout of its own; silence then fails it."""
-
-    def silent_head(_: Seen) -> bytes | None:
-        return b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n"  # the body never comes
-
-    scripted.answers += [ok(b"one"), ok(b"two"), silent_head]
-    loop = asyncio.get_running_loop()
-    async with pool_for(listener_for(make_config, scripted.port, read=0.3, total=None)) as pool:
-        assert (await fetch(pool))[2] == b"one"
-        await asyncio.sleep(0.2)  # part of a read timeout passes while the connection is idle
-        assert (await fetch(pool))[2] == b"two"  # the timer armed by the first call must not cut this one
-        async with pool.request("GET", "/t", [("Host", "mes")]) as answer:
-            started = loop.time()
-            with pytest.raises(aiohttp.ClientError) as read_timeout:
-                await answer.content.read()
-            waited = loop.time() - started
-    assert classify_failure(read_timeout.value) is UpstreamFailure.READ_TIMEOUT
-    assert waited >= 0.25  # a full read timeout from the last byte, not what was left of an old one
-    assert [s.connection for s in scripted.seen] == [1, 1, 1]
 
 
 async def test_a_cancelled_call_closes_its_connection_and_frees_its_place(
