@@ -262,7 +262,8 @@ async def test_config_dump_masks_every_secret(
     recording_upstream: tuple[str, RecordingUpstream],
     default_rules: dict[str, object],
 ) -> None:
-    """GET /config (admin) shows the effective config but no token, user-id key or store password."""
+    """GET /config (admin) shows the effective config but no token, user-id key, URL password or
+    query token."""
     base, _ = recording_upstream
     (tmp_path / "tokens").write_text(TOKENS_TEXT)
     user_key = "user-id-key-canary-0123456789"
@@ -273,7 +274,7 @@ async def test_config_dump_masks_every_secret(
             "admin_listen": "127.0.0.1:0",
             "state": "memory",
             "admin_token_file": str(tmp_path / "tokens"),
-            "jaeger_url": "http://jaeger:pa55word-canary@jaeger:16686",
+            "jaeger_url": "http://jaeger:pa55word-canary@jaeger:16686/?token=t0ken-canary&lang=en",
         },
         environ={"MES_PROXY_USER_ID_KEY": user_key},
         file_doc=None,
@@ -283,8 +284,9 @@ async def test_config_dump_masks_every_secret(
     proxy = await start_proxy(config)
     status, _, body = await _get(f"{proxy.admin_url}/config", ADMIN)
     assert status == 200
-    for secret in (VIEWER, ADMIN, user_key, "pa55word-canary"):
+    for secret in (VIEWER, ADMIN, user_key, "pa55word-canary", "t0ken-canary"):
         assert secret not in body
+    assert "http://jaeger:***@jaeger:16686/?token=***&lang=en" in body
     assert '"tokens": 2' in body or '"tokens":2' in body
 
 
