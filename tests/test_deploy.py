@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -536,11 +537,13 @@ def _read_bytes(name: str) -> bytes:
 
 
 def test_proxy_config_loads_with_the_real_loader(tmp_path: Path) -> None:
-    """The ConfigMap's config, with the pod's files in place, passes the real config loader."""
+    """The ConfigMap's config, with the pod's files in place (the Secret filled as a deployer
+    fills it), passes the real config loader."""
     # Imported here so a broken config module fails this test, not the whole file's collection.
     from mes_trace_proxy.core.config import load_config
 
-    pod = _materialize_proxy(_objects(BASE), tmp_path)
+    objects, _ = _filled_by_the_deployer(_objects(BASE))
+    pod = _materialize_proxy(objects, tmp_path)
     file_doc = yaml.safe_load(pod.config_file.read_text(encoding="utf-8"))
     rules = yaml.safe_load(resources.files("mes_trace_proxy").joinpath("defaults/rules.yaml").read_text())
     config = load_config(flags={}, environ={}, file_doc=file_doc, defaults=rules, read_file=_read_bytes)
@@ -566,6 +569,36 @@ START_TIMEOUT_S: Final = 60
 def _secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
     decoded = {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
     return {**decoded, **secret.get("stringData", {})}
+
+
+def _filled_by_the_deployer(objects: Sequence[Doc]) -> tuple[tuple[Doc, ...], Mapping[str, str]]:
+    """The objects with the token Secret replaced as its comment and docs/deployment.md say.
+
+    Two fresh tokens of ``openssl rand -hex 32`` (64 hex digits: what :func:`secrets.token_hex`
+    gives), then ``kubectl create secret generic … --from-literal=tokens="$(printf
+    'viewer:%s\nadmin:%s' …)" --from-literal=viewer=…``: base64 ``data``, no ``stringData``.
+
+    Returns:
+        The objects, and the tokens by role.
+    """
+    tokens = {"viewer": secrets.token_hex(32), "admin": secrets.token_hex(32)}
+    literals = {"tokens": "viewer:{viewer}\nadmin:{admin}".format_map(tokens), "viewer": tokens["viewer"]}
+
+    def filled(doc: Doc) -> Doc:
+        if _key(doc) != ("Secret", ADMIN_TOKENS_SECRET):
+            return doc
+        data = {key: base64.b64encode(value.encode()).decode() for key, value in literals.items()}
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": doc["metadata"],
+            "type": "Opaque",
+            "data": data,
+        }
+
+    replaced = tuple(filled(doc) for doc in objects)
+    assert replaced != tuple(objects), f"no Secret {ADMIN_TOKENS_SECRET} to fill"
+    return replaced, tokens
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -684,14 +717,13 @@ class StartedFromManifests:
     records: list[Doc]
 
 
-@contextlib.asynccontextmanager
-async def _start_from_manifests(pod: MaterializedPod) -> AsyncIterator[StartedFromManifests]:
-    """Run the real proxy with the pod's args and environment; stop it by PID with SIGTERM."""
+async def _spawn_from_manifests(pod: MaterializedPod) -> asyncio.subprocess.Process:
+    """The real proxy with the pod's args and environment, in a network of its own."""
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **pod.env}
     # The build the test run asked for (pure or native), not a stale one beside the sources.
     if "MES_TRACE_PROXY_PURE_PYTHON" in os.environ:
         env["MES_TRACE_PROXY_PURE_PYTHON"] = os.environ["MES_TRACE_PROXY_PURE_PYTHON"]
-    child = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         *_isolated_network(),
         sys.executable,
         "-m",
@@ -702,6 +734,12 @@ async def _start_from_manifests(pod: MaterializedPod) -> AsyncIterator[StartedFr
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+
+@contextlib.asynccontextmanager
+async def _start_from_manifests(pod: MaterializedPod) -> AsyncIterator[StartedFromManifests]:
+    """Run the real proxy with the pod's args and environment; stop it by PID with SIGTERM."""
+    child = await _spawn_from_manifests(pod)
     assert child.stdout is not None
     lines: list[str] = []
 
@@ -738,32 +776,62 @@ def _warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 async def test_manifests_start_the_proxy_without_a_warning(tmp_path: Path) -> None:
-    """The real proxy, run with the rendered ConfigMap, args, environment and token Secret, binds
-    0.0.0.0 as the manifests say and logs no warning from start to drain; the admin API wants a token
-    and Prometheus's (the Secret's ``viewer`` key) reads /metrics."""
-    objects = _rendered(BASE)
+    """The real proxy, run with the rendered ConfigMap, args and environment and the token Secret
+    filled as a deployer fills it, binds 0.0.0.0 as the manifests say and logs no warning from start
+    to drain; the admin API wants a token, Prometheus's (the Secret's ``viewer`` key) reads /metrics
+    and only the admin token reads /config."""
+    objects, tokens = _filled_by_the_deployer(_rendered(BASE))
     pod = _materialize_proxy(objects, tmp_path)
     secret = next(doc for doc in objects if _key(doc) == ("Secret", ADMIN_TOKENS_SECRET))
     viewer = _secret_data(secret)["viewer"]
     async with _start_from_manifests(pod) as proxy:
         assert proxy.ready["admin"] == "0.0.0.0:9901"
-        metrics = "http://127.0.0.1:9901/metrics"
+        metrics, config = "http://127.0.0.1:9901/metrics", "http://127.0.0.1:9901/config"
         assert await _in_namespace_get(proxy.pid, "http://127.0.0.1:9901/healthz", None) == 200
         assert await _in_namespace_get(proxy.pid, metrics, None) == 401
         assert await _in_namespace_get(proxy.pid, metrics, viewer) == 200
+        assert await _in_namespace_get(proxy.pid, config, viewer) == 403
+        assert await _in_namespace_get(proxy.pid, config, tokens["admin"]) == 200
     assert _warnings(proxy.records) == []
 
 
+async def test_the_shipped_placeholder_tokens_stop_start_up(tmp_path: Path) -> None:
+    """The manifests applied as shipped, the Secret's public CHANGEME tokens unreplaced: the real
+    proxy refuses to start (exit 2, before binding anything), naming the key and the cure."""
+    pod = _materialize_proxy(_rendered(BASE), tmp_path)
+    child = await _spawn_from_manifests(pod)
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            out, _ = await child.communicate()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    output = out.decode("utf-8", "replace")
+    tokens_file = yaml.safe_load(pod.config_file.read_text(encoding="utf-8"))["admin"]["tokens_file"]
+    assert child.returncode == 2, output
+    assert output.strip() == (
+        f"mes-trace-proxy: configuration error: admin.tokens_file: {tokens_file}: line 1: the viewer"
+        " token is a published placeholder (CHANGEME): generate one with `openssl rand -hex 32`"
+    )
+
+
 def test_token_secret_gives_the_proxy_both_roles_and_prometheus_the_viewer() -> None:
-    """The Secret's ``tokens`` file parses with the real parser and holds a viewer and an admin token;
-    its ``viewer`` key is that viewer token, and the proxy mounts the file alone."""
+    """The shipped Secret lists a viewer and an admin line and its ``viewer`` key is the viewer line's
+    token; filled as its comment says, the real parser gives both roles and the ``viewer`` key reads
+    as viewer only; the proxy mounts the file alone."""
     from mes_trace_proxy.core.admin_auth import Role, Verdict, authorize, parse_tokens
 
-    data = _secret_data(_base("Secret", ADMIN_TOKENS_SECRET))
+    shipped = _secret_data(_base("Secret", ADMIN_TOKENS_SECRET))
+    lines = dict(line.partition(":")[::2] for line in shipped["tokens"].splitlines())
+    assert sorted(lines) == ["admin", "viewer"]
+    assert lines["viewer"] == shipped["viewer"]
+    objects, tokens = _filled_by_the_deployer(_objects(BASE))
+    data = _secret_data(next(doc for doc in objects if _key(doc) == ("Secret", ADMIN_TOKENS_SECRET)))
     table = parse_tokens(data["tokens"])
     assert authorize(table, f"Bearer {data['viewer']}", Role.VIEWER) is Verdict.ALLOWED
     assert authorize(table, f"Bearer {data['viewer']}", Role.ADMIN) is Verdict.FORBIDDEN
-    assert sorted(line.partition(":")[0] for line in data["tokens"].splitlines()) == ["admin", "viewer"]
+    assert authorize(table, f"Bearer {tokens['admin']}", Role.ADMIN) is Verdict.ALLOWED
     (volume,) = (v for v in _pod_spec(_base("Deployment", MES))["volumes"] if "secret" in v)
     assert volume["secret"]["secretName"] == ADMIN_TOKENS_SECRET
     assert [item["key"] for item in volume["secret"]["items"]] == ["tokens"]
@@ -784,6 +852,20 @@ def test_pod_monitor_scrapes_the_admin_port_with_the_viewer_token() -> None:
     secret = next(doc for doc in objects if _key(doc) == ("Secret", credentials["name"]))
     assert credentials["key"] == "viewer"
     assert credentials["key"] in _secret_data(secret)
+
+
+def test_the_shipped_placeholder_tokens_are_refused_and_the_recipe_is_given() -> None:
+    """Every token the shipped Secret holds is a public placeholder the real parser refuses, and the
+    Secret's comment and docs/deployment.md give the ``openssl rand -hex 32`` recipe that replaces them."""
+    from mes_trace_proxy.core.admin_auth import TokenError, parse_tokens
+
+    shipped = _secret_data(_base("Secret", ADMIN_TOKENS_SECRET))
+    for line in shipped["tokens"].splitlines():
+        with pytest.raises(TokenError, match=r"published placeholder \(CHANGEME\)"):
+            parse_tokens(line)
+    recipe = "openssl rand -hex 32"
+    assert recipe in (BASE / "mes-trace-proxy-admin-tokens.yaml").read_text(encoding="utf-8")
+    assert recipe in (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
 
 
 async def test_without_the_token_file_the_manifests_would_warn(tmp_path: Path) -> None:

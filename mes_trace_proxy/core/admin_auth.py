@@ -17,6 +17,7 @@ from typing import Final
 __all__ = [
     "ANSWERS",
     "MIN_TOKEN_LENGTH",
+    "PLACEHOLDER_MARKER",
     "Answer",
     "Role",
     "TokenError",
@@ -45,6 +46,11 @@ MIN_TOKEN_LENGTH: Final = 16
 _B64TOKEN_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 # Longer than any token worth having; bounds the hashing work an unauthenticated caller causes.
 _MAX_TOKEN_LENGTH: Final = 4096
+# The marker of the placeholders shipped in k8s/base/mes-trace-proxy-admin-tokens.yaml (and any
+# copied from it): public, so a token holding it opens nothing but is refused outright.
+PLACEHOLDER_MARKER: Final = "changeme"
+# What every refusal of a weak token tells the operator to do instead.
+_GENERATE: Final = "generate one with `openssl rand -hex 32`"
 
 
 class TokenError(ValueError):
@@ -84,8 +90,8 @@ def parse_tokens(text: str) -> TokenTable:
         The table (at least one token).
 
     Raises:
-        TokenError: naming the line of a bad role, a short or malformed token, a token listed
-            twice, or a file with no token at all.
+        TokenError: naming the line of a bad role, a placeholder (``CHANGEME``), short or
+            malformed token, a token listed twice, or a file with no token at all.
     """
     entries: list[tuple[bytes, Role]] = []
     seen: set[bytes] = set()
@@ -98,10 +104,17 @@ def parse_tokens(text: str) -> TokenTable:
         if not sep or role is None:
             raise TokenError(f"line {number}: expected ROLE:TOKEN with ROLE one of {', '.join(_ROLE_NAMES)}")
         token = token.strip()
-        if len(token) < MIN_TOKEN_LENGTH or len(token) > _MAX_TOKEN_LENGTH:
+        if PLACEHOLDER_MARKER in token.lower():
             raise TokenError(
-                f"line {number}: a token must be {MIN_TOKEN_LENGTH} to {_MAX_TOKEN_LENGTH} characters"
+                f"line {number}: the {role.name.lower()} token is a published placeholder (CHANGEME): "
+                + _GENERATE
             )
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise TokenError(
+                f"line {number}: a token shorter than {MIN_TOKEN_LENGTH} characters is no secret: {_GENERATE}"
+            )
+        if len(token) > _MAX_TOKEN_LENGTH:
+            raise TokenError(f"line {number}: a token must be at most {_MAX_TOKEN_LENGTH} characters")
         if not set(token) <= _B64TOKEN_CHARS:
             raise TokenError(f"line {number}: a token may hold only letters, digits and -._~+/=")
         digest = _digest(token)

@@ -56,6 +56,51 @@ def test_bad_token_files_name_the_line_never_the_token(text: str, line: str) -> 
     assert "xxxx" not in str(info.value)
 
 
+GENERATE = "generate one with `openssl rand -hex 32`"
+# The placeholders k8s/base/mes-trace-proxy-admin-tokens.yaml ships, and ways to copy them.
+PLACEHOLDERS = (
+    "CHANGEME-viewer-0000000000000000",
+    "changeme-0123456789abcdef0123",
+    "0123456789abcdef-ChangeMe-0123",
+    "CHANGEME",
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        *(
+            (f"viewer:{token}", "line 1", "the viewer token is a published placeholder")
+            for token in PLACEHOLDERS
+        ),
+        (
+            f"# c\nviewer:{VIEWER}\nadmin:{PLACEHOLDERS[0]}x",
+            "line 3",
+            "the admin token is a published placeholder",
+        ),
+        ("viewer:short", "line 1", "shorter than 16 characters"),
+        ("admin:" + "a1" * 7 + "b", "line 1", "shorter than 16 characters"),
+    ],
+    ids=["shipped", "lower-case", "mixed-case-inside", "bare", "second-role", "short", "fifteen"],
+)
+def test_placeholder_and_short_tokens_are_refused_with_the_cure(text: str, line: str, reason: str) -> None:
+    """A token holding CHANGEME (any case) or under 16 characters is refused: the line, why, and
+    how to make a real one; never the token itself."""
+    with pytest.raises(TokenError) as info:
+        parse_tokens(text)
+    message = str(info.value)
+    assert message.startswith(f"{line}: ")
+    assert reason in message
+    assert message.endswith(GENERATE)
+    assert not any(token in message for token in (*PLACEHOLDERS[:3], VIEWER, "a1a1a1"))
+
+
+def test_sixteen_characters_and_lookalikes_are_accepted() -> None:
+    """The boundary: exactly 16 characters is enough, and 'change' without 'me' is no placeholder."""
+    table = parse_tokens("viewer:" + "a1" * 8 + "\nadmin:change-the-world-0123456\n")
+    assert {role for _, role in table.entries} == {Role.VIEWER, Role.ADMIN}
+
+
 def test_token_table_hides_its_tokens() -> None:
     """The table keeps digests only; its repr says how many tokens, not which."""
     assert repr(TABLE) == "TokenTable(2 tokens)"
@@ -217,7 +262,8 @@ async def test_config_dump_masks_every_secret(
     recording_upstream: tuple[str, RecordingUpstream],
     default_rules: dict[str, object],
 ) -> None:
-    """GET /config (admin) shows the effective config but no token, user-id key or store password."""
+    """GET /config (admin) shows the effective config but no token, user-id key, URL password or
+    query token."""
     base, _ = recording_upstream
     (tmp_path / "tokens").write_text(TOKENS_TEXT)
     user_key = "user-id-key-canary-0123456789"
@@ -228,7 +274,7 @@ async def test_config_dump_masks_every_secret(
             "admin_listen": "127.0.0.1:0",
             "state": "memory",
             "admin_token_file": str(tmp_path / "tokens"),
-            "jaeger_url": "http://jaeger:pa55word-canary@jaeger:16686",
+            "jaeger_url": "http://jaeger:pa55word-canary@jaeger:16686/?token=t0ken-canary&lang=en",
         },
         environ={"MES_PROXY_USER_ID_KEY": user_key},
         file_doc=None,
@@ -238,8 +284,9 @@ async def test_config_dump_masks_every_secret(
     proxy = await start_proxy(config)
     status, _, body = await _get(f"{proxy.admin_url}/config", ADMIN)
     assert status == 200
-    for secret in (VIEWER, ADMIN, user_key, "pa55word-canary"):
+    for secret in (VIEWER, ADMIN, user_key, "pa55word-canary", "t0ken-canary"):
         assert secret not in body
+    assert "http://jaeger:***@jaeger:16686/?token=***&lang=en" in body
     assert '"tokens": 2' in body or '"tokens":2' in body
 
 
@@ -260,6 +307,16 @@ async def test_tokens_reload_and_a_bad_file_keeps_the_old_ones(
     logged = " ".join(str(vars(record)) for record in caplog.records)
     assert "line 1" in logged
     assert new_admin not in logged
+    # A rotation that forgot to fill in the template: refused like at start-up, the old token stays.
+    caplog.clear()
+    (tmp_path / "tokens").write_text("admin:CHANGEME-admin-00000000000000000\n")
+    with caplog.at_level(logging.ERROR, logger="mes_trace_proxy.admin"):
+        proxy.reload()
+    assert (await _get(f"{proxy.admin_url}/config", new_admin))[0] == 200
+    assert (await _get(f"{proxy.admin_url}/config", "CHANGEME-admin-00000000000000000"))[0] == 401
+    logged = " ".join(str(vars(record)) for record in caplog.records)
+    assert "the admin token is a published placeholder" in logged
+    assert GENERATE in logged
 
 
 async def test_unknown_tokens_are_logged_without_the_token(
@@ -296,6 +353,13 @@ def test_tokens_file_errors_name_the_key(tmp_path: Path) -> None:
     assert bad.value.key == "--admin-token-file"
     assert "line 1" in bad.value.message
     assert "tttt" not in str(bad.value)
+    (tmp_path / "placeholder").write_text("viewer:CHANGEME-viewer-0000000000000000\n")
+    with pytest.raises(ConfigError) as placeholder:
+        load(str(tmp_path / "placeholder"))
+    assert str(placeholder.value) == (
+        f"--admin-token-file: {tmp_path / 'placeholder'}: line 1: the viewer token is a published"
+        f" placeholder (CHANGEME): {GENERATE}"
+    )
 
 
 def test_the_warning_gate_lets_one_through_a_period_and_counts_the_rest() -> None:

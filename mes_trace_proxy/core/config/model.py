@@ -7,7 +7,6 @@ prints itself, secrets masked, for ``check-config``.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -23,6 +22,7 @@ from mes_trace_proxy.core.redact import (
     PrivacyPolicy,
 )
 from mes_trace_proxy.core.rules import CompiledRules
+from mes_trace_proxy.core.url_secrets import mask_url
 
 
 class ConfigError(Exception):
@@ -265,9 +265,9 @@ class Config:
                 "trusted_callers": list(self.privacy.trusted_callers),
             },
             "watchdog": {
-                "state": _mask_url(self.watchdog.state),
+                "state": mask_url(self.watchdog.state),
                 "check_interval": self.watchdog.check_interval,
-                "jaeger_url": _mask_url(self.watchdog.jaeger_url),
+                "jaeger_url": mask_url(self.watchdog.jaeger_url),
                 "correlation": self.watchdog.correlation,
                 "retention": self.watchdog.retention,
             },
@@ -294,7 +294,8 @@ def _describe_listener(lst: ListenerConfig) -> dict[str, object]:
     return {
         "name": lst.name,
         "listen": str(lst.listen),
-        "upstream": lst.upstream.url,
+        # The loader refuses a user or a query here; masked all the same, as every URL is.
+        "upstream": mask_url(lst.upstream.url),
         "rules": lst.rule_set,
         "rule_count": len(lst.rules.rules),
         "host_header": "preserve" if lst.preserve_host else "upstream",
@@ -332,17 +333,6 @@ def _describe_listener(lst: ListenerConfig) -> dict[str, object]:
             "body_read_timeout": lst.limits.body_read_timeout or 0.0,
         },
     }
-
-
-# The userinfo password runs to the last '@' of the authority (urlsplit reads it so, and
-# so does redis-py); redis-py also takes ``?password=``.
-_URL_PASSWORD: Final = re.compile(r"(://[^:/?#@]*:)[^/?#]*@")
-_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-
-
-def _mask_url(url: str) -> str:
-    """Hide a password in ``redis://user:secret@host`` or ``redis://host?password=secret``."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
 
 
 def is_loopback(host: str) -> bool:

@@ -31,6 +31,7 @@ from mes_trace_proxy.core.messages.deadletter import (
     compile_message_rules,
 )
 from mes_trace_proxy.core.rules import RuleError
+from mes_trace_proxy.core.url_secrets import mask_url
 
 __all__ = [
     "TRANSIENT_REASONS",
@@ -51,7 +52,6 @@ SECTION_KEYS: Final = frozenset(
         "prefetch", "restore_expiration", "message_rules", "auto_redrive",
     }
 )  # fmt: skip
-_URL_PASSWORD: Final = re.compile(r"^(amqps?://[^:/@]*):[^@/]*@")
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # AMQP 0-9-1 short strings: queue and exchange names are at most 255 bytes.
@@ -122,8 +122,9 @@ class MessagesConfig:
 
 
 def mask_amqp_url(url: str) -> str:
-    """``amqp://user:secret@host/vhost`` → ``amqp://user:***@host/vhost``."""
-    return _URL_PASSWORD.sub(r"\1:***@", url)
+    """``amqp://user:secret@host/vhost`` → ``amqp://user:***@host/vhost``; secret-named query
+    parameters masked too, as in every URL ``/config`` shows (core/url_secrets.py)."""
+    return mask_url(url)
 
 
 def _text(key: str, value: object) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from mes_trace_proxy.core.config.model import ConfigError, HostPort, Upstream, _mask_url, is_loopback
+from mes_trace_proxy.core.config.model import ConfigError, HostPort, Upstream, is_loopback
 
 
 @pytest.mark.parametrize(
@@ -46,22 +46,6 @@ def test_config_error_keeps_key_and_message_apart() -> None:
         "is required",
         "listeners[1].upstream: is required",
     )
-
-
-@pytest.mark.parametrize(
-    ("url", "masked"),
-    [
-        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
-        ("redis://user:pw@h/0", "redis://user:***@h/0"),
-        ("redis://h/0?db=1&password=pw", "redis://h/0?db=1&password=***"),
-        ("redis://h/0?PASSWORD=pw", "redis://h/0?PASSWORD=***"),
-        ("sqlite:///./a.db", "sqlite:///./a.db"),
-        ("http://localhost:16686", "http://localhost:16686"),
-    ],
-)
-def test_mask_url(url: str, masked: str) -> None:
-    """Passwords in the userinfo or the query become ***; URLs without one are left alone."""
-    assert _mask_url(url) == masked
 
 
 @pytest.mark.parametrize(
