@@ -9,6 +9,8 @@ its command line, so "no process left" is checked PID by PID.
 from __future__ import annotations
 
 import glob
+import os
+import select
 import socket
 import stat
 from pathlib import Path
@@ -35,11 +37,13 @@ def _accepts(host: str, port: int, family: socket.AddressFamily = socket.AF_INET
         return True
 
 
-def _live_pids(server: RabbitServer) -> set[int]:
-    """This node's processes that still run (zombies waiting for a reaper do not count)."""
+def _processes(server: RabbitServer) -> tuple[set[int], set[int]]:
+    """This node's running processes (zombies waiting for a reaper do not count): those of the
+    node itself (script, beam and its helpers) and its port mapper."""
     marker = f"RABBITMQ_NODENAME={server.node}".encode()
-    epmd = f"-port\0{server.epmd_port}\0".encode()
-    found: set[int] = set()
+    epmd_port = f"-port\0{server.epmd_port}\0".encode()
+    node: set[int] = set()
+    epmd: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -50,18 +54,29 @@ def _live_pids(server: RabbitServer) -> set[int]:
             cmdline = (entry / "cmdline").read_bytes() + b"\0"
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue  # ended meanwhile, or another user's process
-        if marker in environ.split(b"\0") or (b"epmd" in cmdline and epmd in cmdline):
-            found.add(int(entry.name))
-    return found
+        if marker in environ.split(b"\0"):
+            node.add(int(entry.name))
+        elif b"epmd" in cmdline and epmd_port in cmdline:
+            epmd.add(int(entry.name))
+    return node, epmd
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a running (not zombie) process."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+def _ended(pids: set[int], within: float = WAIT_S) -> bool:
+    """Whether every process in ``pids`` ends within ``within`` seconds, waited for by event (a
+    pidfd turns readable when its process exits): beam is the script's child, not ours, and may
+    still be exiting when the script has been reaped."""
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            readable, _, _ = select.select([fd], [], [], within)
+        finally:
+            os.close(fd)
+        if not readable:
+            return False
+    return True
 
 
 async def _round_trip(url: str, queue_name: str, payload: bytes) -> bytes:
@@ -151,12 +166,14 @@ async def test_kill_then_start_keeps_data_and_port(own_rabbitmq: RabbitServer) -
         await channel.default_exchange.publish(message, routing_key=queue.name)  # confirmed: on disk
     finally:
         await connection.close()
-    before = _live_pids(own_rabbitmq)
-    assert len(before) >= 3  # the script, beam and the port mapper at least
+    node_pids, epmd_pids = _processes(own_rabbitmq)
+    assert len(node_pids) >= 2  # the script and beam at least
+    assert len(epmd_pids) == 1
 
     own_rabbitmq.kill()  # as a crash would
-    assert len(_live_pids(own_rabbitmq)) == 1  # only the port mapper stays, which start() reuses
-    assert sum(_alive(pid) for pid in before) == 1
+    assert _ended(node_pids)
+    assert _processes(own_rabbitmq) == (set(), epmd_pids)  # the port mapper stays: start() reuses it
+    assert not _ended(epmd_pids, within=0.0)
     assert _accepts("127.0.0.1", own_rabbitmq.epmd_port)
     assert not _accepts("127.0.0.1", port)
     assert not _accepts("127.0.0.1", own_rabbitmq.dist_port)
@@ -180,14 +197,15 @@ def test_close_frees_the_ports_and_leaves_no_process(tmp_path: Path) -> None:
     server = RabbitServer(script_or_skip(), tmp_path)
     server.start()
     try:
-        pids = _live_pids(server)
+        node_pids, epmd_pids = _processes(server)
         ports = (server.port, server.dist_port, server.epmd_port)
-        assert len(pids) >= 3
+        assert len(node_pids) >= 2
+        assert len(epmd_pids) == 1
         assert all(_accepts("127.0.0.1", port) for port in ports)
     finally:
         server.close()
-    assert not [pid for pid in pids if _alive(pid)]
-    assert not _live_pids(server)
+    assert _ended(node_pids | epmd_pids)
+    assert _processes(server) == (set(), set())
     assert not any(_accepts("127.0.0.1", port) for port in ports)
     for port in ports:  # free to bind again (as a server would, with SO_REUSEADDR)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -207,7 +225,9 @@ def test_a_node_that_does_not_start_fails_with_its_output(
     try:
         with pytest.raises(RuntimeError, match="BOOT FAILED: no database here"):
             server.start()
-        assert len(_live_pids(server)) == 1  # only the port mapper, which close() ends
+        node_pids, epmd_pids = _processes(server)
+        assert not node_pids
+        assert len(epmd_pids) == 1  # only the port mapper, which close() ends
     finally:
         server.close()
-    assert not _live_pids(server)
+    assert _processes(server) == (set(), set())
