@@ -85,6 +85,9 @@ class RabbitServer:
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_DIST_PORT": str(self.dist_port),
+            # The Erlang distribution listener binds every interface unless told otherwise, and
+            # rabbitmq.conf cannot say so before it starts: erl reads ERL_AFLAGS itself.
+            "ERL_AFLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),

@@ -131,9 +131,11 @@ async def test_a_started_node_speaks_amqp_on_its_port(rabbitmq: RabbitServer) ->
 
 
 def test_a_started_node_listens_on_127_0_0_1_only(rabbitmq: RabbitServer) -> None:
-    assert _accepts("127.0.0.1", rabbitmq.port)
-    # Another loopback address reaches every socket bound to 0.0.0.0: none answers here.
-    assert not _accepts("127.0.0.2", rabbitmq.port)
+    """AMQP, the port mapper and the Erlang distribution port: loopback only."""
+    for port in (rabbitmq.port, rabbitmq.epmd_port, rabbitmq.dist_port):
+        assert _accepts("127.0.0.1", port), port
+        # Another loopback address reaches every socket bound to 0.0.0.0: none answers here.
+        assert not _accepts("127.0.0.2", port), port
     if socket.has_ipv6:
         with (
             socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock,
