@@ -213,7 +213,7 @@ def _assemble(config: Config, environ: Mapping[str, str], clock: Callable[[], fl
     except ValueError as exc:
         raise StartupError(f"--state / MES_PROXY_STATE / watchdog.state: {exc}") from None
     tracing = build_tracing(config, environ)
-    metrics = ProxyMetrics(known_statuses=config.lifecycle.statuses)
+    metrics = ProxyMetrics(known_statuses=config.lifecycle.known)
     book = OrderBook(config.lifecycle)
     writer = StoreWriter(store)
     shared = Shared(

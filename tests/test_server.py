@@ -14,7 +14,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 
+from mes_trace_proxy.core.orders import SpanRef
 from mes_trace_proxy.server import BindError, running
 from mes_trace_proxy.sim.otlp_sink import OtlpSink
 from tests.conftest import MakeConfig, otlp_env
@@ -288,3 +290,21 @@ async def test_a_clean_exit_marks_draining_first_and_leaves_nothing_running(
     assert (readiness.listeners_bound, readiness.draining) == (False, True)
     assert _can_bind(port)
     assert _other_tasks() == before
+
+
+async def test_every_lifecycle_status_is_its_own_metric_label(
+    make_config: MakeConfig, recording_upstream: tuple[str, RecordingUpstream]
+) -> None:
+    """The cancel exit is a lifecycle status too: /metrics never folds CANCELLED into _OTHER."""
+    base, _upstream = recording_upstream
+    async with running(make_config(base), environ={"OTEL_TRACES_EXPORTER": "none"}) as proxy:
+        book = proxy.shared.orders
+        assert book is not None
+        span = SpanRef(trace_id=1, span_id=2)
+        book.apply(order_id="A", status="SUBMITTED", observed=None, now=1.0, span=span)
+        book.apply(order_id="A", status="CANCELLED", observed=None, now=2.0, span=span)
+        book.apply(order_id="B", status="Petrov Sergei Ivanovich", observed=None, now=2.0, span=span)
+        text = generate_latest(proxy.shared.metrics.registry).decode()
+    assert 'mes_orders{status="CANCELLED"} 1.0' in text
+    assert 'mes_orders{status="_OTHER"} 1.0' in text
+    assert "Petrov" not in text

@@ -115,7 +115,7 @@ def make_rig(make_config: MakeConfig) -> MakeRig:
         book = OrderBook(config.lifecycle)
         store = store if store is not None else MemoryStore()
         writer = StoreWriter(store)
-        metrics = ProxyMetrics(known_statuses=config.lifecycle.statuses)
+        metrics = ProxyMetrics(known_statuses=config.lifecycle.known)
         sync = BookSync(book=book, store=store, writer=writer)
         watchdog = Watchdog(
             book=book,
