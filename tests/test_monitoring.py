@@ -207,7 +207,7 @@ ALERT_TESTS: Final = {
                             "1 order(s) stuck in SUBMITTED",
                             "1 order(s) stayed in SUBMITTED longer than its dwell limit. Open the "
                             "proxy's admin page (port 9901, /) for the list, each order's timeline "
-                            "and its spans in Jaeger; /orders/stuck has the same as JSON.",
+                            "and its spans in Jaeger; /orders/-/stuck has the same as JSON.",
                         )
                     ],
                 },

@@ -102,7 +102,7 @@ def parse_ready_line(line: str) -> ProxyAddresses | None:
     )
 
 
-# ── what the proxy reports: /metrics and /orders/stuck ─────────────────────────────────────
+# ── what the proxy reports: /metrics and /orders/-/stuck ─────────────────────────────────────
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,7 +201,7 @@ def _field(item: Mapping[str, object], name: str) -> object:
 
 
 def parse_stuck(doc: object) -> tuple[StuckOrder, ...] | None:
-    """Read ``GET /orders/stuck``: a list of orders, or an object holding one.
+    """Read ``GET /orders/-/stuck``: a list of orders, or an object holding one.
 
     Args:
         doc: the parsed JSON answer.
@@ -279,7 +279,7 @@ def choose_stuck(
     """Prefer the proxy's own answer; degrade to its gauge, then to the simulator's view.
 
     Args:
-        answer: status and body of ``GET /orders/stuck``, or None when the call failed.
+        answer: status and body of ``GET /orders/-/stuck``, or None when the call failed.
         metrics: the proxy's metrics, for the ``mes_orders_stuck`` gauge.
         computed: what :func:`stuck_in_store` found in the MES simulator.
 
@@ -297,7 +297,7 @@ def choose_stuck(
             total = doc.get("total") if isinstance(doc, dict) else None
             count = total if isinstance(total, int) and total >= len(parsed) else len(parsed)
             return StuckReport(
-                count=count, orders=parsed, source="found by the proxy's watchdog (GET /orders/stuck)"
+                count=count, orders=parsed, source="found by the proxy's watchdog (GET /orders/-/stuck)"
             )
     if metrics is not None and metrics.stuck is not None:
         return StuckReport(
@@ -308,7 +308,7 @@ def choose_stuck(
     return StuckReport(
         count=len(computed),
         orders=computed,
-        source="past their dwell limit in the MES simulator (the proxy answers no GET /orders/stuck yet)",
+        source="past their dwell limit in the MES simulator (the proxy answers no GET /orders/-/stuck yet)",
     )
 
 

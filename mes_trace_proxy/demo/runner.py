@@ -181,7 +181,7 @@ OPTIONS: Final = (
     ),
     DemoOption(
         dest="admin_listen", flag="--admin-listen", env="DEMO_ADMIN_LISTEN", default="127.0.0.1:0",
-        kind="listen", help="proxy admin listener (page, /metrics, /orders/stuck)",
+        kind="listen", help="proxy admin listener (page, /metrics, /orders/-/stuck)",
     ),
     DemoOption(
         dest="mes_listen", flag="--mes-listen", env="DEMO_MES_LISTEN", default="127.0.0.1:0",
@@ -929,7 +929,7 @@ class _Run:
         metrics = await _settled_metrics(session, admin)
         mes_app = mes_runner.app
         computed = stuck_in_store(mes_app[mes.MES_STATE].store.records(), self.cfg.dwell_limits, time.time())
-        stuck = choose_stuck(await _get(session, f"{admin}/orders/stuck"), metrics, computed)
+        stuck = choose_stuck(await _get(session, f"{admin}/orders/-/stuck"), metrics, computed)
         page = await _get(session, f"{admin}/")
         return DemoResult(
             elapsed=time.monotonic() - self.started,

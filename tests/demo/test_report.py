@@ -223,7 +223,7 @@ _COMPUTED = (StuckOrder(order_id="C-1", status="SUBMITTED", over_by=3.0, trace_i
 _NO_GAUGE = MetricsView(requests={}, spans={}, orders=None, stuck=None)
 _GAUGE = MetricsView(requests={}, spans={}, orders=None, stuck={"SUBMITTED": 2, "MANUFACTURING_APPROVED": 1})
 _WATCHDOG_BODY = json.dumps([{"order_id": "W-1", "status": "SUBMITTED", "over_limit_by": 9}]).encode()
-# The shape the proxy's GET /orders/stuck answers (admin_orders.py): paged, with the total.
+# The shape the proxy's GET /orders/-/stuck answers (admin_orders.py): paged, with the total.
 _PAGED_BODY = json.dumps(
     {
         "now": "2023-11-14T22:30:20.000Z",
@@ -404,7 +404,7 @@ def _result(**changes: object) -> DemoResult:
                     order_id="ORD-0-00017", status="MANUFACTURING_APPROVED", over_by=12.0, trace_id=None
                 ),
             ),
-            source="found by the proxy's watchdog (GET /orders/stuck)",
+            source="found by the proxy's watchdog (GET /orders/-/stuck)",
         ),
         "spans": SpanScan(total=5000, by_service={"mes-api": 2600}, server_with_order=1200, personal_data=0),
         "spans_file": Path("/nowhere/demo-output/spans.jsonl"),

@@ -184,7 +184,7 @@ async def test_sigkill_and_restart_keeps_sqlite_state_exactly(
             **dict.fromkeys(stuck, "SUBMITTED"),
             **dict.fromkeys(moving, "MANUFACTURING_STARTED"),
         }
-        assert (await _admin(client, second, "/orders/stuck"))["total"] == len(stuck)
+        assert (await _admin(client, second, "/orders/-/stuck"))["total"] == len(stuck)
         # A new order going stuck proves the watchdog has run rounds since the restore...
         assert await _put(client, second, "K-AFTER", "SUBMITTED") == 200
         reports = await poll(_lines_of(second), lambda r: "K-AFTER" in r)
